@@ -1,0 +1,403 @@
+"""The schema: SQLAlchemy 2 typed declarative models.
+
+Table names and the columns that other services read are part of the contract
+(see README "Data model"). Everything a reset touches is reachable by
+``(course_id, user_id)`` through an index, so course-wide work never scans other
+courses.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    Uuid,
+    text,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+# SQLite only auto-increments INTEGER PRIMARY KEY, so big ids are BIGINT on
+# PostgreSQL and INTEGER on SQLite.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+ACTIVE_JOB_STATES = ("queued", "running")
+JOB_STATES = ("awaiting_confirmation", "queued", "running", "succeeded", "failed", "expired", "cancelled")
+ASSIGNMENT_STATUSES = ("not_started", "in_progress", "completed")
+ITEM_KINDS = ("lesson", "practical_assessment", "discussion", "assignment")
+
+PERMISSION_USERS = "platform.users"
+PERMISSION_TRAINING = "training.manage"
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+def _now_default():
+    return text("CURRENT_TIMESTAMP")
+
+
+class Organization(Base):
+    __tablename__ = "organizations"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    time_zone: Mapped[str] = mapped_column(String(64), default="UTC")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_now_default())
+
+
+class User(Base):
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    organization_id: Mapped[int] = mapped_column(ForeignKey("organizations.id"), index=True)
+    name: Mapped[str] = mapped_column(String(200))
+    email: Mapped[str] = mapped_column(String(320))
+    # Space-separated permission names, e.g. "platform.users training.manage".
+    permissions: Mapped[str] = mapped_column(String(400), default="")
+    notify_course_assigned: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_now_default())
+
+    def has_permission(self, permission: str) -> bool:
+        return permission in self.permissions.split()
+
+
+class Course(Base):
+    __tablename__ = "courses"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    organization_id: Mapped[int] = mapped_column(ForeignKey("organizations.id"), index=True)
+    title: Mapped[str] = mapped_column(String(300))
+    certificates_enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_now_default())
+
+
+class CourseItem(Base):
+    """One piece of course content; ``kind`` says which (lesson, practical assessment, ...)."""
+
+    __tablename__ = "course_items"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    course_id: Mapped[int] = mapped_column(ForeignKey("courses.id"), index=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    title: Mapped[str] = mapped_column(String(300))
+    position: Mapped[int] = mapped_column(Integer)
+    required: Mapped[bool] = mapped_column(Boolean, default=True)
+
+
+class CourseAssignment(Base):
+    """A learner assigned to a course: their current attempt's state."""
+
+    __tablename__ = "course_assignments"
+
+    course_id: Mapped[int] = mapped_column(ForeignKey("courses.id"), primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), primary_key=True)
+    status: Mapped[str] = mapped_column(String(16), default="not_started")
+    progress_pct: Mapped[float] = mapped_column(Float, default=0.0)
+    items_done: Mapped[int] = mapped_column(Integer, default=0)
+    score: Mapped[float | None] = mapped_column(Float, nullable=True)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    completed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    attempt: Mapped[int] = mapped_column(Integer, default=1)
+    last_reset_job_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, nullable=True)
+    assigned_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_now_default())
+
+    __table_args__ = (Index("ix_course_assignments_user", "user_id"),)
+
+
+class _ProgressRow:
+    """Columns shared by every kind of learner progress row.
+
+    ``attempt`` records which attempt the row belongs to; rows are looked up by
+    ``(course_id, user_id)`` for resets.
+    """
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    course_id: Mapped[int] = mapped_column(Integer)
+    user_id: Mapped[int] = mapped_column(Integer)
+    item_id: Mapped[int] = mapped_column(Integer)
+    attempt: Mapped[int] = mapped_column(Integer, default=1)
+    recorded_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_now_default())
+
+
+class LessonProgress(_ProgressRow, Base):
+    __tablename__ = "lesson_progress"
+    __table_args__ = (Index("ix_lesson_progress_course_user", "course_id", "user_id"),)
+
+
+class AssessmentResult(_ProgressRow, Base):
+    __tablename__ = "assessment_results"
+    score: Mapped[float] = mapped_column(Float, default=0.0)
+    passed: Mapped[bool] = mapped_column(Boolean, default=True)
+    __table_args__ = (Index("ix_assessment_results_course_user", "course_id", "user_id"),)
+
+
+class DiscussionPost(_ProgressRow, Base):
+    __tablename__ = "discussion_posts"
+    body: Mapped[str] = mapped_column(Text, default="")
+    __table_args__ = (Index("ix_discussion_posts_course_user", "course_id", "user_id"),)
+
+
+class AssignmentSubmission(_ProgressRow, Base):
+    __tablename__ = "assignment_submissions"
+    grade: Mapped[float | None] = mapped_column(Float, nullable=True)
+    __table_args__ = (Index("ix_assignment_submissions_course_user", "course_id", "user_id"),)
+
+
+class CourseCompletion(Base):
+    __tablename__ = "course_completions"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    course_id: Mapped[int] = mapped_column(Integer)
+    user_id: Mapped[int] = mapped_column(Integer)
+    attempt: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(16), default="completed")
+    score: Mapped[float | None] = mapped_column(Float, nullable=True)
+    progress_pct: Mapped[float] = mapped_column(Float, default=100.0)
+    completed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (
+        UniqueConstraint("course_id", "user_id", "attempt", name="uq_course_completions_attempt"),
+    )
+
+
+class Certificate(Base):
+    __tablename__ = "certificates"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    course_id: Mapped[int] = mapped_column(Integer)
+    user_id: Mapped[int] = mapped_column(Integer)
+    attempt: Mapped[int] = mapped_column(Integer)
+    number: Mapped[str] = mapped_column(String(64), unique=True)
+    issued_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (
+        UniqueConstraint("course_id", "user_id", "attempt", name="uq_certificates_attempt"),
+    )
+
+
+class CourseAnalytics(Base):
+    """Per-course aggregates, kept exact at every commit."""
+
+    __tablename__ = "course_analytics"
+
+    course_id: Mapped[int] = mapped_column(ForeignKey("courses.id"), primary_key=True)
+    assigned: Mapped[int] = mapped_column(Integer, default=0)
+    not_started: Mapped[int] = mapped_column(Integer, default=0)
+    in_progress: Mapped[int] = mapped_column(Integer, default=0)
+    completed: Mapped[int] = mapped_column(Integer, default=0)
+    completion_rate: Mapped[float] = mapped_column(Float, default=0.0)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_now_default())
+
+
+class ResetJob(Base):
+    """The ledger of reset requests and jobs; a request becomes a job on confirm."""
+
+    __tablename__ = "reset_jobs"
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    organization_id: Mapped[int] = mapped_column(Integer)
+    course_id: Mapped[int] = mapped_column(Integer)
+    learner_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    scope: Mapped[str] = mapped_column(String(16))  # "course" | "learner"
+    state: Mapped[str] = mapped_column(String(32), default="awaiting_confirmation")
+    actor_id: Mapped[int] = mapped_column(Integer)
+    reason: Mapped[str] = mapped_column(Text, default="")
+    origin: Mapped[str] = mapped_column(String(64), default="python")
+    campaign_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    occurrence_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    # Audience filter: only learners whose completion is older than this.
+    completed_before: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    idempotency_key: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    params_hash: Mapped[str] = mapped_column(String(64), default="")
+    token_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    token_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    summary: Mapped[dict] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    confirmed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    published_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    learners_total: Mapped[int] = mapped_column(Integer, default=0)
+    learners_done: Mapped[int] = mapped_column(Integer, default=0)
+    batches_total: Mapped[int] = mapped_column(Integer, default=0)
+    batches_done: Mapped[int] = mapped_column(Integer, default=0)
+    batches_dead: Mapped[int] = mapped_column(Integer, default=0)
+    cleared: Mapped[dict] = mapped_column(JSON, default=dict)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    cancelled_by: Mapped[int | None] = mapped_column(Integer, nullable=True)
+
+    __table_args__ = (
+        # R11: at most one active reset per course and per learner-in-course,
+        # enforced by the database rather than by a check-then-insert.
+        Index(
+            "uq_reset_jobs_active_course",
+            "course_id",
+            unique=True,
+            postgresql_where=text("scope = 'course' AND state IN ('queued', 'running')"),
+            sqlite_where=text("scope = 'course' AND state IN ('queued', 'running')"),
+        ),
+        Index(
+            "uq_reset_jobs_active_learner",
+            "course_id",
+            "learner_id",
+            unique=True,
+            postgresql_where=text("scope = 'learner' AND state IN ('queued', 'running')"),
+            sqlite_where=text("scope = 'learner' AND state IN ('queued', 'running')"),
+        ),
+        Index(
+            "uq_reset_jobs_idempotency",
+            "actor_id",
+            "idempotency_key",
+            unique=True,
+            postgresql_where=text("idempotency_key IS NOT NULL"),
+            sqlite_where=text("idempotency_key IS NOT NULL"),
+        ),
+        Index("ix_reset_jobs_course_state", "course_id", "state"),
+        Index("ix_reset_jobs_state_created", "state", "created_at"),
+        UniqueConstraint("campaign_id", "occurrence_at", name="uq_reset_jobs_campaign_occurrence"),
+    )
+
+
+class ResetBatch(Base):
+    """One batch of a job: a keyset range of learner ids ``(lo_user_id, hi_user_id]``."""
+
+    __tablename__ = "reset_batches"
+
+    job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("reset_jobs.id"), primary_key=True)
+    batch_no: Mapped[int] = mapped_column(Integer, primary_key=True)
+    lo_user_id: Mapped[int] = mapped_column(Integer)
+    hi_user_id: Mapped[int] = mapped_column(Integer)
+    state: Mapped[str] = mapped_column(String(16), default="pending")  # pending|running|done|dead|cancelled
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    claimed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    published_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    learners_reset: Mapped[int] = mapped_column(Integer, default=0)
+    cleared: Mapped[dict] = mapped_column(JSON, default=dict)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+    __table_args__ = (Index("ix_reset_batches_state", "state", "lease_expires_at"),)
+
+
+class Notification(Base):
+    """Outbox row: one notification to send, written in the reset's transaction."""
+
+    __tablename__ = "notifications"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    user_id: Mapped[int] = mapped_column(Integer)
+    course_id: Mapped[int] = mapped_column(Integer)
+    reset_job_id: Mapped[uuid.UUID] = mapped_column(Uuid)
+    kind: Mapped[str] = mapped_column(String(32), default="course_assigned")
+    status: Mapped[str] = mapped_column(String(16), default="pending")  # pending|sending|sent|failed
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    claimed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    provider_id: Mapped[str | None] = mapped_column(String(300), nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_now_default())
+
+    __table_args__ = (
+        UniqueConstraint("reset_job_id", "user_id", "kind", name="uq_notifications_job_user_kind"),
+        Index("ix_notifications_status_next", "status", "next_attempt_at"),
+    )
+
+
+class AuditEvent(Base):
+    """The fact of a reset (who, when, which course, which learner or how many, why, from where).
+
+    Never holds the cleared data (R5).
+    """
+
+    __tablename__ = "audit_events"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    organization_id: Mapped[int] = mapped_column(Integer, index=True)
+    actor_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    action: Mapped[str] = mapped_column(String(64))
+    course_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    learner_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    job_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, nullable=True, index=True)
+    campaign_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    learner_count: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    reason: Mapped[str] = mapped_column(Text, default="")
+    origin: Mapped[str] = mapped_column(String(64), default="")
+    details: Mapped[dict] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class RetrainingCampaign(Base):
+    __tablename__ = "retraining_campaigns"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    organization_id: Mapped[int] = mapped_column(Integer, index=True)
+    course_id: Mapped[int] = mapped_column(Integer)
+    # "all_assigned" or "completed_before_days" (with audience_days)
+    audience: Mapped[str] = mapped_column(String(32), default="all_assigned")
+    audience_days: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # "cron" (cron_expression in time_zone) or "months" (every_months from start_at)
+    schedule_kind: Mapped[str] = mapped_column(String(16))
+    cron_expression: Mapped[str | None] = mapped_column(String(120), nullable=True)
+    every_months: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    start_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    time_zone: Mapped[str] = mapped_column(String(64), default="UTC")
+    # awaiting_confirmation | active | paused | deleted | expired
+    state: Mapped[str] = mapped_column(String(32), default="awaiting_confirmation")
+    next_occurrence_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    occurrences_done: Mapped[int] = mapped_column(Integer, default=0)
+    created_by: Mapped[int] = mapped_column(Integer)
+    reason: Mapped[str] = mapped_column(Text, default="")
+    token_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    token_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    idempotency_key: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    confirmed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+    __table_args__ = (Index("ix_retraining_campaigns_due", "state", "next_occurrence_at"),)
+
+
+class CampaignOccurrence(Base):
+    """One scheduled instant of a campaign and what became of it.
+
+    The primary key makes each occurrence claimable exactly once.
+    """
+
+    __tablename__ = "campaign_occurrences"
+
+    campaign_id: Mapped[int] = mapped_column(ForeignKey("retraining_campaigns.id"), primary_key=True)
+    occurrence_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), primary_key=True)
+    # queued | skipped_active | missed
+    outcome: Mapped[str] = mapped_column(String(32))
+    job_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, nullable=True)
+    detail: Mapped[str] = mapped_column(Text, default="")
+    recorded_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class ApiKey(Base):
+    """A calling service's key, scoped to one organization; only its hash is stored."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    organization_id: Mapped[int] = mapped_column(ForeignKey("organizations.id"), index=True)
+    name: Mapped[str] = mapped_column(String(200))
+    prefix: Mapped[str] = mapped_column(String(16), unique=True)
+    key_hash: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)

@@ -1,0 +1,65 @@
+"""The one publish-after-commit helper and the task decorator every task uses."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from celery import current_app, shared_task
+from sqlalchemy import event
+from sqlalchemy.orm import Session
+
+from models.logs import log_event
+
+_PENDING_KEY = "progress_reset.publish_after_commit"
+
+
+def send_now(task_name: str, args: list | tuple = (), **options) -> bool:
+    """Publish one task by name; False (and a log line) when the broker refuses.
+
+    Callers only publish rows that are already committed, and the maintenance
+    sweep re-publishes what is left unstarted, so a failed publish loses nothing.
+    """
+    try:
+        current_app.send_task(task_name, args=list(args), **options)
+        return True
+    except Exception as exc:  # broker down, connection reset, ...
+        log_event("publish.failed", logging.WARNING, task=task_name, args=list(args), error=type(exc).__name__)
+        return False
+
+
+def publish_after_commit(session: Session, task_name: str, args: list | tuple = (), **options) -> None:
+    """Publish ``task_name(*args)`` once ``session``'s transaction has committed.
+
+    Nothing is sent if the transaction rolls back, so a worker never sees a row
+    that does not exist yet.
+    """
+    pending = session.info.setdefault(_PENDING_KEY, [])
+    if not pending:
+        event.listen(session, "after_commit", _flush_pending, once=True)
+        event.listen(session, "after_rollback", _drop_pending, once=True)
+    pending.append((task_name, list(args), options))
+
+
+def _flush_pending(session: Session) -> None:
+    pending = session.info.pop(_PENDING_KEY, [])
+    if event.contains(session, "after_rollback", _drop_pending):
+        event.remove(session, "after_rollback", _drop_pending)
+    for task_name, args, options in pending:
+        send_now(task_name, args, **options)
+
+
+def _drop_pending(session: Session) -> None:
+    session.info.pop(_PENDING_KEY, None)
+    if event.contains(session, "after_commit", _flush_pending):
+        event.remove(session, "after_commit", _flush_pending)
+
+
+def project_task(name: str, **options) -> Callable:
+    """Declare a task with an explicit, stable, dotted name; results are ignored.
+
+    The queue comes from ``task_routes`` in the configuration, not from here.
+    """
+    options.setdefault("ignore_result", True)
+    options.setdefault("acks_late", True)
+    return shared_task(name=name, **options)

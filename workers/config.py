@@ -1,0 +1,86 @@
+"""Celery configuration: at-least-once delivery, queues, routing and the beat schedule.
+
+State lives in the database (ledger tables), so results are ignored. Every task
+is idempotent, which is what makes late acks safe.
+"""
+
+from __future__ import annotations
+
+from kombu import Queue
+
+from models.settings import Settings
+
+TASK_MODULES = ("tasks.resets", "tasks.notifications", "tasks.maintenance", "tasks.campaigns", "tasks.health")
+
+QUEUES = ("resets", "reset_batches", "notifications", "maintenance")
+
+# Routing by configuration, never at call sites (STYLE: route by task_routes + worker -Q).
+TASK_ROUTES = {
+    "resets.start": {"queue": "resets"},
+    "resets.finalize": {"queue": "resets"},
+    "resets.run_batch": {"queue": "reset_batches"},
+    "notifications.send": {"queue": "notifications"},
+    "maintenance.sweep": {"queue": "maintenance"},
+    "campaigns.dispatch_due": {"queue": "maintenance"},
+    "health.canary.resets": {"queue": "resets"},
+    "health.canary.reset_batches": {"queue": "reset_batches"},
+    "health.canary.notifications": {"queue": "notifications"},
+    "health.canary.maintenance": {"queue": "maintenance"},
+}
+
+
+def broker_transport_options(settings: Settings) -> dict:
+    if settings.broker_url.startswith("filesystem"):
+        folder = settings.broker_folder
+        for sub in ("out", "processed"):
+            (folder / sub).mkdir(parents=True, exist_ok=True)
+        return {
+            "data_folder_in": str(folder / "out"),
+            "data_folder_out": str(folder / "out"),
+            "processed_folder": str(folder / "processed"),
+            "store_processed": False,
+        }
+    if settings.broker_url.startswith("redis"):
+        # A message unacked this long is delivered again: longer than any task's
+        # time limit and retry countdown, so only a lost worker triggers it.
+        return {"visibility_timeout": settings.visibility_timeout_seconds}
+    return {}
+
+
+def celery_config(settings: Settings) -> dict:
+    return {
+        "broker_url": settings.broker_url,
+        "broker_transport_options": broker_transport_options(settings),
+        "broker_connection_retry_on_startup": True,
+        "broker_connection_timeout": 5,
+        "broker_pool_limit": 4,
+        "result_backend": None,
+        "task_ignore_result": True,
+        # At-least-once: ack after the task body, requeue if the worker process dies.
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "task_acks_on_failure_or_timeout": True,
+        "worker_prefetch_multiplier": 1,
+        "task_time_limit": settings.task_time_limit_seconds,
+        "task_soft_time_limit": max(1, settings.task_time_limit_seconds - 30),
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "task_default_queue": "resets",
+        "task_queues": [Queue(name, routing_key=name) for name in QUEUES],
+        "task_routes": TASK_ROUTES,
+        "task_create_missing_queues": False,
+        # Publishing when the broker is down fails fast; the sweep re-publishes.
+        "task_publish_retry": True,
+        "task_publish_retry_policy": {"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5,
+                                      "interval_max": 1.0},
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        "worker_hijack_root_logger": False,
+        "worker_cancel_long_running_tasks_on_connection_loss": True,
+        "beat_schedule": {
+            "maintenance-sweep": {"task": "maintenance.sweep", "schedule": settings.sweep_interval_seconds},
+            "campaigns-dispatch-due": {"task": "campaigns.dispatch_due", "schedule": 60.0},
+        },
+        "timezone": "UTC",
+        "enable_utc": True,
+    }
