@@ -18,6 +18,7 @@ QUEUES = ("resets", "reset_batches", "notifications", "maintenance")
 TASK_ROUTES = {
     "resets.start": {"queue": "resets"},
     "resets.finalize": {"queue": "resets"},
+    "resets.run_single": {"queue": "resets"},
     "resets.run_batch": {"queue": "reset_batches"},
     "notifications.send": {"queue": "notifications"},
     "maintenance.sweep": {"queue": "maintenance"},

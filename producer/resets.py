@@ -1,0 +1,293 @@
+"""The producer's service functions: request, confirm, cancel, status.
+
+The CLI, the HTTP API and other Python services call these and nothing else, so
+the rules (R1-R3, R11, R13) exist once. Each takes a ``Session`` and never
+commits; ``confirm`` publishes ``resets.start`` only after the caller's
+transaction commits, and the maintenance sweep re-publishes a confirmed job
+whose publish failed, so a confirmed job is never lost.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from models import analytics
+from models.errors import Conflict, NotFound, PermissionDenied, TokenExpired, TokenInvalid, ValidationFailed
+from models.jobs import (
+    activate_job,
+    already_active_error,
+    as_utc,
+    find_active_job,
+    get_job,
+    new_token,
+    record_audit,
+    summarize,
+    token_matches,
+    utcnow,
+)
+from models.schema import (
+    PERMISSION_TRAINING,
+    PERMISSION_USERS,
+    Course,
+    CourseAssignment,
+    Notification,
+    ResetBatch,
+    ResetJob,
+    User,
+)
+from models.settings import get_settings
+from tasks.base import publish_after_commit
+import workers  # noqa: F401,E402 - configures the Celery app that publish_after_commit sends through
+
+MAX_REASON = 2000
+MAX_IDEMPOTENCY_KEY = 200
+
+
+@dataclass(frozen=True)
+class RequestResult:
+    request_id: str
+    token: str | None
+    expires_at: datetime | None
+    summary: dict
+    state: str
+
+    def as_json(self) -> dict:
+        return {"request_id": self.request_id, "token": self.token,
+                "expires_at": self.expires_at.isoformat() if self.expires_at else None,
+                "summary": self.summary, "state": self.state}
+
+
+@dataclass(frozen=True)
+class ConfirmResult:
+    job_id: str
+    state: str
+
+    def as_json(self) -> dict:
+        return {"job_id": self.job_id, "state": self.state}
+
+
+def _actor(session: Session, actor_id: int) -> User:
+    actor = session.get(User, actor_id)
+    if actor is None:
+        raise NotFound(f"actor {actor_id} not found")
+    return actor
+
+
+def _course_of(session: Session, actor: User, course_id: int) -> Course:
+    course = session.get(Course, course_id)
+    if course is None or course.organization_id != actor.organization_id:
+        raise NotFound(f"course {course_id} not found")
+    return course
+
+
+def required_permission(learner_id: int | None) -> str:
+    """R2: one learner needs platform.users; a whole course needs training.manage."""
+    return PERMISSION_USERS if learner_id is not None else PERMISSION_TRAINING
+
+
+def _check_permission(actor: User, learner_id: int | None) -> None:
+    permission = required_permission(learner_id)
+    if not actor.has_permission(permission):
+        what = "one learner's progress" if learner_id is not None else "a whole course's progress"
+        raise PermissionDenied(f"actor {actor.id} lacks the permission {permission} needed to reset {what}")
+
+
+def _params_hash(course_id: int, learner_id: int | None, reason: str) -> str:
+    blob = json.dumps({"course": course_id, "learner": learner_id, "reason": reason}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def request(
+    session: Session,
+    actor_id: int,
+    course_id: int,
+    learner_id: int | None = None,
+    reason: str = "",
+    idempotency_key: str | None = None,
+    origin: str = "python",
+    now: datetime | None = None,
+) -> RequestResult:
+    """Step 1 (R3): validate, summarise what would be cleared, and issue a one-time token.
+
+    The token is returned once and stored only as a hash. The same idempotency
+    key with the same parameters returns the same request (with a fresh token
+    while it is unconfirmed, since the old one cannot be shown again); with
+    other parameters it is refused.
+    """
+    now = now or utcnow()
+    reason = (reason or "").strip()
+    if len(reason) > MAX_REASON:
+        raise ValidationFailed(f"reason is {len(reason)} characters; at most {MAX_REASON} are allowed")
+    if idempotency_key is not None and not (0 < len(idempotency_key) <= MAX_IDEMPOTENCY_KEY):
+        raise ValidationFailed(f"idempotency key must be 1 to {MAX_IDEMPOTENCY_KEY} characters")
+    actor = _actor(session, actor_id)
+    course = _course_of(session, actor, course_id)
+    if learner_id is not None:
+        learner = session.get(User, learner_id)
+        if learner is None or learner.organization_id != actor.organization_id:
+            raise NotFound(f"learner {learner_id} not found")
+    _check_permission(actor, learner_id)
+    if learner_id is not None and session.get(CourseAssignment, (course_id, learner_id)) is None:
+        raise NotFound(f"learner {learner_id} is not assigned to course {course_id}")
+
+    params_hash = _params_hash(course_id, learner_id, reason)
+    ttl = timedelta(seconds=get_settings().token_ttl_seconds)
+    if idempotency_key is not None:
+        existing = session.scalars(
+            select(ResetJob).where(ResetJob.actor_id == actor_id, ResetJob.idempotency_key == idempotency_key)
+            .with_for_update()
+        ).first()
+        if existing is not None:
+            return _replay(existing, params_hash, idempotency_key, now, ttl)
+
+    active = find_active_job(session, course_id, learner_id)
+    if active is not None:
+        raise already_active_error(active, course_id, learner_id)
+
+    summary = summarize(session, course_id, learner_id)
+    token, token_hash = new_token()
+    job = ResetJob(
+        id=uuid.uuid4(), organization_id=actor.organization_id, course_id=course.id, learner_id=learner_id,
+        scope="learner" if learner_id is not None else "course", state="awaiting_confirmation",
+        actor_id=actor_id, reason=reason, origin=origin, idempotency_key=idempotency_key,
+        params_hash=params_hash, token_hash=token_hash, token_expires_at=now + ttl, summary=summary,
+        created_at=now, learners_total=summary["learners"], cleared={},
+    )
+    try:
+        with session.begin_nested():
+            session.add(job)
+            session.flush()
+    except IntegrityError:
+        # A concurrent request with the same idempotency key won the race.
+        existing = session.scalars(
+            select(ResetJob).where(ResetJob.actor_id == actor_id, ResetJob.idempotency_key == idempotency_key)
+        ).first()
+        if existing is None:
+            raise
+        return _replay(existing, params_hash, idempotency_key, now, ttl)
+    record_audit(session, "reset.requested", actor.organization_id, actor_id=actor_id, course_id=course_id,
+                 learner_id=learner_id, job_id=job.id, learner_count=summary["learners"], reason=reason,
+                 origin=origin)
+    return RequestResult(str(job.id), token, job.token_expires_at, summary, job.state)
+
+
+def _replay(existing: ResetJob, params_hash: str, key: str, now: datetime, ttl: timedelta) -> RequestResult:
+    if existing.params_hash != params_hash:
+        raise Conflict(
+            f"idempotency key {key!r} was already used for request {existing.id} with other parameters; "
+            "use a new key"
+        )
+    if existing.state == "awaiting_confirmation" and as_utc(existing.token_expires_at) > now:
+        token, token_hash = new_token()
+        existing.token_hash = token_hash
+        existing.token_expires_at = now + ttl
+        return RequestResult(str(existing.id), token, existing.token_expires_at, existing.summary, existing.state)
+    return RequestResult(str(existing.id), None, None, existing.summary, existing.state)
+
+
+def confirm(
+    session: Session, request_id: str, actor_id: int, token: str, now: datetime | None = None
+) -> ConfirmResult:
+    """Step 2 (R3): the same actor, the right token, in time -> the job is queued and published after commit.
+
+    A wrong, expired or reused token changes nothing. Refused with the active
+    job's id if the course or learner is already being reset (R11).
+    """
+    now = now or utcnow()
+    actor = _actor(session, actor_id)
+    job = get_job(session, request_id, organization_id=actor.organization_id)
+    session.refresh(job, with_for_update=True)
+    if job.actor_id != actor_id:
+        raise PermissionDenied(f"request {job.id} was made by actor {job.actor_id}; only they can confirm it")
+    if job.state == "expired":
+        raise TokenExpired(f"request {job.id} expired unconfirmed; make a new request")
+    if job.state != "awaiting_confirmation":
+        raise TokenInvalid(f"request {job.id} was already confirmed (job is {job.state}); a token works once")
+    if not token_matches(token, job.token_hash):
+        raise TokenInvalid(f"wrong confirmation token for request {job.id}")
+    if as_utc(job.token_expires_at) <= now:
+        raise TokenExpired(
+            f"the confirmation token of request {job.id} expired at {as_utc(job.token_expires_at).isoformat()}; "
+            "make a new request"
+        )
+    _check_permission(actor, job.learner_id)
+    activate_job(session, job, now)
+    job.token_hash = None
+    record_audit(session, "reset.confirmed", job.organization_id, actor_id=actor_id, course_id=job.course_id,
+                 learner_id=job.learner_id, job_id=job.id, learner_count=job.learners_total, reason=job.reason,
+                 origin=job.origin)
+    publish_after_commit(session, "resets.start", [str(job.id)])
+    return ConfirmResult(str(job.id), job.state)
+
+
+def cancel(session: Session, job_id: str, actor_id: int, now: datetime | None = None) -> dict:
+    """Stop a queued or running job. Learners already reset stay reset and are counted.
+
+    Batches not yet run are marked cancelled; one in flight finishes and counts.
+    """
+    now = now or utcnow()
+    actor = _actor(session, actor_id)
+    job = get_job(session, job_id, organization_id=actor.organization_id)
+    _check_permission(actor, job.learner_id)
+    changed = session.execute(
+        update(ResetJob.__table__)
+        .where(ResetJob.id == job.id, ResetJob.state.in_(("queued", "running")))
+        .values(state="cancelled", cancelled_by=actor_id, finished_at=now)
+    ).rowcount
+    if changed != 1:
+        session.refresh(job)
+        raise Conflict(f"job {job.id} is {job.state}; only queued or running jobs can be cancelled")
+    b = ResetBatch.__table__
+    session.execute(update(b).where(b.c.job_id == job.id, b.c.state == "pending")
+                    .values(state="cancelled", finished_at=now))
+    analytics.recompute_course_analytics(session, job.course_id)
+    session.refresh(job)
+    record_audit(session, "reset.cancelled", job.organization_id, actor_id=actor_id, course_id=job.course_id,
+                 learner_id=job.learner_id, job_id=job.id, learner_count=job.learners_done, reason=job.reason,
+                 origin=job.origin)
+    return status(session, str(job.id))
+
+
+def status(session: Session, job_id: str, organization_id: int | None = None) -> dict:
+    """The job's state and counts in the contract's JSON shape (DESIGN.md section 3)."""
+    job = get_job(session, job_id, organization_id=organization_id)
+    n = Notification.__table__.c
+    counts = dict(session.execute(
+        select(n.status, func.count()).where(n.reset_job_id == job.id).group_by(n.status)
+    ).all())
+    return {
+        "job_id": str(job.id),
+        "state": job.state,
+        "scope": job.scope,
+        "course_id": job.course_id,
+        "learner_id": job.learner_id,
+        "campaign_id": job.campaign_id,
+        "learners_total": job.learners_total,
+        "learners_done": job.learners_done,
+        "batches_total": job.batches_total,
+        "batches_done": job.batches_done,
+        "batches_dead": job.batches_dead,
+        "cleared": job.cleared or {},
+        "notifications": {
+            "pending": int(counts.get("pending", 0) + counts.get("sending", 0)),
+            "sent": int(counts.get("sent", 0)),
+            "failed": int(counts.get("failed", 0)),
+        },
+        "created_at": _iso(job.created_at),
+        "confirmed_at": _iso(job.confirmed_at),
+        "started_at": _iso(job.started_at),
+        "finished_at": _iso(job.finished_at),
+        "error": job.error,
+    }
+
+
+def _iso(value: datetime | None) -> str | None:
+    return as_utc(value).isoformat() if value is not None else None

@@ -1,0 +1,351 @@
+"""The reset pipeline's plain functions: plan, claim, reset a batch, finalize.
+
+Each takes a ``Session`` and never commits or touches Celery; the thin tasks in
+:mod:`tasks.resets` own the transactions and publish follow-ups after commit.
+Every function is safe to run twice: idempotency lives in the database.
+
+- A batch is a row ``(job_id, batch_no)`` over a keyset range of learner ids.
+- Each learner's assignment records the last reset job applied to it, so a
+  redelivered or re-planned batch skips learners it already reset.
+- The batch's work, its ``done`` mark and the job's counters commit together.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from sqlalchemy import Integer, any_, bindparam, func, insert, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from models import analytics
+from models.components import RESET_COMPONENTS
+from models.jobs import as_utc, record_audit, target_filter, utcnow
+from models.logs import log_event
+from models.schema import CourseAssignment, Notification, ResetBatch, ResetJob, User
+
+MAX_USER_ID = 2**31 - 1
+FINISHED_BATCH_STATES = ("done", "dead", "cancelled")
+
+assignments = CourseAssignment.__table__
+batches = ResetBatch.__table__
+jobs = ResetJob.__table__
+
+
+def _is_postgres(session: Session) -> bool:
+    return session.get_bind().dialect.name == "postgresql"
+
+
+def _in_ids(session: Session, column, ids: list[int]):
+    """``column IN ids``: one array parameter on PostgreSQL, an expanded list elsewhere."""
+    if _is_postgres(session):
+        return column == any_(bindparam(None, ids, type_=postgresql.ARRAY(Integer)))
+    return column.in_(ids)
+
+
+def _job_uuid(job_id: str | uuid.UUID) -> uuid.UUID:
+    return job_id if isinstance(job_id, uuid.UUID) else uuid.UUID(str(job_id))
+
+
+# --- start: claim the job and plan its batches --------------------------------------------
+
+@dataclass
+class StartResult:
+    started: bool
+    scope: str | None = None
+    batch_nos: list[int] = field(default_factory=list)
+
+
+def plan_batches(session: Session, job: ResetJob, batch_size: int) -> list[int]:
+    """Write every batch row of ``job`` (keyset ranges of learner ids, no OFFSET); return their numbers.
+
+    Boundaries are every ``batch_size``-th targeted learner id, read in one
+    streaming window query, so a million learners never sit in memory. All
+    rows are written before any batch is published.
+    """
+    a = assignments.c
+    where = target_filter(job.course_id, job.learner_id, as_utc(job.completed_before))
+    learners_total = session.scalar(select(func.count()).select_from(assignments).where(where)) or 0
+    ranked = select(a.user_id, func.row_number().over(order_by=a.user_id).label("rn")).where(where).subquery()
+    boundaries = session.scalars(
+        select(ranked.c.user_id).where(ranked.c.rn % batch_size == 0).order_by(ranked.c.user_id)
+    ).all()
+    rows = []
+    lo = 0
+    for hi in boundaries:
+        rows.append({"job_id": job.id, "batch_no": len(rows) + 1, "lo_user_id": lo, "hi_user_id": hi})
+        lo = hi
+    if learners_total > len(boundaries) * batch_size or not rows:
+        rows.append({"job_id": job.id, "batch_no": len(rows) + 1, "lo_user_id": lo, "hi_user_id": MAX_USER_ID})
+    now = utcnow()
+    for row in rows:
+        row.update(state="pending", attempts=0, published_at=now, learners_reset=0, cleared={})
+    session.execute(insert(batches), rows)
+    session.execute(
+        update(jobs).where(jobs.c.id == job.id).values(batches_total=len(rows), learners_total=learners_total)
+    )
+    return [row["batch_no"] for row in rows]
+
+
+def start_job(session: Session, job_id: str | uuid.UUID, batch_size: int, now: datetime | None = None) -> StartResult:
+    """Claim a queued job (``queued`` -> ``running``) and plan its batches.
+
+    A second delivery finds the job no longer queued and does nothing.
+    """
+    now = now or utcnow()
+    key = _job_uuid(job_id)
+    claimed = session.execute(
+        update(jobs).where(jobs.c.id == key, jobs.c.state == "queued")
+        .values(state="running", started_at=now, heartbeat_at=now)
+    ).rowcount
+    if claimed != 1:
+        return StartResult(False)
+    job = session.get(ResetJob, key, populate_existing=True)
+    batch_nos = plan_batches(session, job, batch_size if job.scope == "course" else 1)
+    log_event("reset.job.started", job_id=str(key), course_id=job.course_id, scope=job.scope,
+              batches=len(batch_nos))
+    return StartResult(True, job.scope, batch_nos)
+
+
+# --- batches -----------------------------------------------------------------------------
+
+@dataclass
+class ClaimResult:
+    runnable: bool
+    attempts: int = 0
+    dead: bool = False
+    job_complete: bool = False
+
+
+def claim_batch(
+    session: Session, job_id: str | uuid.UUID, batch_no: int, max_attempts: int, lease_seconds: int,
+    now: datetime | None = None,
+) -> ClaimResult:
+    """Count an attempt at the batch and take its lease; commit this before doing the work.
+
+    A finished batch is not runnable. A batch that has used up its attempts is
+    dead-lettered (state ``dead`` with its last error) and counted on the job.
+    """
+    now = now or utcnow()
+    key = _job_uuid(job_id)
+    row = session.execute(
+        update(batches)
+        .where(batches.c.job_id == key, batches.c.batch_no == batch_no, batches.c.state.in_(("pending", "running")))
+        .values(attempts=batches.c.attempts + 1, state="running", claimed_at=now,
+                lease_expires_at=now + timedelta(seconds=lease_seconds))
+        .returning(batches.c.attempts, batches.c.error)
+    ).first()
+    if row is None:
+        return ClaimResult(False)
+    attempts, last_error = row
+    if attempts <= max_attempts:
+        return ClaimResult(True, attempts)
+    reason = f"dead-lettered after {attempts - 1} attempts: {last_error or 'unknown error'}"
+    session.execute(
+        update(batches).where(batches.c.job_id == key, batches.c.batch_no == batch_no)
+        .values(state="dead", error=reason, finished_at=now, lease_expires_at=None)
+    )
+    counts = session.execute(
+        update(jobs).where(jobs.c.id == key)
+        .values(batches_dead=jobs.c.batches_dead + 1, heartbeat_at=now)
+        .returning(jobs.c.batches_done, jobs.c.batches_dead, jobs.c.batches_total)
+    ).one()
+    log_event("reset.batch.dead", logging.ERROR, job_id=str(key), batch=batch_no, attempts=attempts - 1)
+    return ClaimResult(False, attempts, dead=True, job_complete=counts[0] + counts[1] >= counts[2])
+
+
+def record_batch_error(session: Session, job_id: str | uuid.UUID, batch_no: int, error: str) -> None:
+    """Remember why an attempt failed (shown when the batch is dead-lettered)."""
+    session.execute(
+        update(batches).where(batches.c.job_id == _job_uuid(job_id), batches.c.batch_no == batch_no)
+        .values(error=error[:2000])
+    )
+
+
+@dataclass
+class BatchResult:
+    status: str  # done | skipped | cancelled
+    learners: int = 0
+    notifications: int = 0
+    cleared: dict[str, int] = field(default_factory=dict)
+    job_complete: bool = False
+
+
+def _insert_notifications(session: Session, job: ResetJob, ids: list[int], now: datetime) -> int:
+    """Outbox rows for the reset learners whose setting allows it, read now (R9)."""
+    u = User.__table__.c
+    source = select(
+        u.id, bindparam("course_id", job.course_id, type_=Integer), bindparam("job", job.id, type_=jobs.c.id.type),
+        bindparam("kind", "course_assigned"), bindparam("status", "pending"), bindparam("attempts", 0, Integer),
+        bindparam("created_at", now, type_=Notification.__table__.c.created_at.type),
+    ).where(_in_ids(session, u.id, ids), u.notify_course_assigned)
+    cols = ["user_id", "course_id", "reset_job_id", "kind", "status", "attempts", "created_at"]
+    dialect_insert = postgresql.insert if _is_postgres(session) else sqlite.insert
+    stmt = (dialect_insert(Notification.__table__).from_select(cols, source).on_conflict_do_nothing()
+            .returning(Notification.__table__.c.id))
+    return len(session.execute(stmt).all())
+
+
+def reset_learners(session: Session, job: ResetJob, ids: list[int], now: datetime) -> tuple[dict[str, int], int]:
+    """Clear every registered component of these learners in the job's course and restart their attempt.
+
+    Set-based: one statement per component over the batch's ids. Returns rows
+    cleared per component and notification rows written.
+    """
+    cleared: dict[str, int] = {}
+    for component in RESET_COMPONENTS:
+        t = component.table
+        result = session.execute(t.delete().where(t.c.course_id == job.course_id, _in_ids(session, t.c.user_id, ids)))
+        cleared[component.name] = result.rowcount or 0
+    a = assignments.c
+    session.execute(
+        update(assignments)
+        .where(a.course_id == job.course_id, _in_ids(session, a.user_id, ids))
+        .values(status="not_started", progress_pct=0.0, items_done=0, score=None, started_at=None,
+                completed_at=None, attempt=a.attempt + 1, last_reset_job_id=job.id)
+    )
+    return cleared, _insert_notifications(session, job, ids, now)
+
+
+def run_batch(session: Session, job_id: str | uuid.UUID, batch_no: int, now: datetime | None = None) -> BatchResult:
+    """Reset the learners of one batch in the caller's transaction.
+
+    Locks the batch row (a concurrent duplicate waits, then finds it done),
+    locks the targeted assignments (serialising with learner activity, R10),
+    clears, applies analytics deltas, writes notification rows, marks the batch
+    done and counts it on the job. Safe to run twice.
+    """
+    now = now or utcnow()
+    key = _job_uuid(job_id)
+    batch = session.execute(
+        select(ResetBatch).where(ResetBatch.job_id == key, ResetBatch.batch_no == batch_no)
+        .with_for_update().execution_options(populate_existing=True)
+    ).scalar_one_or_none()
+    if batch is None or batch.state != "running":
+        return BatchResult("skipped")
+    job = session.get(ResetJob, key, populate_existing=True)
+    if job.state != "running":
+        batch.state = "cancelled"
+        batch.finished_at = now
+        return BatchResult("cancelled")
+
+    a = assignments.c
+    targets = session.execute(
+        select(a.user_id, a.status)
+        .where(
+            target_filter(job.course_id, job.learner_id, as_utc(job.completed_before)),
+            a.user_id > batch.lo_user_id, a.user_id <= batch.hi_user_id,
+            or_(a.last_reset_job_id.is_(None), a.last_reset_job_id != job.id),
+        )
+        .order_by(a.user_id)
+        .with_for_update()
+    ).all()
+    ids = [row.user_id for row in targets]
+    cleared: dict[str, int] = {c.name: 0 for c in RESET_COMPONENTS}
+    notified = 0
+    if ids:
+        cleared, notified = reset_learners(session, job, ids, now)
+        was = {"in_progress": 0, "completed": 0}
+        for row in targets:
+            was[row.status] = was.get(row.status, 0) + 1
+        analytics.apply_delta(session, job.course_id, not_started=len(ids), in_progress=-was["in_progress"],
+                              completed=-was["completed"])
+    batch.state = "done"
+    batch.learners_reset = len(ids)
+    batch.cleared = cleared
+    batch.finished_at = now
+    batch.lease_expires_at = None
+    session.flush()
+    counts = session.execute(
+        update(jobs).where(jobs.c.id == key)
+        .values(batches_done=jobs.c.batches_done + 1, learners_done=jobs.c.learners_done + len(ids), heartbeat_at=now)
+        .returning(jobs.c.batches_done, jobs.c.batches_dead, jobs.c.batches_total)
+    ).one()
+    return BatchResult("done", len(ids), notified, cleared, job_complete=counts[0] + counts[1] >= counts[2])
+
+
+# --- finalize ----------------------------------------------------------------------------
+
+@dataclass
+class FinalizeResult:
+    finished: bool
+    state: str
+    drift: dict | None = None
+
+
+def finalize_job(session: Session, job_id: str | uuid.UUID, now: datetime | None = None) -> FinalizeResult:
+    """Close a job whose batches have all finished: exact analytics, totals, final state, audit.
+
+    Recomputes the course's analytics from the rows (logging any drift it
+    corrects). A job with a dead-lettered batch ends ``failed`` naming it.
+    Does nothing for a job that is not running or still has unfinished batches.
+    """
+    now = now or utcnow()
+    key = _job_uuid(job_id)
+    job = session.execute(
+        select(ResetJob).where(ResetJob.id == key).with_for_update().execution_options(populate_existing=True)
+    ).scalar_one_or_none()
+    if job is None:
+        return FinalizeResult(False, "missing")
+    if job.state == "cancelled":
+        analytics.recompute_course_analytics(session, job.course_id)
+        return FinalizeResult(False, job.state)
+    if job.state != "running":
+        return FinalizeResult(False, job.state)
+    unfinished = session.scalar(
+        select(func.count()).select_from(batches)
+        .where(batches.c.job_id == key, batches.c.state.not_in(FINISHED_BATCH_STATES))
+    )
+    if unfinished:
+        return FinalizeResult(False, job.state)
+
+    exact, previous = analytics.recompute_course_analytics(session, job.course_id)
+    drift = None
+    if previous is not None and previous != exact:
+        drift = {"before": previous.as_dict(), "exact": exact.as_dict()}
+        log_event("reset.analytics.drift", logging.WARNING, job_id=str(key), course_id=job.course_id, **drift)
+
+    cleared: dict[str, int] = {c.name: 0 for c in RESET_COMPONENTS}
+    learners_done = 0
+    dead = []
+    for row in session.execute(
+        select(batches.c.batch_no, batches.c.state, batches.c.cleared, batches.c.learners_reset, batches.c.error)
+        .where(batches.c.job_id == key).order_by(batches.c.batch_no)
+    ):
+        learners_done += row.learners_reset
+        for name, count in (row.cleared or {}).items():
+            cleared[name] = cleared.get(name, 0) + int(count)
+        if row.state == "dead":
+            dead.append((row.batch_no, row.error))
+
+    job.cleared = cleared
+    job.learners_done = learners_done
+    if job.learners_total != learners_done:
+        # Learners started, were removed or were reset by another path while the job ran.
+        log_event("reset.targets.changed", job_id=str(key), planned=job.learners_total, reset=learners_done)
+        job.learners_total = learners_done
+    job.finished_at = now
+    job.heartbeat_at = now
+    if dead:
+        first_no, first_error = dead[0]
+        job.state = "failed"
+        job.error = (f"batch {first_no} {first_error}" if len(dead) == 1
+                     else f"{len(dead)} batches dead-lettered; first: batch {first_no} {first_error}")
+    else:
+        job.state = "succeeded"
+    record_audit(
+        session, f"reset.{job.state}", job.organization_id, actor_id=job.actor_id, course_id=job.course_id,
+        learner_id=job.learner_id, job_id=job.id, campaign_id=job.campaign_id, learner_count=learners_done,
+        reason=job.reason, origin=job.origin,
+    )
+    log_event("reset.job.finished", job_id=str(key), state=job.state, learners=learners_done, cleared=cleared)
+    return FinalizeResult(True, job.state, drift)
+
+
+def retry_countdown(attempts: int, base: float = 1.0, cap: float = 60.0) -> float:
+    """Exponential backoff with full jitter, capped well below the broker's visibility timeout."""
+    return random.uniform(0, min(cap, base * (2 ** max(0, attempts - 1))))

@@ -1,0 +1,122 @@
+"""Celery entry points of the reset pipeline (thin: ids in, one plain function per transaction).
+
+- ``resets.start(job_id)``      queue ``resets``: claim + plan, then publish every batch.
+- ``resets.run_batch(job_id, batch_no)`` queue ``reset_batches``: one batch in one transaction.
+- ``resets.finalize(job_id)``   queue ``resets``: exact analytics, final state, audit.
+- ``resets.run_single(job_id, batch_no)`` queue ``resets``: a one-learner batch being retried.
+
+A one-learner job is planned as one batch and run inline by ``resets.start``
+on the ``resets`` queue, so it never waits behind a course-wide fan-out.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from models.db import session_scope
+from models.logs import log_event
+from models.settings import get_settings
+from tasks import reset_steps
+from tasks.base import project_task, publish_after_commit, send_now
+
+
+@project_task("resets.start")
+def start(job_id: str) -> None:
+    settings = get_settings()
+    with session_scope() as session:
+        result = reset_steps.start_job(session, job_id, settings.batch_size)
+    if not result.started:
+        log_event("reset.start.skipped", job_id=job_id)
+        return
+    if result.scope == "learner":
+        # Same functions, same transactions, no extra hop through the broker.
+        for batch_no in result.batch_nos:
+            try:
+                execute_batch(job_id, batch_no)
+            except BatchFailed as failed:
+                send_now(batch_task_name("learner"), [job_id, batch_no],
+                         countdown=reset_steps.retry_countdown(failed.attempts))
+                return
+        finalize_now(job_id)
+        return
+    for batch_no in result.batch_nos:
+        send_now("resets.run_batch", [job_id, batch_no])
+    if not result.batch_nos:
+        send_now("resets.finalize", [job_id])
+
+
+def batch_task_name(scope: str) -> str:
+    """One-learner batches stay on the ``resets`` queue; course-wide ones go to ``reset_batches``."""
+    return "resets.run_single" if scope == "learner" else "resets.run_batch"
+
+
+def execute_batch(job_id: str, batch_no: int) -> reset_steps.BatchResult | None:
+    """Claim, run and commit one batch; publish notifications/finalize after commit.
+
+    On an error the attempt stays counted and the error is recorded; the caller
+    retries (the task with backoff). Returns None when the batch is not runnable.
+    """
+    settings = get_settings()
+    with session_scope() as session:
+        claim = reset_steps.claim_batch(session, job_id, batch_no, settings.batch_max_attempts,
+                                        settings.batch_lease_seconds)
+        if claim.dead and claim.job_complete:
+            publish_after_commit(session, "resets.finalize", [job_id])
+    if not claim.runnable:
+        return None
+    started = time.perf_counter()
+    try:
+        with session_scope() as session:
+            result = reset_steps.run_batch(session, job_id, batch_no)
+            if result.notifications:
+                publish_after_commit(session, "notifications.send", [job_id])
+            if result.job_complete:
+                publish_after_commit(session, "resets.finalize", [job_id])
+    except Exception as exc:
+        error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        log_event("reset.batch.error", logging.WARNING, job_id=job_id, batch=batch_no, attempt=claim.attempts,
+                  error=error)
+        with session_scope() as session:
+            reset_steps.record_batch_error(session, job_id, batch_no, error)
+        raise BatchFailed(claim.attempts) from exc
+    log_event("reset.batch.done", job_id=job_id, batch=batch_no, status=result.status, learners=result.learners,
+              duration_ms=round((time.perf_counter() - started) * 1000, 1))
+    return result
+
+
+class BatchFailed(Exception):
+    def __init__(self, attempts: int):
+        super().__init__(f"batch attempt {attempts} failed")
+        self.attempts = attempts
+
+
+def _run_batch_with_retry(task, job_id: str, batch_no: int) -> None:
+    try:
+        execute_batch(job_id, int(batch_no))
+    except BatchFailed as failed:
+        # Backoff below the visibility timeout; the attempt limit lives in the
+        # batch row, so the next claim dead-letters a batch that keeps failing.
+        raise task.retry(countdown=reset_steps.retry_countdown(failed.attempts), exc=None) from None
+
+
+@project_task("resets.run_batch", bind=True, max_retries=None)
+def run_batch(self, job_id: str, batch_no: int) -> None:
+    _run_batch_with_retry(self, job_id, batch_no)
+
+
+@project_task("resets.run_single", bind=True, max_retries=None)
+def run_single(self, job_id: str, batch_no: int) -> None:
+    """The batch of a one-learner job, retried on the ``resets`` queue."""
+    _run_batch_with_retry(self, job_id, batch_no)
+    finalize_now(job_id)
+
+
+def finalize_now(job_id: str) -> reset_steps.FinalizeResult:
+    with session_scope() as session:
+        return reset_steps.finalize_job(session, job_id)
+
+
+@project_task("resets.finalize")
+def finalize(job_id: str) -> None:
+    finalize_now(job_id)
