@@ -1,0 +1,419 @@
+"""Test fixtures: real PostgreSQL and Redis, one database and one Redis DB per test process.
+
+Isolation (see docs/decisions/0001-embedded-default-and-test-isolation.md):
+
+- ``template_db_url`` migrates ``pr_t<pid>_tmpl`` once; ``db_url`` (``pr_t<pid>``)
+  and every ``fresh_db()`` are copies of it (``CREATE DATABASE ... TEMPLATE``),
+  dropped at the end.
+- ``db_session`` runs each test inside an outer transaction that is rolled back
+  (SQLAlchemy's "join a Session into an external transaction" recipe), so plain
+  functions are tested against real PostgreSQL without leaking rows.
+- Tests whose worker processes commit get their own database from ``fresh_db()``.
+- ``redis_url`` is one Redis DB number per test process, flushed at start and end.
+- The whole session runs with ``PROGRESS_RESET_DATA_DIR`` in a temporary folder,
+  so nothing touches the developer's ``./data``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine, create_engine, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session
+from sqlalchemy.pool import NullPool
+
+from tests.services import ServicesUnavailable, ensure_services
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DB_PREFIX = f"pr_t{os.getpid()}"
+WORKER_READY_SECONDS = 30.0
+WORKER_STOP_SECONDS = 15.0
+DEFAULT_QUEUES = "resets,reset_batches,notifications,maintenance"
+
+_session_data_dir: str | None = None
+
+
+# -- pytest hooks -------------------------------------------------------------------------------
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--run-slow", action="store_true", default=False,
+                     help="also run tests marked slow (or set RUN_SLOW=1)")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    global _session_data_dir
+    config.addinivalue_line("markers", "e2e: runs real worker processes against PostgreSQL and Redis")
+    config.addinivalue_line("markers", "slow: larger variants, not part of the default run")
+    if _session_data_dir is None:
+        _session_data_dir = tempfile.mkdtemp(prefix="progress-reset-tests-")
+        os.environ["PROGRESS_RESET_DATA_DIR"] = _session_data_dir
+        from models.settings import reset_settings_cache
+
+        reset_settings_cache()
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if _session_data_dir is not None:
+        shutil.rmtree(_session_data_dir, ignore_errors=True)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--run-slow") or os.environ.get("RUN_SLOW") == "1":
+        return
+    skip_slow = pytest.mark.skip(reason="slow: run with --run-slow or RUN_SLOW=1")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip_slow)
+
+
+# -- PostgreSQL ---------------------------------------------------------------------------------
+
+def _admin_engine(admin_url: str) -> Engine:
+    return create_engine(admin_url, poolclass=NullPool, isolation_level="AUTOCOMMIT")
+
+
+def _url_for(admin_url: str, database: str) -> str:
+    return make_url(admin_url).set(database=database).render_as_string(hide_password=False)
+
+
+def _drop_database(admin_url: str, name: str) -> None:
+    """Drop ``name`` after ending the connections still open to it (leftover pools, killed workers)."""
+    engine = _admin_engine(admin_url)
+    try:
+        with engine.connect() as conn:
+            conn.execute(text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                              "WHERE datname = :name AND pid <> pg_backend_pid()"), {"name": name})
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
+    finally:
+        engine.dispose()
+
+
+def _create_database(admin_url: str, name: str, template: str | None = None) -> str:
+    _drop_database(admin_url, name)
+    engine = _admin_engine(admin_url)
+    try:
+        with engine.connect() as conn:
+            clause = f' TEMPLATE "{template}"' if template else ""
+            conn.execute(text(f'CREATE DATABASE "{name}"{clause}'))
+    finally:
+        engine.dispose()
+    return _url_for(admin_url, name)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _drop_stale_test_databases(admin_url: str) -> None:
+    """Drop databases left by test processes of this machine that died without cleaning up."""
+    if make_url(admin_url).host not in {None, "127.0.0.1", "localhost", "::1"}:
+        return
+    engine = _admin_engine(admin_url)
+    try:
+        with engine.connect() as conn:
+            names = conn.execute(text("SELECT datname FROM pg_database WHERE datname LIKE 'pr\\_t%'")).scalars().all()
+    finally:
+        engine.dispose()
+    for name in names:
+        match = re.fullmatch(r"pr_t(\d+)(_\w+)?", name)
+        if match and int(match.group(1)) != os.getpid() and not _pid_alive(int(match.group(1))):
+            _drop_database(admin_url, name)
+
+
+@pytest.fixture(scope="session")
+def admin_db_url() -> str:
+    """The PostgreSQL admin URL (``TEST_DATABASE_ADMIN_URL``), once the services answer."""
+    try:
+        url, _redis = ensure_services()
+    except ServicesUnavailable as exc:
+        pytest.exit(f"the tests need PostgreSQL and Redis: {exc}", returncode=2)
+    _drop_stale_test_databases(url)
+    return url
+
+
+@pytest.fixture(scope="session")
+def template_db_url(admin_db_url: str) -> Iterator[str]:
+    """A migrated database, ``pr_t<pid>_tmpl``, that every test database is copied from."""
+    from models.migrate import upgrade
+
+    name = f"{DB_PREFIX}_tmpl"
+    url = _create_database(admin_db_url, name)
+    upgrade(url)
+    yield url
+    _drop_database(admin_db_url, name)
+
+
+@pytest.fixture(scope="session")
+def db_url(admin_db_url: str, template_db_url: str) -> Iterator[str]:
+    """The session's database, ``pr_t<pid>``: migrated, shared by ``db_session`` tests."""
+    name = DB_PREFIX
+    url = _create_database(admin_db_url, name, template=make_url(template_db_url).database)
+    yield url
+    _drop_database(admin_db_url, name)
+
+
+@pytest.fixture(scope="session")
+def engine(db_url: str) -> Iterator[Engine]:
+    from models.db import make_engine
+
+    eng = make_engine(db_url)
+    yield eng
+    eng.dispose()
+
+
+@pytest.fixture
+def db_session(engine: Engine) -> Iterator[Session]:
+    """A Session inside an outer transaction that is rolled back after the test.
+
+    Code under test may flush and even commit: with ``create_savepoint`` a
+    commit only releases a savepoint, and the outer rollback undoes everything.
+    """
+    connection = engine.connect()
+    outer = connection.begin()
+    session = Session(bind=connection, join_transaction_mode="create_savepoint", expire_on_commit=False)
+    try:
+        yield session
+    finally:
+        session.close()
+        if outer.is_active:
+            outer.rollback()
+        connection.close()
+
+
+@pytest.fixture
+def fresh_db(admin_db_url: str, template_db_url: str) -> Iterator[Callable[[], str]]:
+    """Factory: ``fresh_db()`` -> URL of a brand-new migrated database, dropped at teardown.
+
+    For tests where other processes (workers, the CLI) commit.
+    """
+    template = make_url(template_db_url).database
+    made: list[str] = []
+
+    def make() -> str:
+        name = f"{DB_PREFIX}_f{next(_fresh_counter)}"
+        made.append(name)
+        return _create_database(admin_db_url, name, template=template)
+
+    yield make
+    from models.db import dispose_engine
+
+    dispose_engine()  # the process's engine may still hold connections to one of them
+    for name in made:
+        _drop_database(admin_db_url, name)
+
+
+_fresh_counter = itertools.count(1)
+
+
+# -- Redis --------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def redis_url(admin_db_url: str) -> Iterator[str]:
+    """``redis://host:port/<n>``: this process's own Redis DB, flushed at start and end.
+
+    ``n`` is ``TEST_REDIS_DB`` or ``1 + pid % 15`` (DB 0 is left to development).
+    """
+    import redis
+
+    from tests.services import redis_base_url
+
+    number = int(os.environ.get("TEST_REDIS_DB") or 1 + os.getpid() % 15)
+    url = f"{redis_base_url()}/{number}"
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    yield url
+    client.flushdb()
+    client.close()
+
+
+# -- Environment --------------------------------------------------------------------------------
+
+def _refresh_configuration() -> None:
+    """Re-read the settings and rebuild what was built from them (engine, Celery config)."""
+    from models.db import dispose_engine
+    from models.settings import get_settings, reset_settings_cache
+
+    reset_settings_cache()
+    dispose_engine()
+    from workers.app import app
+    from workers.config import celery_config
+
+    app.conf.update(celery_config(get_settings()))
+    # Connections and producers are pooled per broker URL: forget the old ones.
+    if app._pool is not None:
+        app._pool.force_close_all()
+        app._pool = None
+    amqp = app.__dict__.get("amqp")
+    if amqp is not None:
+        amqp._producer_pool = None
+
+
+@pytest.fixture
+def use_env() -> Iterator[Callable[..., dict[str, str]]]:
+    """Factory: ``use_env(DATABASE_URL=..., CELERY_BROKER_URL=..., **more)`` for this test.
+
+    Sets the variables in this process (``None`` removes one), re-reads the
+    settings, disposes the engine and reconfigures the Celery app; all undone at
+    teardown. Returns the environment a subprocess should get (``os.environ``
+    with the changes).
+    """
+    with pytest.MonkeyPatch.context() as patch:
+
+        def apply(**values: object) -> dict[str, str]:
+            for key, value in values.items():
+                if value is None:
+                    patch.delenv(key, raising=False)
+                else:
+                    patch.setenv(key, str(value))
+            _refresh_configuration()
+            return dict(os.environ)
+
+        yield apply
+    _refresh_configuration()
+
+
+# -- Worker processes ---------------------------------------------------------------------------
+
+def _children_of(pid: int) -> list[int]:
+    pids: list[int] = []
+    for children in Path(f"/proc/{pid}/task").glob("*/children"):
+        try:
+            pids.extend(int(p) for p in children.read_text().split())
+        except OSError:
+            continue
+    return sorted(set(pids))
+
+
+class WorkerProcess:
+    """A real ``celery -A workers worker`` subprocess started by the test.
+
+    It runs in its own process group, so stopping it reaches its pool children
+    and nothing else.
+    """
+
+    def __init__(self, popen: subprocess.Popen, log_path: Path, name: str):
+        self.popen = popen
+        self.log_path = log_path
+        self.name = name
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def children(self) -> list[int]:
+        """The pool process ids (direct children of the worker's main process)."""
+        return _children_of(self.pid) if self.alive() else []
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def wait_for_log(self, pattern: str, timeout: float = 30.0) -> re.Match:
+        """Wait until the log matches the regular expression ``pattern``; fails on timeout or exit."""
+        regex = re.compile(pattern, re.MULTILINE)
+        deadline = time.monotonic() + timeout
+        while True:
+            match = regex.search(self.log_text())
+            if match:
+                return match
+            if not self.alive():
+                raise AssertionError(f"worker {self.name} exited with {self.popen.returncode} before "
+                                     f"{pattern!r} appeared; log tail:\n{self._tail()}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"worker {self.name}: {pattern!r} not in its log after {timeout:.0f}s; "
+                                     f"log tail:\n{self._tail()}")
+            time.sleep(0.1)
+
+    def _tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log_text().splitlines()[-lines:])
+
+    def _signal_group(self, sig: int) -> None:
+        try:
+            os.killpg(self.pid, sig)  # the group this fixture created (start_new_session)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def terminate(self) -> None:
+        """Warm shutdown (SIGTERM to the main process): running tasks finish first."""
+        if self.alive():
+            self.popen.send_signal(signal.SIGTERM)
+
+    def kill(self, whole_group: bool = True) -> None:
+        """``kill -9``: the main process and, by default, its pool children too."""
+        if whole_group:
+            self._signal_group(signal.SIGKILL)
+        elif self.alive():
+            self.popen.kill()
+        self.wait(10)
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        try:
+            return self.popen.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def stop(self, timeout: float = WORKER_STOP_SECONDS) -> None:
+        """SIGTERM, then SIGKILL for the whole group after ``timeout`` seconds."""
+        self.terminate()
+        if self.wait(timeout) is None:
+            self._signal_group(signal.SIGKILL)
+            self.wait(10)
+        # Pool children orphaned by a killed main process share its group.
+        self._signal_group(signal.SIGKILL)
+
+
+@pytest.fixture
+def celery_worker_proc(tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
+    """Factory: ``celery_worker_proc(env, queues=..., concurrency=2, name="w1")`` -> a ready worker.
+
+    Starts ``python -m celery -A workers worker`` (prefork, without mingle and
+    gossip) in the repository root with ``env`` merged over ``os.environ``,
+    logs to a file in ``tmp_path``, and waits until it says it is ready.
+    Every worker it started is stopped at teardown.
+    """
+    started: list[WorkerProcess] = []
+
+    def start(env: dict[str, str] | None = None, queues: str = DEFAULT_QUEUES, concurrency: int = 2,
+              name: str = "w1") -> WorkerProcess:
+        log_path = tmp_path / f"worker-{name}-{len(started)}.log"
+        argv = [sys.executable, "-m", "celery", "-A", "workers", "worker", "-Q", queues, "-c", str(concurrency),
+                "-P", "prefork", "-n", f"{name}@%h", "--without-mingle", "--without-gossip", "-l", "info"]
+        full_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
+        with open(log_path, "ab") as log:
+            popen = subprocess.Popen(argv, cwd=REPO_ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, start_new_session=True)
+        worker = WorkerProcess(popen, log_path, name)
+        started.append(worker)
+        try:
+            worker.wait_for_log(r"\bready\.\s*$", timeout=WORKER_READY_SECONDS)
+        except AssertionError:
+            worker.stop(timeout=5)
+            raise
+        return worker
+
+    yield start
+    for worker in started:
+        worker.stop()

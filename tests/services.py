@@ -1,0 +1,259 @@
+"""Make sure the PostgreSQL and Redis the tests run against are there.
+
+Used by the test fixtures and by ``make test`` (``python -m tests.services``).
+For each service, in order:
+
+1. use it at the configured URL when it answers
+   (``TEST_DATABASE_ADMIN_URL``, ``TEST_REDIS_URL``);
+2. otherwise start a local one from the installed binaries
+   (``pg_ctlcluster`` for the Debian PostgreSQL cluster, ``redis-server``);
+3. otherwise, as root with ``apt-get``, install the Debian packages
+   ``postgresql`` and ``redis-server`` and start them;
+4. otherwise stop with one message that says exactly what is missing.
+
+Only local URLs (127.0.0.1 / localhost) are started or installed; a remote
+server that does not answer is reported, never worked around.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from sqlalchemy.engine import make_url
+
+DEFAULT_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379"
+LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
+WAIT_SECONDS = 30.0
+APT_PACKAGES = {"postgresql": "postgresql", "redis": "redis-server"}
+
+
+class ServicesUnavailable(RuntimeError):
+    """A service the tests need does not answer and could not be started."""
+
+
+@dataclass(frozen=True)
+class Probe:
+    ok: bool
+    reason: str = ""
+    # The server answered but refused us (authentication): starting it again will not help.
+    refused: bool = False
+
+
+def admin_db_url() -> str:
+    """The PostgreSQL URL tests create and drop their databases through."""
+    return os.environ.get("TEST_DATABASE_ADMIN_URL") or DEFAULT_ADMIN_URL
+
+
+def redis_base_url() -> str:
+    """The Redis server URL, without a database number."""
+    return (os.environ.get("TEST_REDIS_URL") or DEFAULT_REDIS_URL).rstrip("/")
+
+
+def _is_local(host: str | None) -> bool:
+    return (host or "127.0.0.1") in LOCAL_HOSTS
+
+
+def _one_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
+# -- PostgreSQL ---------------------------------------------------------------------------------
+
+def _pg_conninfo(url: str) -> dict:
+    u = make_url(url)
+    info = {"host": u.host or "127.0.0.1", "port": u.port or 5432, "user": u.username or "postgres",
+            "dbname": u.database or "postgres", "connect_timeout": 3}
+    if u.password:
+        info["password"] = u.password
+    return info
+
+
+def probe_postgres(url: str) -> Probe:
+    import psycopg
+
+    try:
+        with psycopg.connect(**_pg_conninfo(url), autocommit=True) as conn:
+            conn.execute("SELECT 1")
+        return Probe(True)
+    except psycopg.OperationalError as exc:
+        text = str(exc)
+        refused = "authentication failed" in text or "pg_hba.conf" in text or "does not exist" in text
+        return Probe(False, _one_line(exc), refused=refused)
+
+
+def _pg_clusters() -> list[str]:
+    root = Path("/etc/postgresql")
+    if not root.is_dir():
+        return []
+    return sorted((p.name for p in root.iterdir() if (p / "main").is_dir()), key=lambda v: float(v) if
+                  v.replace(".", "", 1).isdigit() else 0.0)
+
+
+def _start_postgres(_url: str) -> str | None:
+    """Start the local Debian cluster; returns what is missing, or None when started."""
+    if shutil.which("pg_ctlcluster") is None:
+        return "pg_ctlcluster is not on PATH (the PostgreSQL server is not installed)"
+    versions = _pg_clusters()
+    if not versions:
+        return "no PostgreSQL cluster under /etc/postgresql/<version>/main"
+    version = versions[-1]
+    print(f"services: starting PostgreSQL {version}/main with pg_ctlcluster", file=sys.stderr)
+    run = subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", "start"],
+                         capture_output=True, text=True, timeout=120)
+    if run.returncode != 0 and "already running" not in (run.stderr + run.stdout):
+        return f"pg_ctlcluster {version} main start failed: {_one_line(run.stderr or run.stdout)}"
+    return None
+
+
+def _trust_local_connections() -> None:
+    """Let the local ``postgres`` role in over TCP without a password.
+
+    Only called for a cluster this script has just installed: Debian's default
+    asks for a password the fresh ``postgres`` role does not have.
+    """
+    for version in _pg_clusters():
+        hba = Path("/etc/postgresql") / version / "main" / "pg_hba.conf"
+        lines = "host all all 127.0.0.1/32 trust\nhost all all ::1/128 trust\n"
+        text = hba.read_text()
+        if lines not in text:
+            hba.write_text(lines + text)
+        subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", "reload"],
+                       capture_output=True, timeout=60)
+
+
+# -- Redis --------------------------------------------------------------------------------------
+
+def probe_redis(url: str) -> Probe:
+    import redis
+
+    try:
+        client = redis.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=3)
+        try:
+            client.ping()
+        finally:
+            client.close()
+        return Probe(True)
+    except redis.AuthenticationError as exc:
+        return Probe(False, _one_line(exc), refused=True)
+    except redis.RedisError as exc:
+        return Probe(False, _one_line(exc))
+
+
+def _start_redis(url: str) -> str | None:
+    if shutil.which("redis-server") is None:
+        return "redis-server is not on PATH (the Redis server is not installed)"
+    port = urlsplit(url).port or 6379
+    print(f"services: starting redis-server on 127.0.0.1:{port}", file=sys.stderr)
+    run = subprocess.run(["redis-server", "--daemonize", "yes", "--bind", "127.0.0.1", "--port", str(port),
+                          "--save", "", "--appendonly", "no"], capture_output=True, text=True, timeout=60)
+    if run.returncode != 0:
+        return f"redis-server failed to start: {_one_line(run.stderr or run.stdout)}"
+    return None
+
+
+# -- Orchestration ------------------------------------------------------------------------------
+
+def _can_install() -> bool:
+    return hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("apt-get") is not None
+
+
+def _apt_install(packages: list[str]) -> str | None:
+    print(f"services: installing {' '.join(packages)} with apt-get", file=sys.stderr)
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    for argv in (["apt-get", "update", "-qq"],
+                 ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *packages]):
+        run = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=900)
+        if run.returncode != 0:
+            return f"{' '.join(argv[:2])} failed: {_one_line(run.stderr or run.stdout)}"
+    return None
+
+
+def _wait(probe, url: str, seconds: float = WAIT_SECONDS) -> Probe:
+    deadline = time.monotonic() + seconds
+    result = probe(url)
+    while not result.ok and not result.refused and time.monotonic() < deadline:
+        time.sleep(0.5)
+        result = probe(url)
+    return result
+
+
+def _ensure_one(name: str, url: str, probe, start, installed: set[str], allow_install: bool) -> str | None:
+    """Make one service answer; returns a description of what is missing, or None."""
+    shown = make_url(url).render_as_string(hide_password=True) if name == "postgresql" else url
+    first = probe(url)
+    if first.ok:
+        return None
+    if first.refused:
+        if name == "postgresql" and name in installed:
+            _trust_local_connections()
+            if _wait(probe, url).ok:
+                return None
+        return f"{name} at {shown} answers but refuses the connection ({first.reason}); " \
+               f"fix the credentials in {'TEST_DATABASE_ADMIN_URL' if name == 'postgresql' else 'TEST_REDIS_URL'}"
+    host = make_url(url).host if name == "postgresql" else urlsplit(url).hostname
+    if not _is_local(host):
+        return f"{name} at {shown} does not answer ({first.reason}); it is not local, so it is not started here"
+    missing = start(url)
+    if missing is not None and allow_install and _can_install():
+        failure = _apt_install([APT_PACKAGES[name]])
+        if failure is not None:
+            return f"{name} at {shown} does not answer and could not be installed ({failure})"
+        installed.add(name)
+        missing = start(url)
+    if missing is not None:
+        how = "" if allow_install and _can_install() else "; installing is not possible here (needs root and apt-get)"
+        return f"{name} at {shown} does not answer ({first.reason}) and cannot be started: {missing}{how}; " \
+               f"install the Debian package {APT_PACKAGES[name]!r} or point " \
+               f"{'TEST_DATABASE_ADMIN_URL' if name == 'postgresql' else 'TEST_REDIS_URL'} at a running server"
+    result = _wait(probe, url)
+    if result.refused and name == "postgresql" and name in installed:
+        _trust_local_connections()
+        result = _wait(probe, url)
+    if not result.ok:
+        return f"{name} at {shown} was started but does not answer within {WAIT_SECONDS:.0f}s ({result.reason})"
+    return None
+
+
+def ensure_services(allow_install: bool = True) -> tuple[str, str]:
+    """Make PostgreSQL and Redis answer; returns ``(admin_db_url, redis_base_url)``.
+
+    Safe to call any number of times; raises :class:`ServicesUnavailable` with
+    one message naming everything that is missing.
+    """
+    installed: set[str] = set()
+    pg_url, redis_url = admin_db_url(), redis_base_url()
+    problems = [
+        problem
+        for problem in (
+            _ensure_one("postgresql", pg_url, probe_postgres, _start_postgres, installed, allow_install),
+            _ensure_one("redis", redis_url, probe_redis, _start_redis, installed, allow_install),
+        )
+        if problem is not None
+    ]
+    if problems:
+        raise ServicesUnavailable("; ".join(problems))
+    return pg_url, redis_url
+
+
+def main() -> int:
+    try:
+        pg_url, redis_url = ensure_services()
+    except ServicesUnavailable as exc:
+        print(f"error: the tests need PostgreSQL and Redis: {exc}", file=sys.stderr)
+        return 2
+    print(f"services: PostgreSQL at {make_url(pg_url).render_as_string(hide_password=True)} and "
+          f"Redis at {redis_url} answer")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
