@@ -158,6 +158,7 @@ def get_job(session: Session, job_id: str | uuid.UUID, organization_id: int | No
         key = job_id if isinstance(job_id, uuid.UUID) else uuid.UUID(str(job_id))
     except ValueError:
         raise NotFound(f"job {job_id} not found") from None
+    session.flush()
     job = session.get(ResetJob, key, populate_existing=True)
     if job is None or (organization_id is not None and job.organization_id != organization_id):
         raise NotFound(f"job {job_id} not found")

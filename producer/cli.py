@@ -164,4 +164,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    # Run through the package module so commands register in one COMMANDS table.
+    from producer.cli import main as package_main
+
+    sys.exit(package_main())

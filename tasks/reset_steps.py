@@ -231,6 +231,7 @@ def run_batch(session: Session, job_id: str | uuid.UUID, batch_no: int, now: dat
     if job.state != "running":
         batch.state = "cancelled"
         batch.finished_at = now
+        session.flush()
         return BatchResult("cancelled")
 
     a = assignments.c
@@ -342,6 +343,7 @@ def finalize_job(session: Session, job_id: str | uuid.UUID, now: datetime | None
         learner_id=job.learner_id, job_id=job.id, campaign_id=job.campaign_id, learner_count=learners_done,
         reason=job.reason, origin=job.origin,
     )
+    session.flush()
     log_event("reset.job.finished", job_id=str(key), state=job.state, learners=learners_done, cleared=cleared)
     return FinalizeResult(True, job.state, drift)
 

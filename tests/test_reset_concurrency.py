@@ -1,0 +1,182 @@
+"""R10 and R11 with real concurrent transactions on PostgreSQL (separate connections, real row locks)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from sqlalchemy import func, select
+
+from models import analytics
+from models.db import dispose_engine, session_scope
+from models.errors import Conflict
+from models.schema import CourseAssignment, CourseItem, LessonProgress
+from models.seed import seed
+from models.training import record_activity
+from producer import resets
+from tasks import reset_steps
+
+
+@pytest.fixture
+def committed_org(fresh_db, use_env, redis_url):
+    use_env(DATABASE_URL=fresh_db(), CELERY_BROKER_URL=redis_url)
+    with session_scope() as session:
+        org = seed(session, learners=60, lessons=4, courses=2, completed_ratio=0.5, random_seed=3)
+    yield org
+    dispose_engine()
+
+
+def _start_course_job(org, course):
+    with session_scope() as session:
+        req = resets.request(session, org.admin_id, course, reason="r10")
+        job_id = resets.confirm(session, req.request_id, org.admin_id, req.token).job_id
+    with session_scope() as session:
+        start = reset_steps.start_job(session, job_id, batch_size=1000)
+    with session_scope() as session:
+        assert reset_steps.claim_batch(session, job_id, start.batch_nos[0], 5, 60).runnable
+    return job_id, start.batch_nos[0]
+
+
+def _lesson(course):
+    with session_scope() as session:
+        return session.scalar(select(CourseItem.id).where(CourseItem.course_id == course, CourseItem.kind == "lesson")
+                              .order_by(CourseItem.position))
+
+
+def _in_progress_learner(course):
+    with session_scope() as session:
+        return session.scalar(select(CourseAssignment.user_id).where(CourseAssignment.course_id == course,
+                                                                     CourseAssignment.status == "in_progress"))
+
+
+def _lesson_rows(course, learner):
+    with session_scope() as session:
+        return session.execute(select(LessonProgress.attempt, func.count()).where(
+            LessonProgress.course_id == course, LessonProgress.user_id == learner).group_by(LessonProgress.attempt)
+        ).all()
+
+
+def test_activity_committed_while_the_batch_waits_is_cleared(committed_org):
+    """Activity holds the learner's row first: the batch waits, then clears it (it was before the reset)."""
+    course = committed_org.course_ids[0]
+    learner = _in_progress_learner(course)
+    lesson = _lesson(course)
+    job_id, batch_no = _start_course_job(committed_org, course)
+    activity_locked = threading.Event()
+    release = threading.Event()
+
+    def activity():
+        with session_scope() as session:
+            record_activity(session, course, learner, lesson)
+            activity_locked.set()
+            release.wait(10)
+
+    t = threading.Thread(target=activity)
+    t.start()
+    assert activity_locked.wait(10)
+    batch_done = threading.Event()
+
+    def batch():
+        with session_scope() as session:
+            reset_steps.run_batch(session, job_id, batch_no)
+        batch_done.set()
+
+    b = threading.Thread(target=batch)
+    b.start()
+    time.sleep(0.5)
+    assert not batch_done.is_set(), "the batch must wait for the learner's row lock"
+    release.set()
+    t.join(10)
+    b.join(10)
+    assert batch_done.is_set()
+    assert _lesson_rows(course, learner) == []  # progress from before the reset never survives
+
+
+def test_activity_after_the_learners_reset_commits_survives(committed_org):
+    """The batch holds the row: activity waits, then lands in the new attempt and is never lost."""
+    course = committed_org.course_ids[0]
+    learner = _in_progress_learner(course)
+    lesson = _lesson(course)
+    job_id, batch_no = _start_course_job(committed_org, course)
+    batch_locked = threading.Event()
+    release = threading.Event()
+
+    def batch():
+        with session_scope() as session:
+            reset_steps.run_batch(session, job_id, batch_no)
+            batch_locked.set()
+            release.wait(10)
+
+    b = threading.Thread(target=batch)
+    b.start()
+    assert batch_locked.wait(10)
+    recorded = threading.Event()
+    results = []
+
+    def activity():
+        with session_scope() as session:
+            results.append(record_activity(session, course, learner, lesson))
+        recorded.set()
+
+    t = threading.Thread(target=activity)
+    t.start()
+    time.sleep(0.5)
+    assert not recorded.is_set(), "activity must wait for the reset of this learner to commit"
+    release.set()
+    b.join(10)
+    t.join(10)
+    assert results and results[0].attempt == 2
+    assert _lesson_rows(course, learner) == [(2, 1)]
+    with session_scope() as session:
+        reset_steps.finalize_job(session, job_id)
+    with session_scope() as session:
+        assignment = session.get(CourseAssignment, (course, learner))
+        assert (assignment.status, assignment.attempt) == ("in_progress", 2)
+        assert analytics.read_analytics(session, course) == analytics.count_from_rows(session, course)
+
+
+def test_one_active_reset_per_course_and_per_learner(committed_org):
+    org = committed_org
+    course, other = org.course_ids
+    with session_scope() as session:
+        first = resets.request(session, org.admin_id, course, reason="first")
+        # Unconfirmed requests block nothing.
+        second = resets.request(session, org.admin_id, course, reason="second")
+        learner_req = resets.request(session, org.admin_id, course, learner_id=org.learner_id)
+    with session_scope() as session:
+        job_id = resets.confirm(session, first.request_id, org.admin_id, first.token).job_id
+    for req in (second, learner_req):
+        with pytest.raises(Conflict) as refused, session_scope() as session:
+            resets.confirm(session, req.request_id, org.admin_id, req.token)
+        assert job_id in str(refused.value) and "already being reset" in str(refused.value)
+    with pytest.raises(Conflict) as refused, session_scope() as session:
+        resets.request(session, org.admin_id, course, reason="third")
+    assert job_id in str(refused.value)
+    with session_scope() as session:  # another course is free
+        resets.request(session, org.admin_id, other)
+
+
+def test_concurrent_confirms_of_one_course_admit_exactly_one(committed_org):
+    org = committed_org
+    course = org.course_ids[0]
+    with session_scope() as session:
+        reqs = [resets.request(session, org.admin_id, course, reason=f"r{i}") for i in range(6)]
+    barrier = threading.Barrier(len(reqs))
+    outcomes: list[str] = []
+
+    def confirm(req):
+        barrier.wait(10)
+        try:
+            with session_scope() as session:
+                resets.confirm(session, req.request_id, org.admin_id, req.token)
+            outcomes.append("queued")
+        except Conflict:
+            outcomes.append("conflict")
+
+    threads = [threading.Thread(target=confirm, args=(r,)) for r in reqs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    assert sorted(outcomes) == ["conflict"] * 5 + ["queued"]

@@ -1,0 +1,203 @@
+"""The reset pipeline's plain functions against real PostgreSQL (rolled back per test).
+
+R4-R9 checked against SQL recomputation; duplicates of every step; cancel;
+dead-lettering; the audience filter.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import func, select
+
+from models import analytics
+from models.jobs import utcnow
+from models.schema import AuditEvent, Certificate, CourseCompletion, CourseItem, ResetBatch, ResetJob
+from models.seed import seed
+from models.training import record_activity
+from producer import resets
+from tasks import reset_steps
+from tests.reset_checks import assert_reset_exact, snapshot, targeted
+
+
+@pytest.fixture
+def org(db_session):
+    return seed(db_session, learners=300, lessons=5, courses=2, completed_ratio=0.4, random_seed=7)
+
+
+def confirmed_job(session, actor, course, learner=None, **kw):
+    req = resets.request(session, actor, course, learner_id=learner, reason="procedure changed", **kw)
+    return resets.confirm(session, req.request_id, actor, req.token).job_id
+
+
+def run_all(session, job_id, batch_size=40):
+    """Drive the job through every step in-process, as the tasks would."""
+    start = reset_steps.start_job(session, job_id, batch_size)
+    for no in start.batch_nos:
+        claim = reset_steps.claim_batch(session, job_id, no, max_attempts=5, lease_seconds=60)
+        assert claim.runnable
+        reset_steps.run_batch(session, job_id, no)
+    return reset_steps.finalize_job(session, job_id)
+
+
+def test_course_wide_reset_is_exact(db_session, org):
+    course, other = org.course_ids
+    before = snapshot(db_session, org.course_ids)
+    wanted = targeted(before, course)
+    job_id = confirmed_job(db_session, org.admin_id, course)
+    result = run_all(db_session, job_id)
+    assert result.state == "succeeded" and result.drift is None
+    assert_reset_exact(db_session, before, job_id, course, wanted)
+
+    st = resets.status(db_session, job_id)
+    assert st["state"] == "succeeded"
+    assert st["learners_total"] == st["learners_done"] == len(wanted)
+    assert st["batches_total"] == st["batches_done"] > 1
+    assert st["cleared"]["course_completions"] == sum(1 for (c, _), s in before.items()
+                                                      if c == course and s.status == "completed")
+    assert st["notifications"]["pending"] > 0
+    # R7: after a whole-course reset the completion rate reads 0%.
+    assert analytics.read_analytics(db_session, course).completion_rate == 0.0
+    assert analytics.read_analytics(db_session, other).completion_rate > 0.0
+
+
+def test_one_learner_reset_touches_only_that_learner(db_session, org):
+    course = org.course_ids[0]
+    before = snapshot(db_session, org.course_ids)
+    learner = org.learner_id  # seeded as completed
+    assert before[(course, learner)].status == "completed"
+    job_id = confirmed_job(db_session, org.admin_id, course, learner)
+    assert run_all(db_session, job_id).state == "succeeded"
+    assert_reset_exact(db_session, before, job_id, course, {learner})
+    st = resets.status(db_session, job_id)
+    assert (st["scope"], st["batches_total"], st["learners_done"]) == ("learner", 1, 1)
+
+
+def test_every_step_delivered_twice_changes_nothing_more(db_session, org):
+    course = org.course_ids[0]
+    before = snapshot(db_session, org.course_ids)
+    job_id = confirmed_job(db_session, org.admin_id, course)
+    start = reset_steps.start_job(db_session, job_id, 40)
+    assert not reset_steps.start_job(db_session, job_id, 40).started  # second start: nothing
+    for no in start.batch_nos:
+        for _ in range(2):
+            claim = reset_steps.claim_batch(db_session, job_id, no, 5, 60)
+            if claim.runnable:
+                reset_steps.run_batch(db_session, job_id, no)
+        # A redelivery after the batch committed finds it done.
+        assert not reset_steps.claim_batch(db_session, job_id, no, 5, 60).runnable
+        assert reset_steps.run_batch(db_session, job_id, no).status == "skipped"
+    assert reset_steps.finalize_job(db_session, job_id).finished
+    assert not reset_steps.finalize_job(db_session, job_id).finished
+    assert_reset_exact(db_session, before, job_id, course, targeted(before, course))
+    audits = db_session.scalars(select(AuditEvent.action).where(AuditEvent.job_id == ResetJob.id)
+                                .where(ResetJob.id == AuditEvent.job_id)).all()
+    assert audits.count("reset.succeeded") == 1
+
+
+def test_learners_without_progress_are_untouched_and_not_notified(db_session, org):
+    course = org.course_ids[0]
+    before = snapshot(db_session, org.course_ids)
+    idle = {u for (c, u), s in before.items() if c == course and s.status == "not_started"}
+    assert idle
+    job_id = confirmed_job(db_session, org.admin_id, course)
+    run_all(db_session, job_id)
+    after = snapshot(db_session, org.course_ids)
+    assert all(after[(course, u)] == before[(course, u)] for u in idle)
+
+
+def test_completed_again_after_reset_gets_a_new_certificate(db_session, org):
+    course = org.course_ids[0]
+    learner = org.learner_id
+    old_number = db_session.scalar(select(Certificate.number).where(Certificate.course_id == course,
+                                                                    Certificate.user_id == learner))
+    assert old_number
+    job_id = confirmed_job(db_session, org.admin_id, course, learner)
+    run_all(db_session, job_id)
+    # R5: nothing of the past completion can be shown afterwards.
+    assert db_session.scalar(select(func.count()).select_from(CourseCompletion).where(
+        CourseCompletion.course_id == course, CourseCompletion.user_id == learner)) == 0
+    later = utcnow() + timedelta(days=3)
+    for item_id in db_session.scalars(select(CourseItem.id).where(CourseItem.course_id == course)
+                                      .order_by(CourseItem.position)):
+        result = record_activity(db_session, course, learner, item_id, at=later, score=90.0)
+    assert result.completed_now and result.attempt == 2
+    cert = db_session.scalars(select(Certificate).where(Certificate.course_id == course,
+                                                        Certificate.user_id == learner)).one()
+    assert cert.number != old_number and cert.attempt == 2
+    assert analytics.read_analytics(db_session, course) == analytics.count_from_rows(db_session, course)
+
+
+def test_audit_keeps_the_fact_not_the_data(db_session, org):
+    course = org.course_ids[0]
+    job_id = confirmed_job(db_session, org.admin_id, course)
+    run_all(db_session, job_id)
+    events = db_session.scalars(select(AuditEvent).where(AuditEvent.course_id == course)).all()
+    actions = [e.action for e in events]
+    assert actions == ["reset.requested", "reset.confirmed", "reset.succeeded"]
+    done = events[-1]
+    assert done.actor_id == org.admin_id and done.reason == "procedure changed"
+    assert done.learner_count == resets.status(db_session, job_id)["learners_done"]
+    assert done.details == {}
+
+
+def test_cancel_stops_remaining_batches_and_counts_the_done(db_session, org):
+    course = org.course_ids[0]
+    job_id = confirmed_job(db_session, org.admin_id, course)
+    start = reset_steps.start_job(db_session, job_id, 40)
+    first = start.batch_nos[0]
+    reset_steps.claim_batch(db_session, job_id, first, 5, 60)
+    done = reset_steps.run_batch(db_session, job_id, first).learners
+    st = resets.cancel(db_session, job_id, org.admin_id)
+    assert st["state"] == "cancelled" and st["learners_done"] == done
+    # A batch message arriving after the cancel does nothing.
+    second = start.batch_nos[1]
+    assert not reset_steps.claim_batch(db_session, job_id, second, 5, 60).runnable
+    assert analytics.read_analytics(db_session, course) == analytics.count_from_rows(db_session, course)
+    states = db_session.scalars(select(ResetBatch.state).where(ResetBatch.job_id == ResetJob.id)
+                                .where(ResetJob.id == st["job_id"])).all()
+    assert states.count("done") == 1 and states.count("cancelled") == len(start.batch_nos) - 1
+
+
+def test_a_batch_that_keeps_failing_is_dead_lettered_and_the_job_fails_naming_it(db_session, org):
+    course = org.course_ids[0]
+    job_id = confirmed_job(db_session, org.admin_id, course)
+    start = reset_steps.start_job(db_session, job_id, 100)
+    poison, *healthy = start.batch_nos
+    for attempt in range(1, 3):
+        claim = reset_steps.claim_batch(db_session, job_id, poison, max_attempts=2, lease_seconds=60)
+        assert claim.runnable and claim.attempts == attempt
+        reset_steps.record_batch_error(db_session, job_id, poison, "IntegrityError: learner 42 is broken")
+    dead = reset_steps.claim_batch(db_session, job_id, poison, max_attempts=2, lease_seconds=60)
+    assert dead.dead and not dead.runnable and not dead.job_complete
+    for no in healthy:
+        reset_steps.claim_batch(db_session, job_id, no, 2, 60)
+        last = reset_steps.run_batch(db_session, job_id, no)
+    assert last.job_complete
+    result = reset_steps.finalize_job(db_session, job_id)
+    assert result.state == "failed"
+    st = resets.status(db_session, job_id)
+    assert f"batch {poison}" in st["error"] and "learner 42 is broken" in st["error"]
+    assert st["batches_dead"] == 1 and st["batches_done"] == len(healthy)
+    assert analytics.read_analytics(db_session, course) == analytics.count_from_rows(db_session, course)
+
+
+def test_audience_filter_resets_only_old_completions(db_session, org):
+    course = org.course_ids[0]
+    a = snapshot(db_session, org.course_ids)
+    from models.schema import CourseAssignment
+
+    rows = db_session.execute(select(CourseAssignment.user_id, CourseAssignment.completed_at)
+                              .where(CourseAssignment.course_id == course,
+                                     CourseAssignment.status == "completed")).all()
+    cutoff = sorted(r.completed_at for r in rows)[len(rows) // 2]
+    old = {r.user_id for r in rows if r.completed_at < cutoff}
+    job = ResetJob(organization_id=org.organization_id, course_id=course, scope="course", state="queued",
+                   actor_id=org.admin_id, origin="campaign", completed_before=cutoff, created_at=utcnow(),
+                   summary={}, cleared={})
+    db_session.add(job)
+    db_session.flush()
+    job_id = str(job.id)
+    assert run_all(db_session, job_id).state == "succeeded"
+    assert_reset_exact(db_session, a, job_id, course, old)
