@@ -24,7 +24,8 @@ def send_now(task_name: str, args: list | tuple = (), **options) -> bool:
         current_app.send_task(task_name, args=list(args), **options)
         return True
     except Exception as exc:  # broker down, connection reset, ...
-        log_event("publish.failed", logging.WARNING, task=task_name, args=list(args), error=type(exc).__name__)
+        log_event("publish.failed", logging.WARNING, task=task_name, args=list(args), error=type(exc).__name__,
+                  detail=str(exc).splitlines()[0][:200] if str(exc) else "")
         return False
 
 
