@@ -264,6 +264,10 @@ def _refresh_configuration() -> None:
     amqp = app.__dict__.get("amqp")
     if amqp is not None:
         amqp._producer_pool = None
+    # kombu keeps process-wide producer pools per broker URL; a closed one must not be reused.
+    from kombu import pools
+
+    pools.reset()
 
 
 @pytest.fixture
