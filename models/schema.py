@@ -132,28 +132,41 @@ class _ProgressRow:
     recorded_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_now_default())
 
 
+def _progress_indexes(table: str) -> tuple[Index, Index]:
+    """Per learner (with ``id`` so "rows newer than X" is answered from the index) and per course in id order.
+
+    The second index lets the purge walk a course's rows in ``id`` order, which is
+    insertion (time) order and so roughly physical order: each heap page is
+    visited about once, however scattered one learner's rows are.
+    """
+    return (
+        Index(f"ix_{table}_course_user_id", "course_id", "user_id", "id"),
+        Index(f"ix_{table}_course_id", "course_id", "id"),
+    )
+
+
 class LessonProgress(_ProgressRow, Base):
     __tablename__ = "lesson_progress"
-    __table_args__ = (Index("ix_lesson_progress_course_user", "course_id", "user_id"),)
+    __table_args__ = _progress_indexes("lesson_progress")
 
 
 class AssessmentResult(_ProgressRow, Base):
     __tablename__ = "assessment_results"
     score: Mapped[float] = mapped_column(Float, default=0.0)
     passed: Mapped[bool] = mapped_column(Boolean, default=True)
-    __table_args__ = (Index("ix_assessment_results_course_user", "course_id", "user_id"),)
+    __table_args__ = _progress_indexes("assessment_results")
 
 
 class DiscussionPost(_ProgressRow, Base):
     __tablename__ = "discussion_posts"
     body: Mapped[str] = mapped_column(Text, default="")
-    __table_args__ = (Index("ix_discussion_posts_course_user", "course_id", "user_id"),)
+    __table_args__ = _progress_indexes("discussion_posts")
 
 
 class AssignmentSubmission(_ProgressRow, Base):
     __tablename__ = "assignment_submissions"
     grade: Mapped[float | None] = mapped_column(Float, nullable=True)
-    __table_args__ = (Index("ix_assignment_submissions_course_user", "course_id", "user_id"),)
+    __table_args__ = _progress_indexes("assignment_submissions")
 
 
 class CourseCompletion(Base):
@@ -170,6 +183,7 @@ class CourseCompletion(Base):
 
     __table_args__ = (
         UniqueConstraint("course_id", "user_id", "attempt", name="uq_course_completions_attempt"),
+        Index("ix_course_completions_course_id", "course_id", "id"),
     )
 
 
@@ -185,6 +199,7 @@ class Certificate(Base):
 
     __table_args__ = (
         UniqueConstraint("course_id", "user_id", "attempt", name="uq_certificates_attempt"),
+        Index("ix_certificates_course_id", "course_id", "id"),
     )
 
 
@@ -239,6 +254,13 @@ class ResetJob(Base):
     cleared: Mapped[dict] = mapped_column(JSON, default=dict)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     cancelled_by: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # Deferred purge (course-wide jobs): per component table, the highest row id
+    # when the job started. Rows at or below it predate the job; the learner
+    # batches clear newer rows and the purge clears these in id order.
+    watermarks: Mapped[dict] = mapped_column(JSON, default=dict)
+    purge_total: Mapped[int] = mapped_column(Integer, default=0)
+    purge_done: Mapped[int] = mapped_column(Integer, default=0)
+    finalized_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
     __table_args__ = (
         # R11: at most one active reset per course and per learner-in-course,
@@ -273,15 +295,24 @@ class ResetJob(Base):
 
 
 class ResetBatch(Base):
-    """One batch of a job: a keyset range of learner ids ``(lo_user_id, hi_user_id]``."""
+    """One batch of a job.
+
+    ``kind = "learners"``: a keyset range of learner ids ``(lo_user_id, hi_user_id]``.
+    ``kind = "purge"``: one component's pre-job rows of the course, cleared in
+    id order from ``cursor_row_id`` up to ``hi_row_id`` (the job's watermark).
+    """
 
     __tablename__ = "reset_batches"
 
     job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("reset_jobs.id"), primary_key=True)
     batch_no: Mapped[int] = mapped_column(Integer, primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16), default="learners")
+    component: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    cursor_row_id: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    hi_row_id: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     lo_user_id: Mapped[int] = mapped_column(Integer)
     hi_user_id: Mapped[int] = mapped_column(Integer)
-    state: Mapped[str] = mapped_column(String(16), default="pending")  # pending|running|done|dead|cancelled
+    state: Mapped[str] = mapped_column(String(16), default="pending")  # waiting|pending|running|done|dead|cancelled
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     claimed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)

@@ -246,9 +246,11 @@ def cancel(session: Session, job_id: str, actor_id: int, now: datetime | None = 
         session.refresh(job)
         raise Conflict(f"job {job.id} is {job.state}; only queued or running jobs can be cancelled")
     b = ResetBatch.__table__
-    session.execute(update(b).where(b.c.job_id == job.id, b.c.state == "pending")
+    session.execute(update(b).where(b.c.job_id == job.id, b.c.state.in_(("waiting", "pending")))
                     .values(state="cancelled", finished_at=now))
     analytics.recompute_course_analytics(session, job.course_id)
+    # The finalize clears what the purge did not reach for learners already reset.
+    publish_after_commit(session, "resets.finalize", [str(job.id)])
     session.refresh(job)
     record_audit(session, "reset.cancelled", job.organization_id, actor_id=actor_id, course_id=job.course_id,
                  learner_id=job.learner_id, job_id=job.id, learner_count=job.learners_done, reason=job.reason,
@@ -272,9 +274,11 @@ def status(session: Session, job_id: str, organization_id: int | None = None) ->
         "campaign_id": job.campaign_id,
         "learners_total": job.learners_total,
         "learners_done": job.learners_done,
-        "batches_total": job.batches_total,
-        "batches_done": job.batches_done,
+        "batches_total": job.batches_total + job.purge_total,
+        "batches_done": job.batches_done + job.purge_done - _dead_purges(session, job),
         "batches_dead": job.batches_dead,
+        "learner_batches_total": job.batches_total,
+        "purge_batches_total": job.purge_total,
         "cleared": job.cleared or {},
         "notifications": {
             "pending": int(counts.get("pending", 0) + counts.get("sending", 0)),
@@ -287,6 +291,14 @@ def status(session: Session, job_id: str, organization_id: int | None = None) ->
         "finished_at": _iso(job.finished_at),
         "error": job.error,
     }
+
+
+def _dead_purges(session: Session, job: ResetJob) -> int:
+    if not job.batches_dead or not job.purge_total:
+        return 0
+    b = ResetBatch.__table__
+    return session.scalar(select(func.count()).select_from(b).where(
+        b.c.job_id == job.id, b.c.kind == "purge", b.c.state == "dead")) or 0
 
 
 def _iso(value: datetime | None) -> str | None:

@@ -86,10 +86,13 @@ def resume_stalled_jobs(session: Session, now: datetime, settings: Settings) -> 
                 ),
             )
             .values(published_at=now)
-            .returning(batches.c.batch_no)
-        ).scalars().all()
-        for batch_no in rows:
-            publish_after_commit(session, batch_task_name(scope), [str(job_id), batch_no])
+            .returning(batches.c.batch_no, batches.c.kind, batches.c.cursor_row_id)
+        ).all()
+        for batch_no, kind, cursor in rows:
+            if kind == "purge":
+                publish_after_commit(session, "resets.purge", [str(job_id), batch_no, cursor])
+            else:
+                publish_after_commit(session, batch_task_name(scope), [str(job_id), batch_no])
         republished += len(rows)
         unfinished = session.scalar(
             select(func.count()).select_from(batches)
@@ -103,6 +106,21 @@ def resume_stalled_jobs(session: Session, now: datetime, settings: Settings) -> 
     return republished, finalizes
 
 
+def finish_cancelled_jobs(session: Session, now: datetime, settings: Settings) -> int:
+    """A cancelled job whose clean-up never ran (finalize lost) gets its finalize again."""
+    stale = now - timedelta(seconds=settings.publish_stale_seconds)
+    ids = session.scalars(
+        update(jobs)
+        .where(jobs.c.state == "cancelled", jobs.c.finalized_at.is_(None),
+               or_(jobs.c.heartbeat_at.is_(None), jobs.c.heartbeat_at < stale))
+        .values(heartbeat_at=now)
+        .returning(jobs.c.id)
+    ).all()
+    for job_id in ids:
+        publish_after_commit(session, "resets.finalize", [str(job_id)])
+    return len(ids)
+
+
 def sweep(session: Session, now: datetime | None = None, settings: Settings | None = None) -> SweepReport:
     """One maintenance pass in the caller's transaction; publishes after commit."""
     now = now or utcnow()
@@ -111,6 +129,7 @@ def sweep(session: Session, now: datetime | None = None, settings: Settings | No
     report.expired = expire_requests(session, now)
     report.jobs_republished = republish_queued_jobs(session, now, settings)
     report.batches_republished, report.finalizes_published = resume_stalled_jobs(session, now, settings)
+    report.finalizes_published += finish_cancelled_jobs(session, now, settings)
     try:
         from tasks.notifications import sweep_notifications
     except ImportError:  # pragma: no cover - the notifications module is always installed

@@ -8,6 +8,24 @@ Every function is safe to run twice: idempotency lives in the database.
 - Each learner's assignment records the last reset job applied to it, so a
   redelivered or re-planned batch skips learners it already reset.
 - The batch's work, its ``done`` mark and the job's counters commit together.
+
+Course-wide jobs over everyone assigned clear in two phases (decision record
+0002). Progress rows are written over months, so one learner's rows lie
+scattered across the table; deleting them learner batch by learner batch would
+visit nearly every heap page once per batch. Instead:
+
+1. *Learner batches* restart each learner's attempt (assignment, analytics,
+   notification row) and clear only the rows newer than the job's watermark
+   (activity recorded since the job started: few, found through the index).
+2. *Purge batches*, released when every learner batch has finished, clear
+   each component's rows at or below the watermark in id order, which is
+   insertion order and so nearly physical order: each page is visited about
+   once, as by one set-based statement.
+
+Rows at or below the watermark exist only for learners who had progress when
+the job started, and every such learner is targeted, so the purge needs no
+join; learners of a dead-lettered batch are excluded by their id range.
+One-learner jobs and audience-filtered jobs clear everything in their batch.
 """
 
 from __future__ import annotations
@@ -18,7 +36,7 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from sqlalchemy import Integer, any_, bindparam, func, insert, or_, select, update
+from sqlalchemy import Integer, and_, any_, bindparam, func, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -91,8 +109,34 @@ def plan_batches(session: Session, job: ResetJob, batch_size: int) -> list[int]:
     return [row["batch_no"] for row in rows]
 
 
+def uses_deferred_purge(job: ResetJob) -> bool:
+    """Course-wide jobs over everyone assigned purge in id order; the others clear per batch."""
+    return job.scope == "course" and job.completed_before is None
+
+
+def plan_purge(session: Session, job: ResetJob, first_batch_no: int) -> int:
+    """Record the watermarks and write one waiting purge batch per component with pre-job rows."""
+    watermarks: dict[str, int] = {}
+    rows = []
+    for component in RESET_COMPONENTS:
+        t = component.table
+        high = session.scalar(select(func.max(t.c.id))) or 0
+        watermarks[component.name] = int(high)
+        low = session.scalar(select(func.min(t.c.id)).where(t.c.course_id == job.course_id, t.c.id <= high))
+        if low is None:
+            continue
+        rows.append({"job_id": job.id, "batch_no": first_batch_no + len(rows), "kind": "purge",
+                     "component": component.name, "cursor_row_id": int(low) - 1, "hi_row_id": int(high),
+                     "lo_user_id": 0, "hi_user_id": MAX_USER_ID, "state": "waiting", "attempts": 0,
+                     "learners_reset": 0, "cleared": {}})
+    if rows:
+        session.execute(insert(batches), rows)
+    session.execute(update(jobs).where(jobs.c.id == job.id).values(watermarks=watermarks, purge_total=len(rows)))
+    return len(rows)
+
+
 def start_job(session: Session, job_id: str | uuid.UUID, batch_size: int, now: datetime | None = None) -> StartResult:
-    """Claim a queued job (``queued`` -> ``running``) and plan its batches.
+    """Claim a queued job (``queued`` -> ``running``) and plan all its batches.
 
     A second delivery finds the job no longer queued and does nothing.
     """
@@ -106,6 +150,8 @@ def start_job(session: Session, job_id: str | uuid.UUID, batch_size: int, now: d
         return StartResult(False)
     job = session.get(ResetJob, key, populate_existing=True)
     batch_nos = plan_batches(session, job, batch_size if job.scope == "course" else 1)
+    if uses_deferred_purge(job):
+        plan_purge(session, job, first_batch_no=len(batch_nos) + 1)
     log_event("reset.job.started", job_id=str(key), course_id=job.course_id, scope=job.scope,
               batches=len(batch_nos))
     return StartResult(True, job.scope, batch_nos)
@@ -119,6 +165,54 @@ class ClaimResult:
     attempts: int = 0
     dead: bool = False
     job_complete: bool = False
+    purge: list[tuple[int, int]] = field(default_factory=list)
+
+
+@dataclass
+class PhaseProgress:
+    job_complete: bool = False
+    # Purge batches released by this commit: (batch_no, cursor) to publish.
+    purge: list[tuple[int, int]] = field(default_factory=list)
+    job_state: str = "running"
+
+
+def release_purge(session: Session, job_key: uuid.UUID, now: datetime) -> list[tuple[int, int]]:
+    """The learner phase is over: make the job's purge batches runnable; returns what to publish."""
+    rows = session.execute(
+        update(batches).where(batches.c.job_id == job_key, batches.c.kind == "purge", batches.c.state == "waiting")
+        .values(state="pending", published_at=now)
+        .returning(batches.c.batch_no, batches.c.cursor_row_id)
+    ).all()
+    return [(int(no), int(cursor)) for no, cursor in rows]
+
+
+def _count_learner_batch(session: Session, key: uuid.UUID, now: datetime, learners: int,
+                         dead: bool = False) -> PhaseProgress:
+    """Count a finished learner batch on the job (serialised on the job row); release the purge at the end."""
+    values = {"heartbeat_at": now, "learners_done": jobs.c.learners_done + learners}
+    if dead:
+        values["batches_dead"] = jobs.c.batches_dead + 1
+    else:
+        values["batches_done"] = jobs.c.batches_done + 1
+    done, dead_n, total, purge_total, state = session.execute(
+        update(jobs).where(jobs.c.id == key).values(**values)
+        .returning(jobs.c.batches_done, jobs.c.batches_dead, jobs.c.batches_total, jobs.c.purge_total, jobs.c.state)
+    ).one()
+    if done + dead_n < total:
+        return PhaseProgress(job_state=state)
+    if purge_total and state == "running":
+        return PhaseProgress(purge=release_purge(session, key, now), job_state=state)
+    return PhaseProgress(job_complete=True, job_state=state)
+
+
+def _count_purge_finished(session: Session, key: uuid.UUID, now: datetime, dead: bool = False) -> bool:
+    values = {"heartbeat_at": now, "purge_done": jobs.c.purge_done + 1}
+    if dead:
+        values["batches_dead"] = jobs.c.batches_dead + 1
+    done, total = session.execute(
+        update(jobs).where(jobs.c.id == key).values(**values).returning(jobs.c.purge_done, jobs.c.purge_total)
+    ).one()
+    return done >= total
 
 
 def claim_batch(
@@ -149,13 +243,12 @@ def claim_batch(
         update(batches).where(batches.c.job_id == key, batches.c.batch_no == batch_no)
         .values(state="dead", error=reason, finished_at=now, lease_expires_at=None)
     )
-    counts = session.execute(
-        update(jobs).where(jobs.c.id == key)
-        .values(batches_dead=jobs.c.batches_dead + 1, heartbeat_at=now)
-        .returning(jobs.c.batches_done, jobs.c.batches_dead, jobs.c.batches_total)
-    ).one()
-    log_event("reset.batch.dead", logging.ERROR, job_id=str(key), batch=batch_no, attempts=attempts - 1)
-    return ClaimResult(False, attempts, dead=True, job_complete=counts[0] + counts[1] >= counts[2])
+    kind = session.scalar(select(batches.c.kind).where(batches.c.job_id == key, batches.c.batch_no == batch_no))
+    log_event("reset.batch.dead", logging.ERROR, job_id=str(key), batch=batch_no, attempts=attempts - 1, kind=kind)
+    if kind == "purge":
+        return ClaimResult(False, attempts, dead=True, job_complete=_count_purge_finished(session, key, now, dead=True))
+    phase = _count_learner_batch(session, key, now, learners=0, dead=True)
+    return ClaimResult(False, attempts, dead=True, job_complete=phase.job_complete, purge=phase.purge)
 
 
 def record_batch_error(session: Session, job_id: str | uuid.UUID, batch_no: int, error: str) -> None:
@@ -173,6 +266,8 @@ class BatchResult:
     notifications: int = 0
     cleared: dict[str, int] = field(default_factory=dict)
     job_complete: bool = False
+    purge: list[tuple[int, int]] = field(default_factory=list)
+    job_state: str = "running"
 
 
 def _insert_notifications(session: Session, job: ResetJob, ids: list[int], now: datetime) -> int:
@@ -193,13 +288,19 @@ def _insert_notifications(session: Session, job: ResetJob, ids: list[int], now: 
 def reset_learners(session: Session, job: ResetJob, ids: list[int], now: datetime) -> tuple[dict[str, int], int]:
     """Clear every registered component of these learners in the job's course and restart their attempt.
 
-    Set-based: one statement per component over the batch's ids. Returns rows
-    cleared per component and notification rows written.
+    Set-based: one statement per component over the batch's ids. With
+    watermarks (deferred purge) only rows newer than the job's start are
+    cleared here; the purge clears the rest. Returns rows cleared per
+    component and notification rows written.
     """
     cleared: dict[str, int] = {}
+    watermarks = job.watermarks or {}
     for component in RESET_COMPONENTS:
         t = component.table
-        result = session.execute(t.delete().where(t.c.course_id == job.course_id, _in_ids(session, t.c.user_id, ids)))
+        where = [t.c.course_id == job.course_id, _in_ids(session, t.c.user_id, ids)]
+        if component.name in watermarks:
+            where.append(t.c.id > watermarks[component.name])
+        result = session.execute(t.delete().where(*where))
         cleared[component.name] = result.rowcount or 0
     a = assignments.c
     session.execute(
@@ -225,7 +326,7 @@ def run_batch(session: Session, job_id: str | uuid.UUID, batch_no: int, now: dat
         select(ResetBatch).where(ResetBatch.job_id == key, ResetBatch.batch_no == batch_no)
         .with_for_update().execution_options(populate_existing=True)
     ).scalar_one_or_none()
-    if batch is None or batch.state != "running":
+    if batch is None or batch.state != "running" or batch.kind != "learners":
         return BatchResult("skipped")
     job = session.get(ResetJob, key, populate_existing=True)
     if job.state != "running":
@@ -261,12 +362,126 @@ def run_batch(session: Session, job_id: str | uuid.UUID, batch_no: int, now: dat
     batch.finished_at = now
     batch.lease_expires_at = None
     session.flush()
-    counts = session.execute(
-        update(jobs).where(jobs.c.id == key)
-        .values(batches_done=jobs.c.batches_done + 1, learners_done=jobs.c.learners_done + len(ids), heartbeat_at=now)
-        .returning(jobs.c.batches_done, jobs.c.batches_dead, jobs.c.batches_total)
-    ).one()
-    return BatchResult("done", len(ids), notified, cleared, job_complete=counts[0] + counts[1] >= counts[2])
+    phase = _count_learner_batch(session, key, now, learners=len(ids))
+    return BatchResult("done", len(ids), notified, cleared, job_complete=phase.job_complete, purge=phase.purge,
+                       job_state=phase.job_state)
+
+
+# --- purge ---------------------------------------------------------------------------------
+
+@dataclass
+class PurgeResult:
+    status: str  # progressed | done | skipped | cancelled
+    deleted: int = 0
+    cursor: int | None = None
+    job_complete: bool = False
+
+
+def _component(name: str):
+    for component in RESET_COMPONENTS:
+        if component.name == name:
+            return component
+    raise KeyError(f"unknown reset component {name!r}")
+
+
+def purge_step(
+    session: Session, job_id: str | uuid.UUID, batch_no: int, cursor: int | None, chunk_rows: int,
+    lease_seconds: int, now: datetime | None = None,
+) -> PurgeResult:
+    """Clear the next ``chunk_rows`` pre-job rows of one component, in id order, in the caller's transaction.
+
+    The batch row keeps the cursor, so a message carrying a stale cursor (a
+    duplicate, or one already processed) is recognised and refused; the caller
+    publishes the next step with the new cursor after commit.
+    """
+    now = now or utcnow()
+    key = _job_uuid(job_id)
+    row = session.execute(
+        select(ResetBatch).where(ResetBatch.job_id == key, ResetBatch.batch_no == batch_no)
+        .with_for_update().execution_options(populate_existing=True)
+    ).scalar_one_or_none()
+    if row is None or row.kind != "purge" or row.state not in ("pending", "running"):
+        return PurgeResult("skipped")
+    if cursor is not None and row.cursor_row_id != cursor:
+        return PurgeResult("skipped")
+    job = session.get(ResetJob, key, populate_existing=True)
+    if job.state != "running":
+        row.state = "cancelled"
+        row.finished_at = now
+        session.flush()
+        return PurgeResult("cancelled")
+    t = _component(row.component).table
+    chunk = (select(t.c.id).where(t.c.course_id == job.course_id, t.c.id > row.cursor_row_id,
+                                  t.c.id <= row.hi_row_id)
+             .order_by(t.c.id).limit(chunk_rows).subquery())
+    boundary = session.scalar(select(func.max(chunk.c.id)))
+    deleted = 0
+    if boundary is not None:
+        where = [t.c.course_id == job.course_id, t.c.id > row.cursor_row_id, t.c.id <= boundary]
+        # Learners of a dead-lettered batch were not reset: their rows stay.
+        for lo, hi in session.execute(select(batches.c.lo_user_id, batches.c.hi_user_id).where(
+                batches.c.job_id == key, batches.c.kind == "learners", batches.c.state == "dead")):
+            where.append(~and_(t.c.user_id > lo, t.c.user_id <= hi))
+        deleted = session.execute(t.delete().where(*where)).rowcount or 0
+        row.cursor_row_id = int(boundary)
+        row.cleared = {row.component: int((row.cleared or {}).get(row.component, 0)) + deleted}
+    row.attempts = 0
+    row.error = None
+    if boundary is None or boundary >= row.hi_row_id:
+        row.state = "done"
+        row.finished_at = now
+        row.lease_expires_at = None
+        session.flush()
+        return PurgeResult("done", deleted, row.cursor_row_id, job_complete=_count_purge_finished(session, key, now))
+    row.state = "running"
+    row.claimed_at = now
+    row.lease_expires_at = now + timedelta(seconds=lease_seconds)
+    session.flush()
+    session.execute(update(jobs).where(jobs.c.id == key).values(heartbeat_at=now))
+    return PurgeResult("progressed", deleted, row.cursor_row_id)
+
+
+def fail_purge_step(
+    session: Session, job_id: str | uuid.UUID, batch_no: int, error: str, max_attempts: int,
+    now: datetime | None = None,
+) -> tuple[bool, bool]:
+    """Count a failed purge step; dead-letter after ``max_attempts`` in a row. Returns (dead, job_complete)."""
+    now = now or utcnow()
+    key = _job_uuid(job_id)
+    attempts = session.scalar(
+        update(batches)
+        .where(batches.c.job_id == key, batches.c.batch_no == batch_no, batches.c.state.in_(("pending", "running")))
+        .values(attempts=batches.c.attempts + 1, error=error[:2000])
+        .returning(batches.c.attempts)
+    )
+    if attempts is None or attempts < max_attempts:
+        return False, False
+    session.execute(
+        update(batches).where(batches.c.job_id == key, batches.c.batch_no == batch_no)
+        .values(state="dead", error=f"dead-lettered after {attempts} attempts: {error[:1900]}", finished_at=now)
+    )
+    log_event("reset.batch.dead", logging.ERROR, job_id=str(key), batch=batch_no, attempts=attempts, kind="purge")
+    return True, _count_purge_finished(session, key, now, dead=True)
+
+
+def purge_reset_learners(session: Session, job: ResetJob) -> dict[str, int]:
+    """Clear the pre-job rows of the learners this job did reset (a cancelled job's clean-up).
+
+    Restricted by a join on ``last_reset_job_id``: learners the job never
+    reached keep everything. Safe to run twice.
+    """
+    a = assignments.c
+    reset_by_job = select(a.user_id).where(a.course_id == job.course_id, a.last_reset_job_id == job.id)
+    cleared: dict[str, int] = {}
+    for component in RESET_COMPONENTS:
+        if component.name not in (job.watermarks or {}):
+            continue
+        t = component.table
+        cleared[component.name] = session.execute(t.delete().where(
+            t.c.course_id == job.course_id, t.c.id <= job.watermarks[component.name],
+            t.c.user_id.in_(reset_by_job),
+        )).rowcount or 0
+    return cleared
 
 
 # --- finalize ----------------------------------------------------------------------------
@@ -292,9 +507,8 @@ def finalize_job(session: Session, job_id: str | uuid.UUID, now: datetime | None
     ).scalar_one_or_none()
     if job is None:
         return FinalizeResult(False, "missing")
-    if job.state == "cancelled":
-        analytics.recompute_course_analytics(session, job.course_id)
-        return FinalizeResult(False, job.state)
+    if job.state == "cancelled" and job.finalized_at is None:
+        return _finalize_cancelled(session, job, now)
     if job.state != "running":
         return FinalizeResult(False, job.state)
     unfinished = session.scalar(
@@ -310,19 +524,7 @@ def finalize_job(session: Session, job_id: str | uuid.UUID, now: datetime | None
         drift = {"before": previous.as_dict(), "exact": exact.as_dict()}
         log_event("reset.analytics.drift", logging.WARNING, job_id=str(key), course_id=job.course_id, **drift)
 
-    cleared: dict[str, int] = {c.name: 0 for c in RESET_COMPONENTS}
-    learners_done = 0
-    dead = []
-    for row in session.execute(
-        select(batches.c.batch_no, batches.c.state, batches.c.cleared, batches.c.learners_reset, batches.c.error)
-        .where(batches.c.job_id == key).order_by(batches.c.batch_no)
-    ):
-        learners_done += row.learners_reset
-        for name, count in (row.cleared or {}).items():
-            cleared[name] = cleared.get(name, 0) + int(count)
-        if row.state == "dead":
-            dead.append((row.batch_no, row.error))
-
+    cleared, learners_done, dead = _totals(session, key)
     job.cleared = cleared
     job.learners_done = learners_done
     if job.learners_total != learners_done:
@@ -338,6 +540,7 @@ def finalize_job(session: Session, job_id: str | uuid.UUID, now: datetime | None
                      else f"{len(dead)} batches dead-lettered; first: batch {first_no} {first_error}")
     else:
         job.state = "succeeded"
+    job.finalized_at = now
     record_audit(
         session, f"reset.{job.state}", job.organization_id, actor_id=job.actor_id, course_id=job.course_id,
         learner_id=job.learner_id, job_id=job.id, campaign_id=job.campaign_id, learner_count=learners_done,
@@ -346,6 +549,44 @@ def finalize_job(session: Session, job_id: str | uuid.UUID, now: datetime | None
     session.flush()
     log_event("reset.job.finished", job_id=str(key), state=job.state, learners=learners_done, cleared=cleared)
     return FinalizeResult(True, job.state, drift)
+
+
+def _totals(session: Session, key: uuid.UUID) -> tuple[dict[str, int], int, list[tuple[int, str]]]:
+    """Rows cleared per component, learners reset and dead batches, summed over the job's batch rows."""
+    cleared: dict[str, int] = {c.name: 0 for c in RESET_COMPONENTS}
+    learners_done = 0
+    dead = []
+    for row in session.execute(
+        select(batches.c.batch_no, batches.c.state, batches.c.cleared, batches.c.learners_reset, batches.c.error)
+        .where(batches.c.job_id == key).order_by(batches.c.batch_no)
+    ):
+        learners_done += row.learners_reset
+        for name, count in (row.cleared or {}).items():
+            cleared[name] = cleared.get(name, 0) + int(count)
+        if row.state == "dead":
+            dead.append((row.batch_no, row.error))
+    return cleared, learners_done, dead
+
+
+def _finalize_cancelled(session: Session, job: ResetJob, now: datetime) -> FinalizeResult:
+    """Once no batch is in flight: clear what the purge did not reach for reset learners, exact analytics."""
+    running = session.scalar(select(func.count()).select_from(batches).where(
+        batches.c.job_id == job.id, batches.c.state == "running", batches.c.kind == "learners"))
+    if running:
+        return FinalizeResult(False, job.state)
+    session.execute(update(batches).where(batches.c.job_id == job.id, batches.c.state.in_(
+        ("waiting", "pending", "running"))).values(state="cancelled", finished_at=now))
+    extra = purge_reset_learners(session, job)
+    analytics.recompute_course_analytics(session, job.course_id)
+    cleared, learners_done, _dead = _totals(session, job.id)
+    for name, count in extra.items():
+        cleared[name] = cleared.get(name, 0) + count
+    job.cleared = cleared
+    job.learners_done = learners_done
+    job.finalized_at = now
+    session.flush()
+    log_event("reset.job.cancelled", job_id=str(job.id), learners=learners_done, cleared=cleared)
+    return FinalizeResult(True, job.state)
 
 
 def retry_countdown(attempts: int, base: float = 1.0, cap: float = 60.0) -> float:

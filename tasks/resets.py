@@ -4,6 +4,8 @@
 - ``resets.run_batch(job_id, batch_no)`` queue ``reset_batches``: one batch in one transaction.
 - ``resets.finalize(job_id)``   queue ``resets``: exact analytics, final state, audit.
 - ``resets.run_single(job_id, batch_no)`` queue ``resets``: a one-learner batch being retried.
+- ``resets.purge(job_id, batch_no, cursor)`` queue ``reset_batches``: one chunk of a component's
+  pre-job rows in id order; publishes the next chunk with the new cursor.
 
 A one-learner job is planned as one batch and run inline by ``resets.start``
 on the ``resets`` queue, so it never waits behind a course-wide fan-out.
@@ -51,6 +53,14 @@ def batch_task_name(scope: str) -> str:
     return "resets.run_single" if scope == "learner" else "resets.run_batch"
 
 
+def publish_follow_ups(session, job_id: str, finalize: bool, purge: list[tuple[int, int]]) -> None:
+    """After commit: the purge batches the learner phase released, or the finalize."""
+    for batch_no, cursor in purge:
+        publish_after_commit(session, "resets.purge", [job_id, batch_no, cursor])
+    if finalize:
+        publish_after_commit(session, "resets.finalize", [job_id])
+
+
 def execute_batch(job_id: str, batch_no: int) -> reset_steps.BatchResult | None:
     """Claim, run and commit one batch; publish notifications/finalize after commit.
 
@@ -61,8 +71,8 @@ def execute_batch(job_id: str, batch_no: int) -> reset_steps.BatchResult | None:
     with session_scope() as session:
         claim = reset_steps.claim_batch(session, job_id, batch_no, settings.batch_max_attempts,
                                         settings.batch_lease_seconds)
-        if claim.dead and claim.job_complete:
-            publish_after_commit(session, "resets.finalize", [job_id])
+        if claim.dead:
+            publish_follow_ups(session, job_id, claim.job_complete, claim.purge)
     if not claim.runnable:
         return None
     started = time.perf_counter()
@@ -71,8 +81,8 @@ def execute_batch(job_id: str, batch_no: int) -> reset_steps.BatchResult | None:
             result = reset_steps.run_batch(session, job_id, batch_no)
             if result.notifications:
                 publish_after_commit(session, "notifications.send", [job_id])
-            if result.job_complete:
-                publish_after_commit(session, "resets.finalize", [job_id])
+            publish_follow_ups(session, job_id, result.job_complete or result.job_state == "cancelled",
+                               result.purge)
     except Exception as exc:
         error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         log_event("reset.batch.error", logging.WARNING, job_id=job_id, batch=batch_no, attempt=claim.attempts,
@@ -110,6 +120,35 @@ def run_single(self, job_id: str, batch_no: int) -> None:
     """The batch of a one-learner job, retried on the ``resets`` queue."""
     _run_batch_with_retry(self, job_id, batch_no)
     finalize_now(job_id)
+
+
+@project_task("resets.purge", bind=True, max_retries=None)
+def purge(self, job_id: str, batch_no: int, cursor: int | None = None) -> None:
+    settings = get_settings()
+    started = time.perf_counter()
+    try:
+        with session_scope() as session:
+            result = reset_steps.purge_step(session, job_id, int(batch_no), cursor, settings.purge_chunk_rows,
+                                            settings.batch_lease_seconds)
+            if result.status == "progressed":
+                publish_after_commit(session, "resets.purge", [job_id, int(batch_no), result.cursor])
+            elif result.status == "done" and result.job_complete:
+                publish_after_commit(session, "resets.finalize", [job_id])
+            elif result.status == "cancelled":
+                publish_after_commit(session, "resets.finalize", [job_id])
+    except Exception as exc:
+        error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        log_event("reset.purge.error", logging.WARNING, job_id=job_id, batch=batch_no, error=error)
+        with session_scope() as session:
+            dead, complete = reset_steps.fail_purge_step(session, job_id, int(batch_no), error,
+                                                         settings.batch_max_attempts)
+            if dead and complete:
+                publish_after_commit(session, "resets.finalize", [job_id])
+        if dead:
+            return
+        raise self.retry(countdown=reset_steps.retry_countdown(self.request.retries + 1), exc=None) from None
+    log_event("reset.purge.step", job_id=job_id, batch=batch_no, status=result.status, rows=result.deleted,
+              duration_ms=round((time.perf_counter() - started) * 1000, 1))
 
 
 def finalize_now(job_id: str) -> reset_steps.FinalizeResult:

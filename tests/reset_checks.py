@@ -99,3 +99,32 @@ def fingerprint(session: Session) -> dict[str, object]:
     )
     result["assignments.attempts"] = session.scalar(text("SELECT COALESCE(SUM(attempt), 0) FROM course_assignments"))
     return result
+
+
+def drain_purge(session: Session, job_id: str, purge: list[tuple[int, int]], chunk_rows: int = 500) -> bool:
+    """Run released purge batches step by step in-process, as the ``resets.purge`` tasks would."""
+    from tasks import reset_steps
+
+    complete = False
+    for batch_no, cursor in purge:
+        while True:
+            step = reset_steps.purge_step(session, job_id, batch_no, cursor, chunk_rows, lease_seconds=60)
+            complete = complete or step.job_complete
+            if step.status != "progressed":
+                break
+            cursor = step.cursor
+    return complete
+
+
+def run_job_in_process(session: Session, job_id: str, batch_size: int = 40, chunk_rows: int = 500):
+    """Drive a queued job through every step with the plain functions; returns the finalize result."""
+    from tasks import reset_steps
+
+    start = reset_steps.start_job(session, job_id, batch_size)
+    for no in start.batch_nos:
+        claim = reset_steps.claim_batch(session, job_id, no, max_attempts=5, lease_seconds=60)
+        assert claim.runnable
+        result = reset_steps.run_batch(session, job_id, no)
+        if result.purge:
+            drain_purge(session, job_id, result.purge, chunk_rows)
+    return reset_steps.finalize_job(session, job_id)

@@ -16,6 +16,7 @@ from models.seed import seed
 from models.training import record_activity
 from producer import resets
 from tasks import reset_steps
+from tests.reset_checks import drain_purge
 
 
 @pytest.fixture
@@ -36,6 +37,14 @@ def _start_course_job(org, course):
     with session_scope() as session:
         assert reset_steps.claim_batch(session, job_id, start.batch_nos[0], 5, 60).runnable
     return job_id, start.batch_nos[0]
+
+
+def _finish(job_id, released):
+    """Run the purge the learner phase released, then finalize (each in its own transaction)."""
+    with session_scope() as session:
+        drain_purge(session, job_id, released)
+    with session_scope() as session:
+        assert reset_steps.finalize_job(session, job_id).state == "succeeded"
 
 
 def _lesson(course):
@@ -77,9 +86,11 @@ def test_activity_committed_while_the_batch_waits_is_cleared(committed_org):
     assert activity_locked.wait(10)
     batch_done = threading.Event()
 
+    released = []
+
     def batch():
         with session_scope() as session:
-            reset_steps.run_batch(session, job_id, batch_no)
+            released.extend(reset_steps.run_batch(session, job_id, batch_no).purge)
         batch_done.set()
 
     b = threading.Thread(target=batch)
@@ -90,6 +101,7 @@ def test_activity_committed_while_the_batch_waits_is_cleared(committed_org):
     t.join(10)
     b.join(10)
     assert batch_done.is_set()
+    _finish(job_id, released)
     assert _lesson_rows(course, learner) == []  # progress from before the reset never survives
 
 
@@ -102,9 +114,11 @@ def test_activity_after_the_learners_reset_commits_survives(committed_org):
     batch_locked = threading.Event()
     release = threading.Event()
 
+    released = []
+
     def batch():
         with session_scope() as session:
-            reset_steps.run_batch(session, job_id, batch_no)
+            released.extend(reset_steps.run_batch(session, job_id, batch_no).purge)
             batch_locked.set()
             release.wait(10)
 
@@ -127,9 +141,8 @@ def test_activity_after_the_learners_reset_commits_survives(committed_org):
     b.join(10)
     t.join(10)
     assert results and results[0].attempt == 2
+    _finish(job_id, released)
     assert _lesson_rows(course, learner) == [(2, 1)]
-    with session_scope() as session:
-        reset_steps.finalize_job(session, job_id)
     with session_scope() as session:
         assignment = session.get(CourseAssignment, (course, learner))
         assert (assignment.status, assignment.attempt) == ("in_progress", 2)

@@ -13,12 +13,16 @@ from sqlalchemy import func, select
 
 from models import analytics
 from models.jobs import utcnow
-from models.schema import AuditEvent, Certificate, CourseCompletion, CourseItem, ResetBatch, ResetJob
+import uuid
+
+from models.schema import (AuditEvent, Certificate, CourseCompletion, CourseItem, LessonProgress, ResetBatch,
+                           ResetJob)
+from models.schema import CourseAssignment
 from models.seed import seed
 from models.training import record_activity
 from producer import resets
 from tasks import reset_steps
-from tests.reset_checks import assert_reset_exact, snapshot, targeted
+from tests.reset_checks import assert_reset_exact, drain_purge, run_job_in_process, snapshot, targeted
 
 
 @pytest.fixture
@@ -33,12 +37,7 @@ def confirmed_job(session, actor, course, learner=None, **kw):
 
 def run_all(session, job_id, batch_size=40):
     """Drive the job through every step in-process, as the tasks would."""
-    start = reset_steps.start_job(session, job_id, batch_size)
-    for no in start.batch_nos:
-        claim = reset_steps.claim_batch(session, job_id, no, max_attempts=5, lease_seconds=60)
-        assert claim.runnable
-        reset_steps.run_batch(session, job_id, no)
-    return reset_steps.finalize_job(session, job_id)
+    return run_job_in_process(session, job_id, batch_size, chunk_rows=300)
 
 
 def test_course_wide_reset_is_exact(db_session, org):
@@ -80,14 +79,25 @@ def test_every_step_delivered_twice_changes_nothing_more(db_session, org):
     job_id = confirmed_job(db_session, org.admin_id, course)
     start = reset_steps.start_job(db_session, job_id, 40)
     assert not reset_steps.start_job(db_session, job_id, 40).started  # second start: nothing
+    released = []
     for no in start.batch_nos:
         for _ in range(2):
             claim = reset_steps.claim_batch(db_session, job_id, no, 5, 60)
             if claim.runnable:
-                reset_steps.run_batch(db_session, job_id, no)
+                released += reset_steps.run_batch(db_session, job_id, no).purge
         # A redelivery after the batch committed finds it done.
         assert not reset_steps.claim_batch(db_session, job_id, no, 5, 60).runnable
         assert reset_steps.run_batch(db_session, job_id, no).status == "skipped"
+    assert released, "the last learner batch releases the purge"
+    assert not reset_steps.finalize_job(db_session, job_id).finished  # purge still to run
+    for batch_no, cursor in released:
+        while True:
+            step = reset_steps.purge_step(db_session, job_id, batch_no, cursor, 300, 60)
+            # The same message delivered again (same cursor) is refused.
+            assert reset_steps.purge_step(db_session, job_id, batch_no, cursor, 300, 60).status == "skipped"
+            if step.status != "progressed":
+                break
+            cursor = step.cursor
     assert reset_steps.finalize_job(db_session, job_id).finished
     assert not reset_steps.finalize_job(db_session, job_id).finished
     assert_reset_exact(db_session, before, job_id, course, targeted(before, course))
@@ -151,13 +161,22 @@ def test_cancel_stops_remaining_batches_and_counts_the_done(db_session, org):
     done = reset_steps.run_batch(db_session, job_id, first).learners
     st = resets.cancel(db_session, job_id, org.admin_id)
     assert st["state"] == "cancelled" and st["learners_done"] == done
+    reset_ids = set(db_session.scalars(select(CourseAssignment.user_id).where(
+        CourseAssignment.course_id == course, CourseAssignment.last_reset_job_id == uuid.UUID(job_id))).all())
+    assert len(reset_ids) == done
+    assert reset_steps.finalize_job(db_session, job_id).finished  # the clean-up of a cancelled job
+    # Learners already reset lost everything of the course (R5); the others kept theirs.
+    left = dict(db_session.execute(select(LessonProgress.user_id, func.count()).where(
+        LessonProgress.course_id == course).group_by(LessonProgress.user_id)).all())
+    assert not reset_ids & set(left) and left
     # A batch message arriving after the cancel does nothing.
     second = start.batch_nos[1]
     assert not reset_steps.claim_batch(db_session, job_id, second, 5, 60).runnable
     assert analytics.read_analytics(db_session, course) == analytics.count_from_rows(db_session, course)
     states = db_session.scalars(select(ResetBatch.state).where(ResetBatch.job_id == ResetJob.id)
                                 .where(ResetJob.id == st["job_id"])).all()
-    assert states.count("done") == 1 and states.count("cancelled") == len(start.batch_nos) - 1
+    assert states.count("done") == 1
+    assert states.count("cancelled") == len(start.batch_nos) - 1 + st["purge_batches_total"]
 
 
 def test_a_batch_that_keeps_failing_is_dead_lettered_and_the_job_fails_naming_it(db_session, org):
@@ -174,20 +193,27 @@ def test_a_batch_that_keeps_failing_is_dead_lettered_and_the_job_fails_naming_it
     for no in healthy:
         reset_steps.claim_batch(db_session, job_id, no, 2, 60)
         last = reset_steps.run_batch(db_session, job_id, no)
-    assert last.job_complete
+    assert drain_purge(db_session, job_id, last.purge, 300)
     result = reset_steps.finalize_job(db_session, job_id)
     assert result.state == "failed"
     st = resets.status(db_session, job_id)
     assert f"batch {poison}" in st["error"] and "learner 42 is broken" in st["error"]
-    assert st["batches_dead"] == 1 and st["batches_done"] == len(healthy)
+    assert st["batches_dead"] == 1 and st["batches_done"] == st["batches_total"] - 1
     assert analytics.read_analytics(db_session, course) == analytics.count_from_rows(db_session, course)
+    # The poison batch's learners were not reset, so the purge kept their rows.
+    poison_batch = db_session.get(ResetBatch, (uuid.UUID(job_id), poison))
+    kept = db_session.scalar(select(func.count()).select_from(LessonProgress).where(
+        LessonProgress.course_id == course, LessonProgress.user_id > poison_batch.lo_user_id,
+        LessonProgress.user_id <= poison_batch.hi_user_id))
+    assert kept > 0
+    others = db_session.scalar(select(func.count()).select_from(LessonProgress).where(
+        LessonProgress.course_id == course, LessonProgress.user_id > poison_batch.hi_user_id))
+    assert others == 0
 
 
 def test_audience_filter_resets_only_old_completions(db_session, org):
     course = org.course_ids[0]
     a = snapshot(db_session, org.course_ids)
-    from models.schema import CourseAssignment
-
     rows = db_session.execute(select(CourseAssignment.user_id, CourseAssignment.completed_at)
                               .where(CourseAssignment.course_id == course,
                                      CourseAssignment.status == "completed")).all()

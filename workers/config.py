@@ -20,6 +20,7 @@ TASK_ROUTES = {
     "resets.finalize": {"queue": "resets"},
     "resets.run_single": {"queue": "resets"},
     "resets.run_batch": {"queue": "reset_batches"},
+    "resets.purge": {"queue": "reset_batches"},
     "notifications.send": {"queue": "notifications"},
     "maintenance.sweep": {"queue": "maintenance"},
     "campaigns.dispatch_due": {"queue": "maintenance"},
