@@ -69,6 +69,14 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         shutil.rmtree(_session_data_dir, ignore_errors=True)
 
 
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call):
+    # Keep each phase's report on the item, so fixtures can tell at teardown whether the test failed.
+    report = yield
+    setattr(item, f"report_{report.when}", report)
+    return report
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if config.getoption("--run-slow") or os.environ.get("RUN_SLOW") == "1":
         return
@@ -345,13 +353,13 @@ class WorkerProcess:
                 return match
             if not self.alive():
                 raise AssertionError(f"worker {self.name} exited with {self.popen.returncode} before "
-                                     f"{pattern!r} appeared; log tail:\n{self._tail()}")
+                                     f"{pattern!r} appeared; log tail:\n{self.log_tail()}")
             if time.monotonic() > deadline:
                 raise AssertionError(f"worker {self.name}: {pattern!r} not in its log after {timeout:.0f}s; "
-                                     f"log tail:\n{self._tail()}")
+                                     f"log tail:\n{self.log_tail()}")
             time.sleep(0.1)
 
-    def _tail(self, lines: int = 40) -> str:
+    def log_tail(self, lines: int = 40) -> str:
         return "\n".join(self.log_text().splitlines()[-lines:])
 
     def _signal_group(self, sig: int) -> None:
@@ -390,7 +398,7 @@ class WorkerProcess:
 
 
 @pytest.fixture
-def celery_worker_proc(tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
+def celery_worker_proc(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
     """Factory: ``celery_worker_proc(env, queues=..., concurrency=2, name="w1")`` -> a ready worker.
 
     Starts ``python -m celery -A workers worker`` (prefork, without mingle and
@@ -421,3 +429,9 @@ def celery_worker_proc(tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]
     yield start
     for worker in started:
         worker.stop()
+    report = getattr(request.node, "report_call", None)
+    if report is not None and report.failed:
+        # Shown under "Captured stdout teardown" of the failed test.
+        for worker in started:
+            print(f"--- worker {worker.name} (pid {worker.pid}) log tail, {worker.log_path} ---")
+            print(worker.log_tail(80))
