@@ -27,6 +27,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 from sqlalchemy import Engine, create_engine, text
@@ -233,23 +234,89 @@ _fresh_counter = itertools.count(1)
 
 # -- Redis --------------------------------------------------------------------------------------
 
+REDIS_CLAIM_KEY = "progress_reset:tests:redis_db:{n}"
+REDIS_CLAIM_SECONDS = 12 * 3600
+# Take over a claim only if it still holds the dead owner's pid (atomic compare-and-set).
+_STEAL_CLAIM = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
+  return 1
+end
+return 0
+"""
+
+
+def _claim_redis_db(base_url: str) -> int | None:
+    """Claim a Redis DB number (1-15) no other live test process on this machine uses.
+
+    Starts at ``1 + pid % 15`` and moves on while a number is claimed by a
+    process that is still running; the claims are keys in DB 0. Returns None
+    when all fifteen are taken.
+    """
+    import redis
+
+    local = urlsplit(base_url).hostname in {None, "127.0.0.1", "localhost", "::1"}
+    registry = redis.Redis.from_url(f"{base_url}/0")
+    me = str(os.getpid())
+    try:
+        for i in range(15):
+            n = 1 + (os.getpid() + i) % 15
+            key = REDIS_CLAIM_KEY.format(n=n)
+            if registry.set(key, me, nx=True, ex=REDIS_CLAIM_SECONDS):
+                return n
+            holder = registry.get(key)
+            if holder is None:
+                continue
+            holder = holder.decode()
+            if holder == me:
+                return n
+            if local and holder.isdigit() and not _pid_alive(int(holder)):
+                if registry.eval(_STEAL_CLAIM, 1, key, holder, me, REDIS_CLAIM_SECONDS):
+                    return n
+        return None
+    finally:
+        registry.close()
+
+
+def _release_redis_db(base_url: str, n: int) -> None:
+    import redis
+
+    registry = redis.Redis.from_url(f"{base_url}/0")
+    try:
+        key = REDIS_CLAIM_KEY.format(n=n)
+        if registry.get(key) == str(os.getpid()).encode():
+            registry.delete(key)
+    finally:
+        registry.close()
+
+
 @pytest.fixture(scope="session")
 def redis_url(admin_db_url: str) -> Iterator[str]:
     """``redis://host:port/<n>``: this process's own Redis DB, flushed at start and end.
 
-    ``n`` is ``TEST_REDIS_DB`` or ``1 + pid % 15`` (DB 0 is left to development).
+    ``n`` is ``TEST_REDIS_DB`` when set; otherwise ``1 + pid % 15``, or the next
+    number not claimed by another running test process (DB 0 is left to development).
     """
     import redis
 
     from tests.services import redis_base_url
 
-    number = int(os.environ.get("TEST_REDIS_DB") or 1 + os.getpid() % 15)
-    url = f"{redis_base_url()}/{number}"
+    base = redis_base_url()
+    explicit = os.environ.get("TEST_REDIS_DB")
+    number = int(explicit) if explicit else _claim_redis_db(base)
+    if number is None:
+        pytest.exit("all Redis DBs 1-15 are claimed by other running test processes; "
+                    "wait for one to finish or set TEST_REDIS_DB", returncode=2)
+    url = f"{base}/{number}"
     client = redis.Redis.from_url(url)
     client.flushdb()
-    yield url
-    client.flushdb()
-    client.close()
+    try:
+        yield url
+    finally:
+        client.flushdb()
+        client.close()
+        if not explicit:
+            _release_redis_db(base, number)
 
 
 # -- Environment --------------------------------------------------------------------------------
