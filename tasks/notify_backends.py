@@ -1,0 +1,416 @@
+"""Where a rendered notification goes: console, SMTP or webhook (``NOTIFY_BACKEND``).
+
+Every backend has one method, ``send(message) -> provider_id``, and reports a
+failure by raising :class:`TransientSendError` (try again later) or
+:class:`PermanentSendError` (this message can never succeed). A backend may keep
+a connection open across the messages of one task run; ``close()`` ends it.
+
+Each message carries identifiers derived only from its outbox row, so a resend
+after a crash is recognisable by the provider: the SMTP ``Message-ID`` and the
+webhook ``Idempotency-Key`` are the same on every attempt, and the webhook body
+is byte-for-byte the same.
+
+Failure reasons are stored on the outbox row and may be logged, so e-mail
+addresses are removed from them (:func:`redact`).
+"""
+
+from __future__ import annotations
+
+import email.policy
+import email.utils
+import hashlib
+import hmac
+import json
+import os
+import re
+import smtplib
+import socket
+import ssl
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from email.headerregistry import Address
+from email.message import EmailMessage
+from pathlib import Path
+
+import httpx
+
+from models.settings import Settings
+
+MESSAGE_ID_DOMAIN = "progress-reset"
+USER_AGENT = "progress-reset-notifications/1"
+# SMTP connections idle longer than this are checked with NOOP before reuse.
+SMTP_IDLE_CHECK_SECONDS = 5.0
+# A Retry-After beyond this is treated as this (a provider asking for days is misconfigured).
+MAX_RETRY_AFTER_SECONDS = 3600.0
+
+_ADDRESS_RE = re.compile(r"[^\s<>\"'(),;:@]+@[^\s<>\"'(),;:@]+")
+
+
+def redact(text: str, limit: int = 500) -> str:
+    """``text`` with e-mail addresses replaced by ``<address>``, cut to ``limit`` characters."""
+    return _ADDRESS_RE.sub("<address>", text)[:limit]
+
+
+@dataclass(frozen=True)
+class OutgoingMessage:
+    """One rendered notification, ready for any backend."""
+
+    notification_id: int
+    reset_job_id: str
+    user_id: int
+    course_id: int
+    kind: str
+    recipient_name: str
+    recipient_email: str
+    course_title: str
+    course_url: str
+    subject: str
+    text: str
+
+    @property
+    def idempotency_key(self) -> str:
+        """Stable across every attempt of this outbox row, unique across databases (job ids are UUIDs)."""
+        return f"notification-{self.notification_id}.{self.reset_job_id}"
+
+    @property
+    def message_id(self) -> str:
+        return f"<{self.idempotency_key}@{MESSAGE_ID_DOMAIN}>"
+
+    def payload(self) -> dict:
+        """The JSON document the console and webhook backends deliver (no timestamps: a resend is identical)."""
+        return {
+            "type": self.kind,
+            "notification_id": self.notification_id,
+            "idempotency_key": self.idempotency_key,
+            "reset_job_id": self.reset_job_id,
+            "learner": {"id": self.user_id, "name": self.recipient_name, "email": self.recipient_email},
+            "course": {"id": self.course_id, "title": self.course_title, "url": self.course_url},
+            "subject": self.subject,
+            "text": self.text,
+        }
+
+
+class SendError(Exception):
+    """A send failed. ``code`` is a short machine token for logs (``smtp_550``, ``http_503``, ``timeout``)."""
+
+    transient = False
+
+    def __init__(self, reason: str, code: str, *, retry_after: float | None = None, affects_all: bool = False):
+        super().__init__(reason)
+        self.reason = redact(reason)
+        self.code = code
+        self.retry_after = retry_after
+        # True when the provider itself is unwell (down, overloaded, timing out), so the
+        # other messages of the chunk would fail the same way and are not tried now.
+        self.affects_all = affects_all
+
+
+class TransientSendError(SendError):
+    """Try again later: connection refused or reset, timeout, SMTP 4xx, HTTP 408/425/429/5xx."""
+
+    transient = True
+
+
+class PermanentSendError(SendError):
+    """This message will never be accepted: SMTP 5xx for the recipient or content, HTTP 4xx."""
+
+
+class BackendConfigError(RuntimeError):
+    """The backend's settings are incomplete; nothing can be sent until they are fixed."""
+
+
+class NotificationBackend:
+    name = "base"
+
+    def send(self, message: OutgoingMessage) -> str:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# --- console --------------------------------------------------------------------------------
+
+class ConsoleBackend(NotificationBackend):
+    """One JSON line per notification, appended to a file or written to stdout.
+
+    Each line is written with a single ``write(2)`` on a descriptor opened with
+    ``O_APPEND``, so lines from several worker processes never interleave, and it
+    is on its way to the file the moment ``send`` returns. stdout is file
+    descriptor 1 itself, bypassing Celery's redirection of ``sys.stdout`` to the log.
+    """
+
+    name = "console"
+
+    def __init__(self, path: str = ""):
+        self.path = path
+        self._fd: int | None = None
+
+    def _descriptor(self) -> int:
+        if not self.path:
+            return 1
+        if self._fd is None:
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+        return self._fd
+
+    def send(self, message: OutgoingMessage) -> str:
+        line = json.dumps(message.payload(), ensure_ascii=False, sort_keys=True) + "\n"
+        data = line.encode("utf-8")
+        try:
+            fd = self._descriptor()
+            written = os.write(fd, data)
+        except OSError as exc:
+            raise TransientSendError(f"console output {self.path or 'stdout'}: {exc.strerror}", "console_io",
+                                     affects_all=True) from exc
+        if written != len(data):  # a full disk; the partial line is followed by a complete one on retry
+            raise TransientSendError("console output: short write", "console_io", affects_all=True)
+        return f"console:{message.idempotency_key}"
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+# --- SMTP -----------------------------------------------------------------------------------
+
+# Headers are not folded below the RFC 5322 hard limit, so the Message-ID stays on one
+# line and a receiver comparing it byte for byte sees the same value on every resend.
+_EMAIL_POLICY = email.policy.SMTP.clone(max_line_length=998)
+
+
+def build_email(message: OutgoingMessage, sender: str) -> EmailMessage:
+    """The RFC 5322 message; its Message-ID is the same on every attempt."""
+    mail = EmailMessage(policy=_EMAIL_POLICY)
+    mail["From"] = sender
+    mail["To"] = Address(display_name=message.recipient_name, addr_spec=message.recipient_email)
+    mail["Subject"] = message.subject
+    mail["Date"] = email.utils.format_datetime(datetime.now(timezone.utc))
+    mail["Message-ID"] = message.message_id
+    mail["X-Notification-Id"] = str(message.notification_id)
+    mail["X-Reset-Job-Id"] = message.reset_job_id
+    mail["Auto-Submitted"] = "auto-generated"
+    mail.set_content(message.text)
+    return mail
+
+
+def _smtp_text(reply: bytes | str) -> str:
+    return reply.decode("utf-8", "replace") if isinstance(reply, bytes) else str(reply)
+
+
+class SmtpBackend(NotificationBackend):
+    """Real e-mail through an SMTP relay, one connection reused for a task run.
+
+    Classification: a 5xx answer to RCPT TO (unknown or refused recipient) or to
+    the message content is permanent; 4xx answers, 5xx to MAIL FROM (our
+    configuration), refused connections, timeouts and disconnects are transient.
+    """
+
+    name = "smtp"
+
+    def __init__(self, settings: Settings):
+        self.host = settings.smtp_host
+        self.port = settings.smtp_port
+        self.starttls = settings.smtp_starttls
+        self.username = settings.smtp_username
+        self.password = settings.smtp_password
+        self.sender = settings.smtp_from
+        self.timeout = settings.smtp_timeout_seconds
+        self._conn: smtplib.SMTP | None = None
+        self._last_used = 0.0
+
+    def _connect(self) -> smtplib.SMTP:
+        conn = smtplib.SMTP(self.host, self.port, timeout=self.timeout)
+        try:
+            conn.ehlo()
+            if self.starttls:
+                conn.starttls(context=ssl.create_default_context())
+                conn.ehlo()
+            if self.username:
+                conn.login(self.username, self.password)
+        except BaseException:
+            self._quietly_close(conn)
+            raise
+        return conn
+
+    def _connection(self) -> smtplib.SMTP:
+        if self._conn is not None and time.monotonic() - self._last_used > SMTP_IDLE_CHECK_SECONDS:
+            try:
+                code, _ = self._conn.noop()
+                if code != 250:
+                    raise smtplib.SMTPServerDisconnected("NOOP refused")
+            except (smtplib.SMTPException, OSError):
+                self._drop()
+        if self._conn is None:
+            self._conn = self._connect()
+        return self._conn
+
+    def send(self, message: OutgoingMessage) -> str:
+        if not message.recipient_email.isascii():
+            # Would need SMTPUTF8, which not every relay offers; refused rather than mangled.
+            raise PermanentSendError("recipient address is not ASCII (SMTPUTF8 is not used)", "smtp_address")
+        try:
+            data = build_email(message, self.sender).as_bytes()
+        except (ValueError, TypeError) as exc:  # e.g. a header that cannot be encoded
+            raise PermanentSendError(f"message cannot be built: {exc}", "smtp_message") from exc
+        try:
+            conn = self._connection()
+            code, reply = conn.mail(self.sender)
+            if code != 250:
+                self._rset()
+                # Our sender refused: a configuration problem, not this message's fault.
+                raise TransientSendError(f"SMTP {code} on MAIL FROM: {_smtp_text(reply)}", f"smtp_{code}",
+                                         affects_all=True)
+            code, reply = conn.rcpt(message.recipient_email)
+            if code not in (250, 251):
+                self._rset()
+                if 500 <= code < 600:
+                    raise PermanentSendError(f"SMTP {code} on RCPT TO: {_smtp_text(reply)}", f"smtp_{code}")
+                raise TransientSendError(f"SMTP {code} on RCPT TO: {_smtp_text(reply)}", f"smtp_{code}",
+                                         affects_all=code == 421)
+            code, reply = conn.data(data)
+            if code != 250:
+                raise smtplib.SMTPDataError(code, reply)
+        except smtplib.SMTPDataError as exc:
+            self._rset()
+            text = f"SMTP {exc.smtp_code} on DATA: {_smtp_text(exc.smtp_error)}"
+            if 500 <= exc.smtp_code < 600:
+                raise PermanentSendError(text, f"smtp_{exc.smtp_code}") from exc
+            raise TransientSendError(text, f"smtp_{exc.smtp_code}", affects_all=exc.smtp_code == 421) from exc
+        except smtplib.SMTPResponseException as exc:  # connect / EHLO / STARTTLS / AUTH answered with an error
+            self._drop()
+            raise TransientSendError(f"SMTP {exc.smtp_code}: {_smtp_text(exc.smtp_error)}",
+                                     f"smtp_{exc.smtp_code}", affects_all=True) from exc
+        except (socket.timeout, TimeoutError) as exc:
+            self._drop()
+            raise TransientSendError("SMTP timeout", "timeout", affects_all=True) from exc
+        except (smtplib.SMTPException, OSError) as exc:  # refused, reset, disconnected, TLS failure
+            self._drop()
+            raise TransientSendError(f"SMTP connection failed: {type(exc).__name__}: {exc}", "connect_error",
+                                     affects_all=True) from exc
+        self._last_used = time.monotonic()
+        return message.message_id
+
+    def _rset(self) -> None:
+        if self._conn is None:
+            return
+        try:
+            self._conn.rset()
+        except (smtplib.SMTPException, OSError):
+            self._drop()
+
+    def _drop(self) -> None:
+        if self._conn is not None:
+            self._quietly_close(self._conn)
+            self._conn = None
+
+    @staticmethod
+    def _quietly_close(conn: smtplib.SMTP) -> None:
+        try:
+            conn.close()
+        except Exception:  # noqa: BLE001 - closing a broken connection
+            pass
+
+    def close(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.quit()
+            except (smtplib.SMTPException, OSError):
+                pass
+            self._drop()
+
+
+# --- webhook --------------------------------------------------------------------------------
+
+def sign_body(body: bytes, secret: str) -> str:
+    """The ``X-Signature`` header value: ``sha256=`` + HMAC-SHA256 of the raw body, hex."""
+    return "sha256=" + hmac.new(secret.encode("utf-8"), body, hashlib.sha256).hexdigest()
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds from a ``Retry-After`` header (delta-seconds or HTTP-date); None if absent or unreadable."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=timezone.utc)
+        seconds = when.timestamp() - (time.time() if now is None else now)
+    return min(max(0.0, seconds), MAX_RETRY_AFTER_SECONDS)
+
+
+class WebhookBackend(NotificationBackend):
+    """An HTTP POST of the JSON payload, signed, with an idempotency key the receiver dedupes by."""
+
+    name = "webhook"
+
+    def __init__(self, settings: Settings):
+        if not settings.webhook_url:
+            raise BackendConfigError("WEBHOOK_URL is not set; set it or choose another NOTIFY_BACKEND")
+        if not settings.webhook_secret:
+            raise BackendConfigError("WEBHOOK_SECRET is not set; the receiver could not verify the signature")
+        self.url = settings.webhook_url
+        self.secret = settings.webhook_secret
+        self._client = httpx.Client(timeout=settings.webhook_timeout_seconds, follow_redirects=False,
+                                    headers={"User-Agent": USER_AGENT})
+
+    def send(self, message: OutgoingMessage) -> str:
+        body = json.dumps(message.payload(), sort_keys=True, separators=(",", ":")).encode("utf-8")
+        headers = {
+            "Content-Type": "application/json",
+            "Idempotency-Key": message.idempotency_key,
+            "X-Signature": sign_body(body, self.secret),
+        }
+        try:
+            response = self._client.post(self.url, content=body, headers=headers)
+        except httpx.TimeoutException as exc:
+            raise TransientSendError(f"webhook timeout ({type(exc).__name__})", "timeout", affects_all=True) from exc
+        except httpx.TransportError as exc:
+            raise TransientSendError(f"webhook connection failed: {type(exc).__name__}", "connect_error",
+                                     affects_all=True) from exc
+        status = response.status_code
+        if 200 <= status < 300:
+            return self._provider_id(response) or message.idempotency_key
+        reason = f"HTTP {status}: {response.text.strip()[:200]}".rstrip(": ")
+        if status in (408, 425, 429) or status >= 500:
+            raise TransientSendError(reason, f"http_{status}",
+                                     retry_after=parse_retry_after(response.headers.get("Retry-After")),
+                                     affects_all=True)
+        raise PermanentSendError(reason, f"http_{status}")
+
+    @staticmethod
+    def _provider_id(response: httpx.Response) -> str | None:
+        try:
+            document = response.json()
+        except ValueError:
+            document = None
+        if isinstance(document, dict) and document.get("id") not in (None, ""):
+            return str(document["id"])[:300]
+        request_id = response.headers.get("X-Request-Id")
+        return request_id[:300] if request_id else None
+
+    def close(self) -> None:
+        self._client.close()
+
+
+def make_backend(settings: Settings) -> NotificationBackend:
+    """The backend ``NOTIFY_BACKEND`` names; raises :class:`BackendConfigError` if it is incomplete."""
+    if settings.notify_backend == "smtp":
+        return SmtpBackend(settings)
+    if settings.notify_backend == "webhook":
+        return WebhookBackend(settings)
+    return ConsoleBackend(settings.notify_console_path)

@@ -1,0 +1,216 @@
+"""Notifications, tier (b): the sending loop and the task in-process, with real commits
+(PostgreSQL or the embedded SQLite, a Redis broker, real SMTP / HTTP servers on loopback),
+duplicates replayed and a crash between send and mark simulated.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from datetime import timedelta
+
+import pytest
+import redis
+from sqlalchemy import select
+
+from models.db import dispose_engine, session_scope
+from models.migrate import upgrade
+from models.schema import Notification, User
+from models.seed import seed
+from models.settings import get_settings
+from tasks import notifications as n
+from tasks.notify_backends import SmtpBackend
+from tasks.ratelimit import FileRateLimiter, notification_rate_limiter
+from tests.notify_support import SmtpSink, WebhookSink, insert_outbox
+
+FAST = {"NOTIFY_RATE_PER_SECOND": "100000", "NOTIFY_CHUNK_SIZE": "20"}
+
+
+@pytest.fixture
+def committed(fresh_db, use_env, redis_url):
+    """Factory: ``committed(**env)`` -> (org, job id, notified user ids) in a fresh PostgreSQL
+    database with one job's outbox rows committed, the environment applied."""
+    redis.Redis.from_url(redis_url).flushdb()
+
+    def make(learners: int = 80, **env):
+        use_env(DATABASE_URL=fresh_db(), CELERY_BROKER_URL=redis_url, REDIS_URL=redis_url, **{**FAST, **env})
+        with session_scope() as session:
+            org = seed(session, learners=learners, lessons=2, random_seed=learners)
+            job_id, users = insert_outbox(session, org.course_ids[0])
+        return org, job_id, users
+
+    yield make
+    dispose_engine()
+
+
+def rows_of(job_id) -> dict[int, Notification]:
+    with session_scope() as session:
+        return {r.user_id: r for r in session.scalars(select(Notification).where(Notification.reset_job_id == job_id))}
+
+
+def email_of(user_id: int) -> str:
+    with session_scope() as session:
+        return session.get(User, user_id).email
+
+
+def queued_sends(redis_url: str) -> list[dict]:
+    """Headers of the ``notifications.send`` messages waiting in the broker's ``notifications`` queue."""
+    client = redis.Redis.from_url(redis_url)
+    return [json.loads(raw)["headers"] for raw in client.lrange("notifications", 0, -1)]
+
+
+def run_until_settled(job_id, timeout: float = 20.0) -> None:
+    """Run the loop (as follow-up tasks would) until the job has no pending or sending rows."""
+    deadline = time.monotonic() + timeout
+    while any(r.status in ("pending", "sending") for r in rows_of(job_id).values()):
+        assert time.monotonic() < deadline, "notifications did not settle"
+        n.send_due_notifications(str(job_id))
+        time.sleep(0.1)
+
+
+def test_a_run_sends_every_due_row_once_and_marks_it_sent(committed):
+    with WebhookSink() as sink:
+        _org, job_id, users = committed(**sink.env())
+        result = n.send_due_notifications(str(job_id))
+        again = n.send_due_notifications(str(job_id))
+    assert (result.claimed, result.sent, result.failed, result.stopped_by) == (len(users), len(users), 0, "drained")
+    assert (again.claimed, again.sent) == (0, 0)
+    assert sink.keys_per_learner() == {u: 1 for u in users}
+    assert len(sink.deliveries()) == len(users)
+    assert all(r.status == "sent" and r.provider_id == f"wh-notification-{r.id}.{job_id}" and r.attempts == 1
+               and r.sent_at is not None for r in rows_of(job_id).values())
+
+
+def test_duplicate_runs_at_the_same_time_send_each_row_once(committed):
+    with WebhookSink() as sink:
+        _org, job_id, users = committed(learners=150, **sink.env())
+        # Three copies of the job's task and two "any job" tasks, all at once.
+        args = [str(job_id)] * 3 + [None] * 2
+        threads = [threading.Thread(target=n.send_due_notifications, args=(a,)) for a in args]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+    assert sink.keys_per_learner() == {u: 1 for u in users}
+    assert len(sink.deliveries()) == len(users)  # not even a duplicate for the receiver to drop
+    assert {r.status for r in rows_of(job_id).values()} == {"sent"}
+
+
+def test_task_entry_point_round_trips_its_arguments_through_json(committed):
+    with WebhookSink() as sink:
+        _org, job_id, users = committed(**sink.env())
+        (arg,) = json.loads(json.dumps([str(job_id)]))
+        n.send_notifications(arg)  # the task body, in-process
+        n.send_notifications("not-a-job-id")  # refused with a log line, nothing claimed
+    assert len(sink.accepted()) == len(users)
+
+
+def test_provider_outage_holds_the_rows_then_they_catch_up(committed, redis_url):
+    with WebhookSink() as sink:
+        _org, job_id, users = committed(**sink.env())
+        sink.state.fail_status, sink.state.retry_after = 503, "1"
+        down = n.send_due_notifications(str(job_id))
+        # One request hit the dead provider; the rest of the chunk went back untried and every
+        # due row of the job waits for the retry instead of spinning through the provider.
+        assert (down.retried, down.sent, down.stopped_by) == (1, 0, "provider_unavailable")
+        assert down.released == int(FAST["NOTIFY_CHUNK_SIZE"]) - 1
+        assert len(sink.deliveries()) == 1
+        rows = rows_of(job_id)
+        tried = [r for r in rows.values() if r.attempts == 1]
+        assert len(tried) == 1 and tried[0].error.startswith("HTTP 503")
+        assert all(r.status == "pending" and r.next_attempt_at is not None for r in rows.values())
+        assert n.send_due_notifications(str(job_id)).claimed == 0  # nothing is due yet
+        # The follow-up is on the broker with a countdown to the retry, far below the visibility timeout.
+        (followup,) = queued_sends(redis_url)
+        assert followup["task"] == "notifications.send" and followup["eta"] is not None
+        assert json.loads(followup["argsrepr"].replace("'", '"')) == [str(job_id)]
+        sink.state.fail_status = None
+        time.sleep(1.1)
+        run_until_settled(job_id)
+    assert sink.keys_per_learner() == {u: 1 for u in users}
+    assert {r.status for r in rows_of(job_id).values()} == {"sent"}
+
+
+def test_a_refused_address_fails_with_its_reason_and_is_not_retried(committed):
+    with WebhookSink() as sink:
+        _org, job_id, users = committed(**sink.env())
+        bad = min(users)
+        sink.state.reject_emails.add(email_of(bad))
+        result = n.send_due_notifications(str(job_id))
+        again = n.send_due_notifications(str(job_id))
+    assert (result.failed, result.sent, again.claimed) == (1, len(users) - 1, 0)
+    row = rows_of(job_id)[bad]
+    assert row.status == "failed" and row.attempts == 1
+    assert row.error == "HTTP 422: {\"error\": \"recipient address is invalid\"}"
+    assert bad not in sink.keys_per_learner() and len(sink.accepted()) == len(users) - 1
+
+
+def test_transient_failures_give_up_after_max_attempts(committed):
+    with WebhookSink() as sink:
+        _org, job_id, users = committed(NOTIFY_MAX_ATTEMPTS="2", **sink.env())
+        sink.state.fail_status = 500
+        first = n.send_due_notifications(str(job_id))
+        wait = (min(r.next_attempt_at for r in rows_of(job_id).values()) - n.utcnow()).total_seconds()
+        time.sleep(max(0.0, wait) + 0.05)
+        second = n.send_due_notifications(str(job_id))
+    assert (first.retried, second.failed) == (1, 1)
+    failed = [r for r in rows_of(job_id).values() if r.status == "failed"]
+    assert len(failed) == 1 and failed[0].attempts == 2
+    assert failed[0].error.startswith("gave up after 2 attempts; last error: HTTP 500")
+    assert all(r.attempts == 0 for r in rows_of(job_id).values() if r.status == "pending")
+
+
+def test_crash_between_send_and_mark_resends_with_the_same_message_id(committed):
+    """The provider accepted a message, then the worker died before marking the row: the
+    sweep gives the row back once its claim is stale and the resend carries the same Message-ID."""
+    with SmtpSink() as sink:
+        _org, job_id, users = committed(NOTIFY_STALE_SECONDS="30", **sink.env())
+        settings = get_settings()
+        with session_scope() as session:
+            claims = n.claim_notifications(session, str(job_id), limit=3)
+            ready, _ = n.render_notifications(session, claims, settings)
+        backend = SmtpBackend(settings)
+        backend.send(ready[0][1])  # ... and the worker dies here, before mark_sent
+        backend._drop()
+        # Its other claimed rows and the crashed one are held until the claim is stale.
+        assert n.send_due_notifications(str(job_id)).sent == len(users) - 3
+        with session_scope() as session:
+            assert n.sweep_notifications(session, n.utcnow() + timedelta(seconds=31)) == 3
+        n.send_due_notifications(str(job_id))
+    crashed = ready[0][0]
+    per_rcpt = sink.by_recipient()
+    resent = per_rcpt[ready[0][1].recipient_email]
+    assert len(resent) == 2 and resent[0].message_id == resent[1].message_id == \
+        f"<notification-{crashed.id}.{job_id}@progress-reset>"
+    assert len(per_rcpt) == len(users) and all(len(v) == 1 for k, v in per_rcpt.items()
+                                               if k != ready[0][1].recipient_email)
+    rows = rows_of(job_id)
+    assert {r.status for r in rows.values()} == {"sent"} and rows[crashed.user_id].attempts == 2
+
+
+def test_embedded_default_sqlite_and_console_file(tmp_path, use_env):
+    """With nothing but a SQLite file: the same functions (conditional claim without SKIP
+    LOCKED), a file-locked rate limiter, one JSON line per notification."""
+    out = tmp_path / "notifications.jsonl"
+    use_env(DATABASE_URL=f"sqlite:///{tmp_path / 'embedded.db'}", CELERY_BROKER_URL=None, REDIS_URL=None,
+            NOTIFY_BACKEND="console", NOTIFY_CONSOLE_PATH=str(out), NOTIFY_RATE_PER_SECOND="100000",
+            NOTIFY_CHUNK_SIZE="10", PROGRESS_RESET_DATA_DIR=str(tmp_path / "data"))
+    try:
+        upgrade()
+        with session_scope() as session:
+            org = seed(session, learners=60, lessons=2, random_seed=2)
+            job_id, users = insert_outbox(session, org.course_ids[0])
+        assert isinstance(notification_rate_limiter(get_settings()), FileRateLimiter)
+        threads = [threading.Thread(target=n.send_due_notifications, args=(a,)) for a in (str(job_id),) * 2 + (None,)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        lines = [json.loads(line) for line in out.read_text().splitlines()]
+        assert sorted(d["learner"]["id"] for d in lines) == sorted(users)
+        assert {r.status for r in rows_of(job_id).values()} == {"sent"}
+        with session_scope() as session:  # the sweep's queries run on SQLite too
+            assert n.sweep_notifications(session, n.utcnow() + timedelta(hours=1)) == 0
+    finally:
+        dispose_engine()
