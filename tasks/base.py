@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 from models.logs import log_event
 
 _PENDING_KEY = "progress_reset.publish_after_commit"
+_LISTENING_KEY = "progress_reset.publish_after_commit.listening"
 
 
 def send_now(task_name: str, args: list | tuple = (), **options) -> bool:
@@ -33,27 +34,29 @@ def publish_after_commit(session: Session, task_name: str, args: list | tuple = 
     """Publish ``task_name(*args)`` once ``session``'s transaction has committed.
 
     Nothing is sent if the transaction rolls back, so a worker never sees a row
-    that does not exist yet.
+    that does not exist yet. Savepoints (``begin_nested``) ending in between
+    neither publish nor drop anything: only the outer transaction decides.
     """
-    pending = session.info.setdefault(_PENDING_KEY, [])
-    if not pending:
-        event.listen(session, "after_commit", _flush_pending, once=True)
-        event.listen(session, "after_rollback", _drop_pending, once=True)
-    pending.append((task_name, list(args), options))
+    if not session.info.get(_LISTENING_KEY):
+        # Listeners stay for the session's life: removing one while SQLAlchemy
+        # dispatches the same event is not allowed.
+        event.listen(session, "after_commit", _flush_pending)
+        event.listen(session, "after_soft_rollback", _drop_pending)
+        session.info[_LISTENING_KEY] = True
+    session.info.setdefault(_PENDING_KEY, []).append((task_name, list(args), options))
 
 
 def _flush_pending(session: Session) -> None:
-    pending = session.info.pop(_PENDING_KEY, [])
-    if event.contains(session, "after_rollback", _drop_pending):
-        event.remove(session, "after_rollback", _drop_pending)
-    for task_name, args, options in pending:
+    if session.in_nested_transaction():
+        return  # a SAVEPOINT was released; the outer transaction has not committed yet
+    for task_name, args, options in session.info.pop(_PENDING_KEY, []):
         send_now(task_name, args, **options)
 
 
-def _drop_pending(session: Session) -> None:
+def _drop_pending(session: Session, previous_transaction) -> None:
+    if previous_transaction.nested:
+        return  # only a SAVEPOINT rolled back; the outer transaction may still commit
     session.info.pop(_PENDING_KEY, None)
-    if event.contains(session, "after_commit", _flush_pending):
-        event.remove(session, "after_commit", _flush_pending)
 
 
 def project_task(name: str, **options) -> Callable:
