@@ -78,7 +78,11 @@ def celery_config(settings: Settings) -> dict:
         "worker_send_task_events": True,
         "task_send_sent_event": True,
         "worker_hijack_root_logger": False,
-        "worker_cancel_long_running_tasks_on_connection_loss": True,
+        # A broker blip must not kill tasks mid-way: a running task finishes and records its
+        # outcome in the database (its message may come back later; every task is idempotent).
+        # Killing it would, e.g., leave notifications the provider already accepted unrecorded,
+        # and so sent twice (tests/test_faults.py, Redis restarted).
+        "worker_cancel_long_running_tasks_on_connection_loss": False,
         "beat_schedule": {
             "maintenance-sweep": {"task": "maintenance.sweep", "schedule": settings.sweep_interval_seconds},
             "campaigns-dispatch-due": {"task": "campaigns.dispatch_due", "schedule": 60.0},
