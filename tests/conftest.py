@@ -20,11 +20,7 @@ import itertools
 import os
 import re
 import shutil
-import signal
-import subprocess
-import sys
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -35,12 +31,18 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import NullPool
 
-from tests.services import ServicesUnavailable, ensure_services
+from tests.services import (
+    CeleryProcess,
+    ServicesUnavailable,
+    ensure_services,
+    refresh_configuration,
+    start_celery,
+)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DB_PREFIX = f"pr_t{os.getpid()}"
 WORKER_READY_SECONDS = 30.0
-WORKER_STOP_SECONDS = 15.0
+WORKER_READY_PATTERN = r"\bready\.\s*$"
 DEFAULT_QUEUES = "resets,reset_batches,notifications,maintenance"
 
 _session_data_dir: str | None = None
@@ -321,30 +323,6 @@ def redis_url(admin_db_url: str) -> Iterator[str]:
 
 # -- Environment --------------------------------------------------------------------------------
 
-def _refresh_configuration() -> None:
-    """Re-read the settings and rebuild what was built from them (engine, Celery config)."""
-    from models.db import dispose_engine
-    from models.settings import get_settings, reset_settings_cache
-
-    reset_settings_cache()
-    dispose_engine()
-    from workers.app import app
-    from workers.config import celery_config
-
-    app.conf.update(celery_config(get_settings()))
-    # Connections and producers are pooled per broker URL: forget the old ones.
-    if app._pool is not None:
-        app._pool.force_close_all()
-        app._pool = None
-    amqp = app.__dict__.get("amqp")
-    if amqp is not None:
-        amqp._producer_pool = None
-    # kombu keeps process-wide producer pools per broker URL; a closed one must not be reused.
-    from kombu import pools
-
-    pools.reset()
-
-
 @pytest.fixture
 def use_env() -> Iterator[Callable[..., dict[str, str]]]:
     """Factory: ``use_env(DATABASE_URL=..., CELERY_BROKER_URL=..., **more)`` for this test.
@@ -362,106 +340,16 @@ def use_env() -> Iterator[Callable[..., dict[str, str]]]:
                     patch.delenv(key, raising=False)
                 else:
                     patch.setenv(key, str(value))
-            _refresh_configuration()
+            refresh_configuration()
             return dict(os.environ)
 
         yield apply
-    _refresh_configuration()
+    refresh_configuration()
 
 
 # -- Worker processes ---------------------------------------------------------------------------
 
-def _children_of(pid: int) -> list[int]:
-    pids: list[int] = []
-    for children in Path(f"/proc/{pid}/task").glob("*/children"):
-        try:
-            pids.extend(int(p) for p in children.read_text().split())
-        except OSError:
-            continue
-    return sorted(set(pids))
-
-
-class WorkerProcess:
-    """A real ``celery -A workers worker`` subprocess started by the test.
-
-    It runs in its own process group, so stopping it reaches its pool children
-    and nothing else.
-    """
-
-    def __init__(self, popen: subprocess.Popen, log_path: Path, name: str):
-        self.popen = popen
-        self.log_path = log_path
-        self.name = name
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    def alive(self) -> bool:
-        return self.popen.poll() is None
-
-    def children(self) -> list[int]:
-        """The pool process ids (direct children of the worker's main process)."""
-        return _children_of(self.pid) if self.alive() else []
-
-    def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def wait_for_log(self, pattern: str, timeout: float = 30.0) -> re.Match:
-        """Wait until the log matches the regular expression ``pattern``; fails on timeout or exit."""
-        regex = re.compile(pattern, re.MULTILINE)
-        deadline = time.monotonic() + timeout
-        while True:
-            match = regex.search(self.log_text())
-            if match:
-                return match
-            if not self.alive():
-                raise AssertionError(f"worker {self.name} exited with {self.popen.returncode} before "
-                                     f"{pattern!r} appeared; log tail:\n{self.log_tail()}")
-            if time.monotonic() > deadline:
-                raise AssertionError(f"worker {self.name}: {pattern!r} not in its log after {timeout:.0f}s; "
-                                     f"log tail:\n{self.log_tail()}")
-            time.sleep(0.1)
-
-    def log_tail(self, lines: int = 40) -> str:
-        return "\n".join(self.log_text().splitlines()[-lines:])
-
-    def _signal_group(self, sig: int) -> None:
-        try:
-            os.killpg(self.pid, sig)  # the group this fixture created (start_new_session)
-        except (ProcessLookupError, PermissionError):
-            pass
-
-    def terminate(self) -> None:
-        """Warm shutdown (SIGTERM to the main process): running tasks finish first."""
-        if self.alive():
-            self.popen.send_signal(signal.SIGTERM)
-
-    def kill(self, whole_group: bool = True) -> None:
-        """``kill -9``: the main process and, by default, its pool children too."""
-        if whole_group:
-            self._signal_group(signal.SIGKILL)
-        elif self.alive():
-            self.popen.kill()
-        self.wait(10)
-
-    def wait(self, timeout: float | None = None) -> int | None:
-        try:
-            return self.popen.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            return None
-
-    def stop(self, timeout: float = WORKER_STOP_SECONDS) -> None:
-        """SIGTERM, then SIGKILL for the whole group after ``timeout`` seconds."""
-        self.terminate()
-        if self.wait(timeout) is None:
-            self._signal_group(signal.SIGKILL)
-            self.wait(10)
-        # Pool children orphaned by a killed main process share its group.
-        self._signal_group(signal.SIGKILL)
+WorkerProcess = CeleryProcess  # the handle celery_worker_proc returns
 
 
 @pytest.fixture
@@ -477,20 +365,13 @@ def celery_worker_proc(request: pytest.FixtureRequest, tmp_path: Path) -> Iterat
 
     def start(env: dict[str, str] | None = None, queues: str = DEFAULT_QUEUES, concurrency: int = 2,
               name: str = "w1") -> WorkerProcess:
-        log_path = tmp_path / f"worker-{name}-{len(started)}.log"
-        argv = [sys.executable, "-m", "celery", "-A", "workers", "worker", "-Q", queues, "-c", str(concurrency),
-                "-P", "prefork", "-n", f"{name}@%h", "--without-mingle", "--without-gossip", "-l", "info"]
-        full_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
-        with open(log_path, "ab") as log:
-            popen = subprocess.Popen(argv, cwd=REPO_ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, start_new_session=True)
-        worker = WorkerProcess(popen, log_path, name)
+        worker = start_celery(
+            ["worker", "-Q", queues, "-c", str(concurrency), "-P", "prefork", "-n", f"{name}@%h",
+             "--without-mingle", "--without-gossip", "-l", "info"],
+            env=env, log_path=tmp_path / f"worker-{name}-{len(started)}.log", name=name, cwd=REPO_ROOT,
+            ready_pattern=WORKER_READY_PATTERN, ready_timeout=WORKER_READY_SECONDS,
+        )
         started.append(worker)
-        try:
-            worker.wait_for_log(r"\bready\.\s*$", timeout=WORKER_READY_SECONDS)
-        except AssertionError:
-            worker.stop(timeout=5)
-            raise
         return worker
 
     yield start

@@ -132,3 +132,21 @@ def test_every_variable_is_documented_in_the_readme():
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     missing = sorted(v for v in variables if f"`{v}`" not in readme)
     assert not missing, f"README.md does not document {', '.join(missing)}"
+
+
+def test_use_env_can_switch_the_broker_away_and_back(use_env, redis_url):
+    """Publishing still works after the broker URL changed and came back (pools are rebuilt)."""
+    import redis
+
+    from tasks.base import send_now
+
+    client = redis.Redis.from_url(redis_url)
+    try:
+        for _ in range(2):
+            use_env(CELERY_BROKER_URL=redis_url)
+            assert send_now("maintenance.sweep")
+            use_env(CELERY_BROKER_URL=None)
+        assert client.llen("maintenance") == 2
+    finally:
+        client.delete("maintenance")
+        client.close()
