@@ -34,12 +34,13 @@ TASK_ROUTES = {
 def broker_transport_options(settings: Settings) -> dict:
     if settings.broker_url.startswith("filesystem"):
         folder = settings.broker_folder
-        for sub in ("out", "processed"):
+        for sub in ("out", "processed", "control"):
             (folder / sub).mkdir(parents=True, exist_ok=True)
         return {
             "data_folder_in": str(folder / "out"),
             "data_folder_out": str(folder / "out"),
             "processed_folder": str(folder / "processed"),
+            "control_folder": str(folder / "control"),
             "store_processed": False,
         }
     if settings.broker_url.startswith("redis"):

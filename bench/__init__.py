@@ -1,0 +1,1 @@
+"""Benchmark of a course-wide reset against the SQL floor (python -m bench)."""

@@ -1,0 +1,376 @@
+"""The benchmark: a course-wide reset against the SQL floor, fairness, scale, memory, notifications.
+
+    python -m bench [--sizes 10000,100000] [--runs 3] [--large] [--skip-fairness]
+
+On PostgreSQL + Redis with real worker processes (2 for ``reset_batches``, 1
+for ``resets``, 1 for ``notifications``; console notifications to a file).
+For each course size N it seeds one base database (N learners x 20 lessons,
+laid out by time), then for each run copies it twice (``CREATE DATABASE ...
+TEMPLATE``, the same physical layout): one copy for the floor (one set-based
+transaction, :mod:`bench.floor`), one for the system (request -> confirm ->
+``succeeded`` through the producer and the workers). Medians of the runs are
+quoted. Prints a table, writes ``bench/results/<date>.json`` and ends with one
+``RESULT {json}`` line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from sqlalchemy import create_engine, func, select, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.pool import NullPool
+
+RESULTS = Path(__file__).resolve().parent / "results"
+ADMIN_URL = os.environ.get("BENCH_ADMIN_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+REDIS_BASE = os.environ.get("BENCH_REDIS_BASE_URL", "redis://127.0.0.1:6379")
+REDIS_URL = os.environ.get("BENCH_REDIS_URL", "")
+# Test processes claim Redis DB numbers in this registry (DB 0); the benchmark claims one the same way.
+CLAIM_KEY = "progress_reset:tests:redis_db:{n}"
+PREFIX = "pr_bench"
+
+
+def log(message: str) -> None:
+    print(f"[{datetime.now().strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def admin(sql: str) -> None:
+    engine = create_engine(ADMIN_URL, poolclass=NullPool, isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.execute(text(sql))
+    engine.dispose()
+
+
+def drop_db(name: str) -> None:
+    admin(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}' "
+          "AND pid <> pg_backend_pid()")
+    admin(f'DROP DATABASE IF EXISTS "{name}"')
+
+
+def db_url(name: str) -> str:
+    return make_url(ADMIN_URL).set(database=name).render_as_string(hide_password=False)
+
+
+def copy_db(template: str, name: str) -> str:
+    drop_db(name)
+    admin(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+    return db_url(name)
+
+
+def configure(database_url: str, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Point this process (settings, engine, Celery app) at ``database_url``; return the workers' env."""
+    env = {"DATABASE_URL": database_url, "CELERY_BROKER_URL": REDIS_URL, "LOG_FORMAT": "json",
+           "NOTIFY_BACKEND": "console", "NOTIFY_RATE_PER_SECOND": "1000000", **(extra or {})}
+    os.environ.update(env)
+    from kombu import pools
+
+    from models.db import dispose_engine
+    from models.settings import get_settings, reset_settings_cache
+    from workers.app import app
+    from workers.config import celery_config
+
+    reset_settings_cache()
+    dispose_engine()
+    app.conf.update(celery_config(get_settings()))
+    if app._pool is not None:
+        app._pool.force_close_all()
+        app._pool = None
+    amqp = app.__dict__.get("amqp")
+    if amqp is not None:
+        amqp._producer_pool = None
+    pools.reset()
+    return env
+
+
+def seed_base(n: int) -> tuple[str, dict]:
+    from models.db import dispose_engine, session_scope
+    from models.migrate import upgrade
+    from models.seed import seed
+
+    name = f"{PREFIX}_base_{n}"
+    drop_db(name)
+    admin(f'CREATE DATABASE "{name}"')
+    url = db_url(name)
+    upgrade(url)
+    configure(url)
+    started = time.perf_counter()
+    with session_scope() as session:
+        big = seed(session, learners=n, lessons=20, courses=1, random_seed=n)
+    seed_seconds = time.perf_counter() - started
+    with session_scope() as session:
+        small = seed(session, learners=500, lessons=20, courses=1, completed_ratio=0.9, random_seed=1)
+    dispose_engine()
+    engine = create_engine(url, poolclass=NullPool, isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.execute(text("VACUUM ANALYZE"))
+    engine.dispose()
+    info = {"big": big.as_json(), "small": small.as_json(), "seed_seconds": seed_seconds}
+    log(f"seeded {n:,} learners in {seed_seconds:.1f}s")
+    return name, info
+
+
+def run_floor_once(base: str, course_id: int) -> float:
+    from models.db import dispose_engine, session_scope
+
+    url = copy_db(base, f"{PREFIX}_run")
+    configure(url)
+    from bench.floor import run_floor
+
+    started = time.perf_counter()
+    with session_scope() as session:
+        run_floor(session, course_id)
+    seconds = time.perf_counter() - started
+    dispose_engine()
+    return seconds
+
+
+class Workers:
+    """The benchmark's worker processes, with peak RSS read from /proc (VmHWM) before they stop."""
+
+    def __init__(self, env: dict[str, str], log_dir: Path):
+        from workers.processes import start_worker
+
+        self.procs = [
+            start_worker("reset_batches", 2, "bench-batches", env, log_dir),
+            start_worker("resets", 1, "bench-resets", env, log_dir),
+            start_worker("notifications", 1, "bench-notify", env, log_dir),
+        ]
+        for p in self.procs:
+            p.wait_ready()
+
+    def peak_rss_mb(self) -> dict[str, float]:
+        peaks = {}
+        for p in self.procs:
+            for pid in [p.pid, *p.children()]:
+                try:
+                    status = Path(f"/proc/{pid}/status").read_text()
+                except FileNotFoundError:
+                    continue
+                for line in status.splitlines():
+                    if line.startswith("VmHWM:"):
+                        peaks[f"{p.name}:{pid}"] = int(line.split()[1]) / 1024
+        return peaks
+
+    def stop(self) -> None:
+        for p in self.procs:
+            p.stop()
+
+
+def wait_done(job_id: str, timeout: float = 3600) -> dict:
+    from models.db import session_scope
+    from producer import resets
+
+    deadline = time.monotonic() + timeout
+    while True:
+        with session_scope() as session:
+            st = resets.status(session, job_id)
+        if st["state"] in {"succeeded", "failed", "cancelled"}:
+            return st
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"job {job_id} still {st['state']} after {timeout}s")
+        time.sleep(0.05)
+
+
+def single_resets(info: dict, stop: threading.Event, latencies: list[float]) -> None:
+    """One-learner resets on the small course, one after another, until ``stop``."""
+    from sqlalchemy import select as sa_select
+
+    from models.db import session_scope
+    from models.schema import CourseAssignment
+    from producer import resets
+
+    small = info["small"]
+    course = small["course_ids"][0]
+    with session_scope() as session:
+        learners = session.scalars(sa_select(CourseAssignment.user_id).where(
+            CourseAssignment.course_id == course, CourseAssignment.status != "not_started")).all()
+    for learner in learners:
+        if stop.is_set():
+            return
+        with session_scope() as session:
+            req = resets.request(session, small["admin_id"], course, learner_id=learner, reason="fairness")
+        started = time.perf_counter()
+        with session_scope() as session:
+            job = resets.confirm(session, req.request_id, small["admin_id"], req.token)
+        st = wait_done(job.job_id, timeout=120)
+        latencies.append((time.perf_counter() - started) * 1000)
+        assert st["state"] == "succeeded", st
+
+
+def run_system_once(base: str, info: dict, log_dir: Path, fairness: bool = False) -> dict:
+    from models.db import dispose_engine, session_scope
+    from models.schema import Notification
+    from producer import resets
+
+    url = copy_db(base, f"{PREFIX}_run")
+    console = log_dir / "notifications.jsonl"
+    console.unlink(missing_ok=True)
+    env = configure(url, {"NOTIFY_CONSOLE_PATH": str(console)})
+    import redis
+
+    redis.Redis.from_url(REDIS_URL).flushdb()
+    workers = Workers(env, log_dir)
+    big = info["big"]
+    try:
+        latencies: list[float] = []
+        stop = threading.Event()
+        started = time.perf_counter()
+        with session_scope() as session:
+            req = resets.request(session, big["admin_id"], big["course_ids"][0], reason="benchmark")
+        with session_scope() as session:
+            job = resets.confirm(session, req.request_id, big["admin_id"], req.token)
+        thread = None
+        if fairness:
+            thread = threading.Thread(target=single_resets, args=(info, stop, latencies), daemon=True)
+            thread.start()
+        st = wait_done(job.job_id)
+        seconds = time.perf_counter() - started
+        stop.set()
+        if thread:
+            thread.join(60)
+        # Let the notifications drain to measure their rate.
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            with session_scope() as session:
+                n = resets.status(session, job.job_id)["notifications"]
+            if not n["pending"]:
+                break
+            time.sleep(0.5)
+        with session_scope() as session:
+            first, last, sent = session.execute(select(
+                func.min(Notification.claimed_at), func.max(Notification.sent_at), func.count())
+                .where(Notification.reset_job_id == job.job_id, Notification.status == "sent")).one()
+        rss = workers.peak_rss_mb()
+    finally:
+        workers.stop()
+        dispose_engine()
+    notify_rate = sent / (last - first).total_seconds() if sent and first and last and last > first else None
+    return {"seconds": seconds, "state": st["state"], "learners": st["learners_done"],
+            "batches": st["batches_total"], "cleared": st["cleared"], "rss_mb": rss,
+            "notifications_sent": sent, "notifications_per_s": notify_rate, "single_latencies_ms": latencies}
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def claim_redis_db() -> str:
+    """A Redis DB no running test process uses (claimed for this process in DB 0's registry)."""
+    import redis
+
+    registry = redis.Redis.from_url(f"{REDIS_BASE}/0")
+    for n in range(15, 0, -1):
+        if registry.set(CLAIM_KEY.format(n=n), str(os.getpid()), nx=True, ex=6 * 3600):
+            return f"{REDIS_BASE}/{n}"
+    raise SystemExit("no free Redis DB: every number 1-15 is claimed by a running test process")
+
+
+def release_redis_db(url: str) -> None:
+    import redis
+
+    registry = redis.Redis.from_url(f"{REDIS_BASE}/0")
+    key = CLAIM_KEY.format(n=url.rsplit("/", 1)[1])
+    if registry.get(key) == str(os.getpid()).encode():
+        registry.delete(key)
+
+
+def main(argv: list[str] | None = None) -> int:
+    global REDIS_URL
+    claimed = not REDIS_URL
+    if claimed:
+        REDIS_URL = claim_redis_db()
+    try:
+        return run(argv)
+    finally:
+        if claimed:
+            release_redis_db(REDIS_URL)
+
+
+def run(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default="10000,100000")
+    parser.add_argument("--large", action="store_true", help="also N = 1,000,000")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--skip-fairness", action="store_true")
+    args = parser.parse_args(argv)
+    sizes = [int(s) for s in args.sizes.split(",") if s]
+    if args.large and 1_000_000 not in sizes:
+        sizes.append(1_000_000)
+    log_dir = Path(os.environ.get("PROGRESS_RESET_DATA_DIR", "data")).resolve() / "bench"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    from models.logs import configure_logging
+
+    configure_logging(level=40)
+    results: dict = {"started_at": datetime.now(timezone.utc).isoformat(), "runs": args.runs, "sizes": {}}
+    for n in sizes:
+        base, info = seed_base(n)
+        floors, systems = [], []
+        for run in range(args.runs):
+            floors.append(run_floor_once(base, info["big"]["course_ids"][0]))
+            log(f"N={n:,} run {run + 1}: floor {floors[-1]:.2f}s")
+            systems.append(run_system_once(base, info, log_dir))
+            log(f"N={n:,} run {run + 1}: system {systems[-1]['seconds']:.2f}s ({systems[-1]['state']})")
+        entry = {
+            "learners_reset": systems[0]["learners"],
+            "seed_seconds": info["seed_seconds"],
+            "floor_s": statistics.median(floors),
+            "system_s": statistics.median(s["seconds"] for s in systems),
+            "floor_runs": floors,
+            "system_runs": [s["seconds"] for s in systems],
+            "batches": systems[0]["batches"],
+            "cleared": systems[0]["cleared"],
+            "states": [s["state"] for s in systems],
+            "worker_rss_mb_max": max(max(s["rss_mb"].values()) for s in systems),
+            "notifications_per_s": statistics.median(
+                [s["notifications_per_s"] for s in systems if s["notifications_per_s"]] or [0]),
+        }
+        entry["ratio"] = entry["system_s"] / entry["floor_s"]
+        entry["per_learner_us"] = entry["system_s"] / n * 1e6
+        if n == 100_000 and not args.skip_fairness:
+            fair = run_system_once(base, info, log_dir, fairness=True)
+            entry["single_latencies_ms"] = fair["single_latencies_ms"]
+            entry["single_p50_ms"] = percentile(fair["single_latencies_ms"], 0.5)
+            entry["single_p95_ms"] = percentile(fair["single_latencies_ms"], 0.95)
+            log(f"fairness: {len(fair['single_latencies_ms'])} one-learner resets, p50 {entry['single_p50_ms']:.0f} ms,"
+                f" p95 {entry['single_p95_ms']:.0f} ms")
+        results["sizes"][str(n)] = entry
+        drop_db(f"{PREFIX}_run")
+        drop_db(base)
+
+    print(f"{'N':>10} {'floor s':>9} {'system s':>9} {'ratio':>6} {'us/learner':>11} {'batches':>8} "
+          f"{'rss MB':>7} {'notif/s':>8} {'seed s':>7}")
+    for n, e in results["sizes"].items():
+        print(f"{int(n):>10,} {e['floor_s']:>9.2f} {e['system_s']:>9.2f} {e['ratio']:>6.2f} "
+              f"{e['per_learner_us']:>11.1f} {e['batches']:>8} {e['worker_rss_mb_max']:>7.0f} "
+              f"{e['notifications_per_s']:>8.0f} {e['seed_seconds']:>7.1f}")
+    s100 = results["sizes"].get("100000", {})
+    summary = {
+        "ratio_100k": round(s100["ratio"], 3) if s100 else None,
+        "per_learner_us": {n: round(e["per_learner_us"], 1) for n, e in results["sizes"].items()},
+        "single_p95_ms": round(s100["single_p95_ms"], 1) if s100.get("single_p95_ms") is not None else None,
+        "worker_rss_mb_max": round(max(e["worker_rss_mb_max"] for e in results["sizes"].values()), 1),
+        "notifications_per_s": round(max(e["notifications_per_s"] for e in results["sizes"].values()), 1),
+    }
+    results["summary"] = summary
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / f"{datetime.now().strftime('%Y-%m-%d')}.json"
+    out.write_text(json.dumps(results, indent=2, default=str))
+    log(f"figures written to {out}")
+    print("RESULT " + json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
