@@ -9,12 +9,19 @@
 
 A one-learner job is planned as one batch and run inline by ``resets.start``
 on the ``resets`` queue, so it never waits behind a course-wide fan-out.
+
+A task that cannot reach the database (refused, terminated or restarting
+PostgreSQL) did no work: it is retried with backoff instead of failing, since a
+failed task's message is acknowledged and only the maintenance sweep, minutes
+later, would bring the work back.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from models.db import session_scope
 from models.logs import log_event
@@ -23,11 +30,28 @@ from tasks import reset_steps
 from tasks.base import project_task, publish_after_commit, send_now
 
 
-@project_task("resets.start")
-def start(job_id: str) -> None:
+# Connection refused / terminated / lost (psycopg reports them as OperationalError,
+# SQLAlchemy wraps a dead pooled connection as InterfaceError or OperationalError).
+DATABASE_UNAVAILABLE = (OperationalError, InterfaceError)
+
+
+def retry_later(task, job_id: str, exc: BaseException, attempts: int | None = None):
+    """Retry ``task`` with backoff after a database error outside a batch's own transaction."""
+    attempts = attempts if attempts is not None else task.request.retries + 1
+    log_event("reset.task.database_unavailable", logging.WARNING, task=task.name, job_id=job_id,
+              retry=attempts, error=type(exc).__name__)
+    return task.retry(countdown=reset_steps.retry_countdown(attempts), exc=None)
+
+
+@project_task("resets.start", bind=True, max_retries=None)
+def start(self, job_id: str) -> None:
     settings = get_settings()
-    with session_scope() as session:
-        result = reset_steps.start_job(session, job_id, settings.batch_size)
+    try:
+        with session_scope() as session:
+            result = reset_steps.start_job(session, job_id, settings.batch_size,
+                                       purge_partitions=settings.purge_partitions)
+    except DATABASE_UNAVAILABLE as exc:
+        raise retry_later(self, job_id, exc) from None
     if not result.started:
         log_event("reset.start.skipped", job_id=job_id)
         return
@@ -36,11 +60,15 @@ def start(job_id: str) -> None:
         for batch_no in result.batch_nos:
             try:
                 execute_batch(job_id, batch_no)
-            except BatchFailed as failed:
+            except (BatchFailed, *DATABASE_UNAVAILABLE) as failed:
+                # The job is running now, so a retried start would skip it: retry the batch itself.
                 send_now(batch_task_name("learner"), [job_id, batch_no],
-                         countdown=reset_steps.retry_countdown(failed.attempts))
+                         countdown=reset_steps.retry_countdown(getattr(failed, "attempts", 1)))
                 return
-        finalize_now(job_id)
+        try:
+            finalize_now(job_id)
+        except DATABASE_UNAVAILABLE:
+            send_now("resets.finalize", [job_id], countdown=reset_steps.retry_countdown(1))
         return
     for batch_no in result.batch_nos:
         send_now("resets.run_batch", [job_id, batch_no])
@@ -87,8 +115,11 @@ def execute_batch(job_id: str, batch_no: int) -> reset_steps.BatchResult | None:
         error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         log_event("reset.batch.error", logging.WARNING, job_id=job_id, batch=batch_no, attempt=claim.attempts,
                   error=error)
-        with session_scope() as session:
-            reset_steps.record_batch_error(session, job_id, batch_no, error)
+        try:
+            with session_scope() as session:
+                reset_steps.record_batch_error(session, job_id, batch_no, error)
+        except DATABASE_UNAVAILABLE:
+            pass  # the database is gone: the attempt stays counted, only its reason is not kept
         raise BatchFailed(claim.attempts) from exc
     log_event("reset.batch.done", job_id=job_id, batch=batch_no, status=result.status, learners=result.learners,
               duration_ms=round((time.perf_counter() - started) * 1000, 1))
@@ -108,6 +139,9 @@ def _run_batch_with_retry(task, job_id: str, batch_no: int) -> None:
         # Backoff below the visibility timeout; the attempt limit lives in the
         # batch row, so the next claim dead-letters a batch that keeps failing.
         raise task.retry(countdown=reset_steps.retry_countdown(failed.attempts), exc=None) from None
+    except DATABASE_UNAVAILABLE as exc:
+        # The claim itself did not commit: no attempt was counted.
+        raise retry_later(task, job_id, exc) from None
 
 
 @project_task("resets.run_batch", bind=True, max_retries=None)
@@ -119,7 +153,10 @@ def run_batch(self, job_id: str, batch_no: int) -> None:
 def run_single(self, job_id: str, batch_no: int) -> None:
     """The batch of a one-learner job, retried on the ``resets`` queue."""
     _run_batch_with_retry(self, job_id, batch_no)
-    finalize_now(job_id)
+    try:
+        finalize_now(job_id)
+    except DATABASE_UNAVAILABLE as exc:
+        raise retry_later(self, job_id, exc) from None  # the batch is done: the retry only finalizes
 
 
 @project_task("resets.purge", bind=True, max_retries=None)
@@ -139,11 +176,14 @@ def purge(self, job_id: str, batch_no: int, cursor: int | None = None) -> None:
     except Exception as exc:
         error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         log_event("reset.purge.error", logging.WARNING, job_id=job_id, batch=batch_no, error=error)
-        with session_scope() as session:
-            dead, complete = reset_steps.fail_purge_step(session, job_id, int(batch_no), error,
-                                                         settings.batch_max_attempts)
-            if dead and complete:
-                publish_after_commit(session, "resets.finalize", [job_id])
+        try:
+            with session_scope() as session:
+                dead, complete = reset_steps.fail_purge_step(session, job_id, int(batch_no), error,
+                                                             settings.batch_max_attempts)
+                if dead and complete:
+                    publish_after_commit(session, "resets.finalize", [job_id])
+        except DATABASE_UNAVAILABLE:
+            dead = False  # not counted; the step is retried with the same cursor
         if dead:
             return
         raise self.retry(countdown=reset_steps.retry_countdown(self.request.retries + 1), exc=None) from None
@@ -156,6 +196,9 @@ def finalize_now(job_id: str) -> reset_steps.FinalizeResult:
         return reset_steps.finalize_job(session, job_id)
 
 
-@project_task("resets.finalize")
-def finalize(job_id: str) -> None:
-    finalize_now(job_id)
+@project_task("resets.finalize", bind=True, max_retries=None)
+def finalize(self, job_id: str) -> None:
+    try:
+        finalize_now(job_id)
+    except DATABASE_UNAVAILABLE as exc:
+        raise retry_later(self, job_id, exc) from None
