@@ -246,16 +246,34 @@ def run_system_once(base: str, info: dict, log_dir: Path, fairness: bool = False
             time.sleep(0.5)
         with session_scope() as session:
             first, last, sent = session.execute(select(
-                func.min(Notification.claimed_at), func.max(Notification.sent_at), func.count())
+                func.min(Notification.sent_at), func.max(Notification.sent_at), func.count())
                 .where(Notification.reset_job_id == job.job_id, Notification.status == "sent")).one()
         rss = workers.peak_rss_mb()
+        phases = phase_timeline(job.job_id)
     finally:
         workers.stop()
         dispose_engine()
-    notify_rate = sent / (last - first).total_seconds() if sent and first and last and last > first else None
+    notify_rate = (sent - 1) / (last - first).total_seconds() if sent and first and last and last > first else None
     return {"seconds": seconds, "state": st["state"], "learners": st["learners_done"],
             "batches": st["batches_total"], "cleared": st["cleared"], "rss_mb": rss,
-            "notifications_sent": sent, "notifications_per_s": notify_rate, "single_latencies_ms": latencies}
+            "notifications_sent": sent, "notifications_per_s": notify_rate, "single_latencies_ms": latencies,
+            "phases": phases}
+
+
+def phase_timeline(job_id: str) -> dict:
+    """Seconds from confirm to: start, end of the learner phase, end of the purge, finish."""
+    from models.db import session_scope
+    from models.schema import ResetBatch, ResetJob
+
+    with session_scope() as session:
+        job = session.get(ResetJob, job_id)
+        t0 = job.confirmed_at
+        ends = dict(session.execute(select(ResetBatch.kind, func.max(ResetBatch.finished_at))
+                                    .where(ResetBatch.job_id == job.id).group_by(ResetBatch.kind)).all())
+        return {"started": (job.started_at - t0).total_seconds(),
+                "learners_done": (ends["learners"] - t0).total_seconds() if ends.get("learners") else None,
+                "purge_done": (ends["purge"] - t0).total_seconds() if ends.get("purge") else None,
+                "finished": (job.finished_at - t0).total_seconds()}
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -321,7 +339,8 @@ def run(argv: list[str] | None = None) -> int:
             floors.append(run_floor_once(base, info["big"]["course_ids"][0]))
             log(f"N={n:,} run {run + 1}: floor {floors[-1]:.2f}s")
             systems.append(run_system_once(base, info, log_dir))
-            log(f"N={n:,} run {run + 1}: system {systems[-1]['seconds']:.2f}s ({systems[-1]['state']})")
+            log(f"N={n:,} run {run + 1}: system {systems[-1]['seconds']:.2f}s ({systems[-1]['state']}) "
+                f"phases {systems[-1]['phases']}")
         entry = {
             "learners_reset": systems[0]["learners"],
             "seed_seconds": info["seed_seconds"],

@@ -67,6 +67,7 @@ class Settings:
     # Reset pipeline
     batch_size: int = 2000
     purge_chunk_rows: int = 50000
+    purge_partitions: int = 4
     batch_max_attempts: int = 5
     batch_lease_seconds: int = 120
     token_ttl_seconds: int = 900
@@ -147,6 +148,7 @@ class Settings:
             broker_url=broker_url,
             batch_size=_int(env, "RESET_BATCH_SIZE", 2000, minimum=1),
             purge_chunk_rows=_int(env, "RESET_PURGE_CHUNK_ROWS", 50000, minimum=1),
+            purge_partitions=_int(env, "RESET_PURGE_PARTITIONS", 4, minimum=1),
             batch_max_attempts=_int(env, "RESET_BATCH_MAX_ATTEMPTS", 5, minimum=1),
             batch_lease_seconds=_int(env, "RESET_BATCH_LEASE_SECONDS", 120, minimum=1),
             token_ttl_seconds=_int(env, "RESET_TOKEN_TTL_SECONDS", 900, minimum=1),

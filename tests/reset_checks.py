@@ -120,7 +120,7 @@ def run_job_in_process(session: Session, job_id: str, batch_size: int = 40, chun
     """Drive a queued job through every step with the plain functions; returns the finalize result."""
     from tasks import reset_steps
 
-    start = reset_steps.start_job(session, job_id, batch_size)
+    start = reset_steps.start_job(session, job_id, batch_size, purge_partitions=3)
     for no in start.batch_nos:
         claim = reset_steps.claim_batch(session, job_id, no, max_attempts=5, lease_seconds=60)
         assert claim.runnable
