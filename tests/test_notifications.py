@@ -9,17 +9,16 @@ import random
 import subprocess
 import threading
 import time
-import uuid
 from datetime import timedelta
 
 import pytest
 from sqlalchemy import select, update
+from sqlalchemy.orm import Session
 
 from models.db import make_engine
 from models.schema import Course, Notification, User
 from models.seed import seed
 from models.settings import Settings
-from sqlalchemy.orm import Session
 from tasks import notifications as n
 from tasks.base import _PENDING_KEY
 from tasks.notify_backends import (
