@@ -1,0 +1,239 @@
+"""CLI commands for operations: ``serve``, ``api-key create|list|revoke``, ``health``, ``openapi``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from producer.cli import command, emit, id_arg
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+OPENAPI_PATH = REPO_ROOT / "docs" / "openapi.json"
+
+
+def port_arg(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 1 to 65535, got {value}")
+    return value
+
+
+def seconds_arg(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not 0 < value <= 600:
+        raise argparse.ArgumentTypeError(f"must be more than 0 and at most 600 seconds, got {value}")
+    return value
+
+
+def add_commands(sub) -> None:
+    s = sub.add_parser("serve", help="run the HTTP producer (FastAPI on uvicorn)")
+    s.add_argument("--host", default=None, help="address to bind (default: HTTP_HOST, 127.0.0.1)")
+    s.add_argument("--port", type=port_arg, default=None, help="port (default: HTTP_PORT, 8080)")
+    s.add_argument("--workers", type=id_arg, default=1, help="uvicorn worker processes (default 1)")
+
+    k = sub.add_parser("api-key", help="API keys of the services that call the HTTP producer")
+    ksub = k.add_subparsers(dest="api_key_command", required=True, parser_class=type(k))
+    c = ksub.add_parser("create", help="create a key for one organization; the key is shown once")
+    c.add_argument("--organization", type=id_arg, required=True)
+    c.add_argument("--name", required=True, help="the calling service (recorded as origin http:<name>)")
+    c.add_argument("--json", action="store_true")
+    ls = ksub.add_parser("list", help="keys (prefix, name, organization, revoked), never the secrets")
+    ls.add_argument("--organization", type=id_arg, default=None)
+    ls.add_argument("--json", action="store_true")
+    r = ksub.add_parser("revoke", help="revoke a key by its prefix; refused from the next request on")
+    r.add_argument("prefix")
+    r.add_argument("--json", action="store_true")
+
+    h = sub.add_parser("health", help="check the database, the broker and that every queue is consumed")
+    h.add_argument("--timeout", type=seconds_arg, default=10.0,
+                   help="seconds to wait for each queue's canary (default 10)")
+    h.add_argument("--queue", action="append", default=None,
+                   help="check only this queue (repeatable; default: every queue)")
+    h.add_argument("--json", action="store_true")
+
+    d = sub.add_parser("dead-batches", help="dead-lettered batches: why, and what is left to do for each")
+    d.add_argument("--job", default=None, help="only this job's batches")
+    d.add_argument("--limit", type=id_arg, default=50, help="at most this many batches, newest first (default 50)")
+    d.add_argument("--json", action="store_true")
+
+    o = sub.add_parser("openapi", help="print the HTTP API's OpenAPI schema (or --check it against docs/)")
+    o.add_argument("--output", default=None, help="write it to this file instead of stdout")
+    o.add_argument("--check", action="store_true", help=f"exit 1 if {OPENAPI_PATH.relative_to(REPO_ROOT)} differs")
+
+
+@command("serve")
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from models.logs import logger
+    from models.logs import log_event
+    from models.settings import get_settings
+
+    settings = get_settings()
+    host = args.host or settings.http_host
+    port = args.port or settings.http_port
+    # uvicorn's own messages (startup, errors) go through the project's formatter;
+    # its access log is replaced by the one http.request line per request.
+    for name in ("uvicorn", "uvicorn.error"):
+        uv = logging.getLogger(name)
+        uv.handlers[:] = list(logger.handlers)
+        uv.setLevel(logging.INFO)
+        uv.propagate = False
+    log_event("http.serve.starting", host=host, port=port, workers=args.workers)
+    uvicorn.run("producer.http:create_app", factory=True, host=host, port=port, workers=args.workers,
+                log_config=None, access_log=False, server_header=False, proxy_headers=False)
+    return 0
+
+
+@command("api-key")
+def cmd_api_key(args: argparse.Namespace) -> int:
+    from models.db import session_scope
+    from producer import apikeys
+
+    if args.api_key_command == "create":
+        with session_scope() as session:
+            created = apikeys.create_api_key(session, args.organization, args.name)
+        emit(args, created.as_json(),
+             f"API key {created.prefix} for organization {created.organization_id} ({created.name}):\n"
+             f"  {created.key}\n"
+             "  shown once: store it in the calling service's secrets now")
+        return 0
+    if args.api_key_command == "list":
+        with session_scope() as session:
+            keys = apikeys.list_api_keys(session, args.organization)
+        lines = [f"{k['prefix']}  org {k['organization_id']}  {k['name']}  created {k['created_at']}"
+                 + (f"  REVOKED {k['revoked_at']}" if k["revoked_at"] else "") for k in keys]
+        emit(args, {"keys": keys}, "\n".join(lines) or "no API keys")
+        return 0
+    with session_scope() as session:
+        revoked = apikeys.revoke_api_key(session, args.prefix)
+    emit(args, revoked, f"API key {revoked['prefix']} ({revoked['name']}) revoked at {revoked['revoked_at']}")
+    return 0
+
+
+def describe_health(report) -> str:
+    mark = {True: "ok  ", False: "FAIL"}
+    lines = [f"{'database':<14} {mark[report.database.ok]} {report.database.detail}",
+             f"{'broker':<14} {mark[report.broker.ok]} {report.broker.detail}"]
+    for q in report.queues:
+        flag = "warn" if q.ok and q.state != "ok" else mark[q.ok]
+        lines.append(f"{q.queue:<14} {flag} {q.detail}")
+    lines.append("healthy" if report.ok else "UNHEALTHY")
+    return "\n".join(lines)
+
+
+@command("health")
+def cmd_health(args: argparse.Namespace) -> int:
+    import workers  # noqa: F401 - configures the Celery app the canaries are published through
+    from tasks.health import CANARY_QUEUES, run_health_check
+
+    queues = tuple(args.queue) if args.queue else CANARY_QUEUES
+    unknown = sorted(set(queues) - set(CANARY_QUEUES))
+    if unknown:
+        print(f"error: unknown queue {', '.join(unknown)}; the queues are {', '.join(CANARY_QUEUES)}",
+              file=sys.stderr)
+        return 2
+    report = run_health_check(timeout=args.timeout, queues=queues)
+    emit(args, report.as_json(), describe_health(report))
+    if not report.ok:
+        print(f"error: unhealthy: {'; '.join(report.problems())}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def dead_batches(session, job_id: str | None = None, limit: int = 50) -> list[dict]:
+    """Dead-lettered batches, newest first, each with what it left undone (read-only).
+
+    - a *learners* batch: the learners of its id range who were not reset (still
+      with progress, their assignment not marked by this job); re-run them as
+      one-learner resets (docs/operations.md);
+    - a *purge* batch: the component and the row-id range of pre-job rows still
+      to delete, and the statement that finishes it by hand.
+    """
+    from sqlalchemy import or_, select
+
+    from models.components import RESET_COMPONENTS
+    from models.jobs import as_utc, get_job
+    from models.schema import CourseAssignment, ResetBatch, ResetJob
+
+    b, j, a = ResetBatch.__table__.c, ResetJob.__table__.c, CourseAssignment.__table__.c
+    query = (select(ResetBatch, j.course_id, j.state.label("job_state"), j.organization_id)
+             .join(ResetJob.__table__, j.id == b.job_id).where(b.state == "dead")
+             .order_by(b.finished_at.desc(), b.batch_no).limit(limit))
+    if job_id is not None:
+        query = query.where(b.job_id == get_job(session, job_id).id)
+    tables = {c.name: c.table.name for c in RESET_COMPONENTS}
+    found = []
+    for batch, course_id, job_state, organization_id in session.execute(query).all():
+        item = {"job_id": str(batch.job_id), "job_state": job_state, "organization_id": organization_id,
+                "course_id": course_id, "batch_no": batch.batch_no, "kind": batch.kind,
+                "attempts": batch.attempts, "error": batch.error,
+                "finished_at": as_utc(batch.finished_at).isoformat() if batch.finished_at else None}
+        if batch.kind == "purge":
+            dead_ranges = session.execute(select(b.lo_user_id, b.hi_user_id).where(
+                b.job_id == batch.job_id, b.kind == "learners", b.state == "dead")).all()
+            keep = "".join(f" AND NOT (user_id > {lo} AND user_id <= {hi})" for lo, hi in dead_ranges)
+            table = tables.get(batch.component or "", batch.component)
+            item.update(component=batch.component, after_row_id=batch.cursor_row_id, up_to_row_id=batch.hi_row_id,
+                        manual_sql=(f"DELETE FROM {table} WHERE course_id = {course_id} AND id > "
+                                    f"{batch.cursor_row_id or 0} AND id <= {batch.hi_row_id}{keep};"))
+        else:
+            learners = session.scalars(select(a.user_id).where(
+                a.course_id == course_id, a.user_id > batch.lo_user_id, a.user_id <= batch.hi_user_id,
+                a.status != "not_started",
+                or_(a.last_reset_job_id.is_(None), a.last_reset_job_id != batch.job_id),
+            ).order_by(a.user_id)).all()
+            item.update(learner_range=[batch.lo_user_id, batch.hi_user_id], learners_not_reset=list(learners))
+        found.append(item)
+    return found
+
+
+@command("dead-batches")
+def cmd_dead_batches(args: argparse.Namespace) -> int:
+    from models.db import session_scope
+
+    with session_scope() as session:
+        found = dead_batches(session, args.job, args.limit)
+    lines = []
+    for item in found:
+        head = (f"job {item['job_id']} ({item['job_state']}, course {item['course_id']}) batch {item['batch_no']} "
+                f"[{item['kind']}] after {item['attempts']} attempts: {item['error']}")
+        if item["kind"] == "purge":
+            lines += [head, f"  pre-job {item['component']} rows left: id {item['after_row_id']}..{item['up_to_row_id']}",
+                      f"  finish by hand once the cause is fixed: {item['manual_sql']}"]
+        else:
+            ids = item["learners_not_reset"]
+            shown = ", ".join(map(str, ids[:20])) + (" ..." if len(ids) > 20 else "")
+            lines += [head, f"  {len(ids)} learners not reset: {shown or '-'}",
+                      "  re-run them as one-learner resets (docs/operations.md, 'Dead-lettered batches')"]
+    emit(args, {"batches": found}, "\n".join(lines) or "no dead-lettered batches")
+    return 0
+
+
+@command("openapi")
+def cmd_openapi(args: argparse.Namespace) -> int:
+    from producer.http import openapi_document
+
+    text = json.dumps(openapi_document(), indent=2, sort_keys=True) + "\n"
+    if args.check:
+        committed = OPENAPI_PATH.read_text() if OPENAPI_PATH.exists() else ""
+        if committed != text:
+            print(f"error: {OPENAPI_PATH} is out of date; regenerate it with "
+                  f"'progress-reset openapi --output {OPENAPI_PATH.relative_to(REPO_ROOT)}'", file=sys.stderr)
+            return 1
+        print(f"{OPENAPI_PATH.relative_to(REPO_ROOT)} is up to date")
+        return 0
+    if args.output:
+        Path(args.output).write_text(text)
+    else:
+        sys.stdout.write(text)
+    return 0

@@ -1,0 +1,160 @@
+"""Prometheus metrics of the reset system, served at ``/metrics`` by the HTTP producer.
+
+Every value is read at scrape time from the ledger tables (and the broker), so
+it is the same whichever process serves it, survives restarts, and needs no
+push from the workers. Counters (``*_total``) are counts of rows that only
+ever move forward (batches done, learners reset, notifications sent), so they
+never go down. Labels carry states and queue names only: no organization,
+course or learner ids, no names.
+
+``docs/operations.md`` explains each metric and the alert it feeds.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+from sqlalchemy import func, select, text
+from sqlalchemy.orm import Session
+
+from models.jobs import as_utc, utcnow
+from models.logs import log_event
+from models.schema import JOB_STATES, Notification, ResetBatch, ResetJob, RetrainingCampaign
+from models.settings import get_settings
+
+PREFIX = "progress_reset"
+BATCH_STATES = ("waiting", "pending", "running", "done", "dead", "cancelled")
+NOTIFICATION_STATUSES = ("pending", "sending", "sent", "failed")
+CAMPAIGN_STATES = ("awaiting_confirmation", "active", "paused", "deleted", "expired")
+# A scrape never holds the database longer than this.
+STATEMENT_TIMEOUT_MS = 5000
+
+
+@dataclass
+class Snapshot:
+    """What one scrape read from the database."""
+
+    jobs: dict[str, int] = field(default_factory=dict)
+    batches: dict[str, int] = field(default_factory=dict)
+    learners_reset: int = 0
+    notifications: dict[str, int] = field(default_factory=dict)
+    campaigns: dict[str, int] = field(default_factory=dict)
+    oldest_queued_job_age: float = 0.0
+    oldest_running_heartbeat_age: float = 0.0
+    oldest_pending_notification_age: float = 0.0
+
+
+def _age(now: datetime, then: datetime | None) -> float:
+    return max(0.0, (now - as_utc(then)).total_seconds()) if then is not None else 0.0
+
+
+def _counts(session: Session, column, states: tuple[str, ...]) -> dict[str, int]:
+    found = dict(session.execute(select(column, func.count()).group_by(column)).all())
+    counts = {state: int(found.pop(state, 0)) for state in states}
+    counts.update({str(k): int(v) for k, v in found.items()})  # a state this code does not know yet
+    return counts
+
+
+def read_snapshot(session: Session, now: datetime | None = None) -> Snapshot:
+    """Read every database-backed metric in one transaction; never writes."""
+    now = now or utcnow()
+    j, b, n = ResetJob.__table__.c, ResetBatch.__table__.c, Notification.__table__.c
+    snap = Snapshot()
+    snap.jobs = _counts(session, j.state, JOB_STATES)
+    snap.batches = _counts(session, b.state, BATCH_STATES)
+    snap.learners_reset = int(session.scalar(select(func.coalesce(func.sum(j.learners_done), 0))) or 0)
+    snap.notifications = _counts(session, n.status, NOTIFICATION_STATUSES)
+    snap.campaigns = _counts(session, RetrainingCampaign.__table__.c.state, CAMPAIGN_STATES)
+    snap.oldest_queued_job_age = _age(now, session.scalar(
+        select(func.min(func.coalesce(j.confirmed_at, j.created_at))).where(j.state == "queued")))
+    snap.oldest_running_heartbeat_age = _age(now, session.scalar(
+        select(func.min(func.coalesce(j.heartbeat_at, j.started_at))).where(j.state == "running")))
+    snap.oldest_pending_notification_age = _age(now, session.scalar(
+        select(func.min(n.created_at)).where(n.status.in_(("pending", "sending")))))
+    return snap
+
+
+def _gauge_by(name: str, doc: str, label: str, values: dict[str, int | float]) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(f"{PREFIX}_{name}", doc, labels=[label])
+    for key, value in values.items():
+        family.add_metric([key], value)
+    return family
+
+
+def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(f"{PREFIX}_{name}", doc, value=value)
+
+
+def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+    return CounterMetricFamily(f"{PREFIX}_{name}", doc, value=value)
+
+
+def snapshot_metrics(snap: Snapshot) -> list:
+    """The metric families of a database snapshot."""
+    return [
+        _gauge_by("jobs", "Reset jobs (and unconfirmed requests) by state.", "state", snap.jobs),
+        _gauge_by("batches", "Reset batches by state.", "state", snap.batches),
+        _counter("batches_done", "Batches that finished (learners reset and committed).",
+                 snap.batches.get("done", 0)),
+        _counter("batches_dead", "Batches dead-lettered after using up their attempts.",
+                 snap.batches.get("dead", 0)),
+        _counter("learners_reset", "Learner resets applied by all jobs.", snap.learners_reset),
+        _gauge_by("notifications", "Notification outbox rows by status.", "status", snap.notifications),
+        _counter("notifications_sent", "Notifications sent.", snap.notifications.get("sent", 0)),
+        _counter("notifications_failed", "Notifications given up after their attempts.",
+                 snap.notifications.get("failed", 0)),
+        _gauge("notifications_pending", "Notifications not sent yet (pending or being sent).",
+               snap.notifications.get("pending", 0) + snap.notifications.get("sending", 0)),
+        _gauge_by("campaigns", "Retraining campaigns by state.", "state", snap.campaigns),
+        _gauge("oldest_queued_job_age_seconds", "Age of the oldest confirmed job no worker has started (0: none).",
+               snap.oldest_queued_job_age),
+        _gauge("oldest_running_job_heartbeat_age_seconds",
+               "Time since the least recent progress of a running job (0: none running).",
+               snap.oldest_running_heartbeat_age),
+        _gauge("oldest_pending_notification_age_seconds",
+               "Age of the oldest notification not sent yet (0: none).", snap.oldest_pending_notification_age),
+    ]
+
+
+class ResetSystemCollector(Collector):
+    """Reads the ledger tables and the broker on every scrape."""
+
+    def collect(self):
+        from models.db import session_scope
+        from tasks.health import CANARY_QUEUES, queue_lengths, redis_unacked
+
+        started = time.perf_counter()
+        settings = get_settings()
+        database_up = 1
+        try:
+            with session_scope() as session:
+                if settings.is_postgres:
+                    session.execute(text(f"SET LOCAL statement_timeout = {STATEMENT_TIMEOUT_MS}"))
+                snap = read_snapshot(session)
+            yield from snapshot_metrics(snap)
+        except Exception as exc:
+            database_up = 0
+            log_event("metrics.database.failed", logging.WARNING, error=type(exc).__name__)
+        yield _gauge("database_up", "1 when the metrics scrape could read the database.", database_up)
+
+        broker_up = 1
+        try:
+            lengths = queue_lengths(settings, CANARY_QUEUES)
+            unacked = redis_unacked(settings)
+        except Exception as exc:
+            broker_up, lengths, unacked = 0, None, None
+            log_event("metrics.broker.failed", logging.WARNING, error=type(exc).__name__)
+        if lengths is not None:
+            yield _gauge_by("queue_length", "Messages waiting in each broker queue (not yet delivered).", "queue",
+                            lengths)
+        if unacked is not None:
+            yield _gauge("broker_unacked", "Messages delivered to workers and not acknowledged yet (in flight).",
+                         unacked)
+        yield _gauge("broker_up", "1 when the metrics scrape could read the broker's queue lengths.", broker_up)
+        yield _gauge("scrape_duration_seconds", "Time this scrape took to read the database and the broker.",
+                     time.perf_counter() - started)

@@ -1,0 +1,60 @@
+"""Flower configuration: ``celery -A workers flower --conf=workers/flower_config.py``.
+
+Flower executes this file and reads the module-level names that match its
+options; command-line flags given after ``--conf`` still win (compose passes
+``--address=0.0.0.0`` inside the container, where the port is published only
+to the host's loopback).
+
+- **Basic auth** from ``FLOWER_USER`` / ``FLOWER_PASSWORD`` (through the
+  settings object, like every other setting). Without them Flower's HTTP API
+  answers 401 to everyone, and Flower refuses to start on a non-loopback
+  address, so an unauthenticated dashboard is never exposed.
+- **Bound to 127.0.0.1** by default.
+- **Bounded memory**: Flower keeps the last ``max_tasks`` task events in
+  memory (a million-learner reset is ~500 batch tasks plus notification
+  chunks, so 20 000 covers several big resets) and forgets workers offline for
+  an hour. No persistent state file: the ledger tables are the record of
+  every job, so Flower's view is disposable and restarts clean.
+
+Task arguments are ids only (job UUIDs, batch numbers, canary nonces), so the
+task list shows no names or e-mails.
+"""
+
+from tornado.options import options as _cli
+
+from models.settings import get_settings as _get_settings
+from workers.app import app as _app
+
+_settings = _get_settings()
+_LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+
+
+def _default(name: str, ours):
+    """Our default where Flower would use its own; a FLOWER_* variable or a flag still wins."""
+    current = getattr(_cli, name)
+    flower_default = _cli._options[name.replace("_", "-")].default  # tornado keys options by dashed name
+    return ours if current == flower_default else current
+
+
+address = _cli.address or "127.0.0.1"
+max_tasks = _default("max_tasks", 20_000)
+max_workers = _default("max_workers", 200)
+purge_offline_workers = _default("purge_offline_workers", 3600)
+inspect_timeout = _default("inspect_timeout", 2000.0)
+tasks_columns = _default("tasks_columns", "name,uuid,state,args,received,started,runtime,worker,retries")
+
+# Flower inspects the workers with eight broadcasts at once from a thread pool;
+# with the workers' small broker connection pool (broker_pool_limit) they wait
+# on one another until every call times out and /api/workers stays empty. The
+# Flower process gets a pool big enough for them; the workers keep theirs.
+_FLOWER_POOL_LIMIT = 16
+if _app.conf.broker_pool_limit is not None and _app.conf.broker_pool_limit < _FLOWER_POOL_LIMIT:
+    _app.conf.broker_pool_limit = _FLOWER_POOL_LIMIT
+    _app._pool = None  # built lazily; make sure the next one has the new limit
+
+if _settings.flower_user and _settings.flower_password:
+    basic_auth = [f"{_settings.flower_user}:{_settings.flower_password}"]
+elif not _cli.basic_auth and address not in _LOOPBACK:  # FLOWER_BASIC_AUTH / --basic_auth also count
+    raise SystemExit(
+        f"flower: refusing to listen on {address} without authentication; set FLOWER_USER and FLOWER_PASSWORD"
+    )
