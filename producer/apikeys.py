@@ -79,7 +79,7 @@ def _new_prefix() -> str:
     return KEY_PREFIX + secrets.token_hex(4)
 
 
-def create_api_key(session: Session, organization_id: int, name: str) -> CreatedKey:
+def create_api_key(session: Session, organization_id: int, name: str, origin: str = "cli") -> CreatedKey:
     """Create a key for ``organization_id`` named ``name`` (the calling service); returns the secret once."""
     name = (name or "").strip()
     if not name:
@@ -100,8 +100,7 @@ def create_api_key(session: Session, organization_id: int, name: str) -> Created
     row = ApiKey(organization_id=organization_id, name=name, prefix=prefix, key_hash=hash_key(key), created_at=now)
     session.add(row)
     session.flush()
-    record_audit(session, "api_key.created", organization_id, origin="cli",
-                 details={"prefix": prefix, "name": name})
+    record_audit(session, "api_key.created", organization_id, origin=origin, details={"prefix": prefix, "name": name})
     return CreatedKey(row.id, organization_id, name, prefix, key, now)
 
 
@@ -122,14 +121,14 @@ def verify_api_key(session: Session, presented: str | None) -> ApiIdentity:
     return ApiIdentity(row.id, row.organization_id, row.name, row.prefix)
 
 
-def revoke_api_key(session: Session, prefix: str) -> dict:
+def revoke_api_key(session: Session, prefix: str, origin: str = "cli") -> dict:
     """Revoke the key with ``prefix``; requests with it are refused from the next one on. Safe to run twice."""
     row = session.scalars(select(ApiKey).where(ApiKey.prefix == prefix.strip()).with_for_update()).first()
     if row is None:
         raise NotFound(f"API key {prefix} not found")
     if row.revoked_at is None:
         row.revoked_at = utcnow()
-        record_audit(session, "api_key.revoked", row.organization_id, origin="cli",
+        record_audit(session, "api_key.revoked", row.organization_id, origin=origin,
                      details={"prefix": row.prefix, "name": row.name})
     return describe_key(row)
 

@@ -293,12 +293,12 @@ class RequestContextMiddleware:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        status = {"code": 500}
+        status = {"code": 500, "sent": False}
         state = scope.setdefault("state", {})
 
         async def capture(message):
             if message["type"] == "http.response.start":
-                status["code"] = message["status"]
+                status["code"], status["sent"] = message["status"], True
             await send(message)
 
         try:
@@ -310,6 +310,9 @@ class RequestContextMiddleware:
             await self.app(scope, receive, capture)
         except Exception as exc:
             log_event("http.unhandled", logging.ERROR, exc_info=True, error=type(exc).__name__)
+            if status["sent"]:
+                raise  # too late for a problem document; the server closes the connection
+            status["code"] = 500
             await problem(500, "internal_error", "internal error")(scope, receive, capture)
         finally:
             elapsed = time.perf_counter() - started

@@ -204,6 +204,48 @@ def job_count() -> int:
         return session.scalar(select(func.count()).select_from(ResetJob))
 
 
+# --- API keys (plain functions, rolled back) ------------------------------------------------------
+
+def test_api_keys_are_stored_hashed_scoped_and_revocable(db_session):
+    from models.errors import NotFound, Unauthenticated, ValidationFailed
+    from models.schema import ApiKey
+    from models.training import create_organization, create_user
+
+    org = create_organization(db_session, "Keys org")
+    other = create_organization(db_session, "Other org")
+    member = create_user(db_session, org.id, "Member", "member@example.com")
+    outsider = create_user(db_session, other.id, "Outsider", "outsider@example.com")
+    created = apikeys.create_api_key(db_session, org.id, "lms")
+    row = db_session.scalars(select(ApiKey).where(ApiKey.prefix == created.prefix)).one()
+    assert created.key.startswith(created.prefix + ".") and row.key_hash == apikeys.hash_key(created.key)
+    assert created.key not in (row.key_hash, row.prefix, row.name)
+
+    identity = apikeys.verify_api_key(db_session, created.key)
+    assert (identity.organization_id, identity.origin) == (org.id, "http:lms")
+    assert identity.require_actor(db_session, member.id).id == member.id
+    for actor in (outsider.id, 999_999):
+        with pytest.raises(NotFound):
+            identity.require_actor(db_session, actor)
+    for presented in (None, "", "garbage", created.prefix, created.key + "x", "prk_00000000." + "a" * 43,
+                      created.prefix + ".wrong"):
+        with pytest.raises(Unauthenticated):
+            apikeys.verify_api_key(db_session, presented)
+    for name in ("", "   ", "x" * 60, "tab\there"):
+        with pytest.raises(ValidationFailed):
+            apikeys.create_api_key(db_session, org.id, name)
+    with pytest.raises(NotFound):
+        apikeys.create_api_key(db_session, 999_999, "lms")
+
+    revoked = apikeys.revoke_api_key(db_session, created.prefix)
+    assert revoked["revoked_at"] and apikeys.revoke_api_key(db_session, created.prefix) == revoked  # twice is fine
+    with pytest.raises(Unauthenticated):
+        apikeys.verify_api_key(db_session, created.key)
+    listed = apikeys.list_api_keys(db_session, org.id)
+    assert [k["prefix"] for k in listed] == [created.prefix] and "key" not in listed[0]
+    actions = set(db_session.scalars(select(AuditEvent.action).where(AuditEvent.organization_id == org.id)))
+    assert {"api_key.created", "api_key.revoked"} <= actions
+
+
 # --- the main flow -----------------------------------------------------------------------------
 
 def test_request_confirm_status_flow_ends_succeeded_with_a_real_worker(api_env, tenants, start_api,
@@ -291,6 +333,10 @@ def test_every_error_code_is_produced_by_a_real_bad_request(api_env, tenants, st
     assert revoked.returncode == 0 and json.loads(revoked.stdout)["revoked_at"], revoked.stderr
     unknown_prefix = run_cli(api_env, "api-key", "revoke", "prk_00000000")
     assert unknown_prefix.returncode == 1 and "not found" in unknown_prefix.stderr
+    listed = json.loads(run_cli(api_env, "api-key", "list", "--organization", str(a.organization_id),
+                                "--json").stdout)["keys"]
+    assert {k["prefix"]: bool(k["revoked_at"]) for k in listed} == {a.key_prefix: False, old["prefix"]: True}
+    assert old["key"] not in json.dumps(listed)
 
     course, other_course, third_course = a.course_ids
     body = {"actor_id": a.admin_id, "course_id": course}
