@@ -96,21 +96,35 @@ def watch(job_id: str, interval: float = 0.5, console=None) -> dict:
     with Progress(
         TextColumn("[bold]{task.fields[state]:>9}"), BarColumn(), MofNCompleteColumn(),
         TextColumn("learners"), TextColumn("{task.fields[rate]:>8} /s"), TimeElapsedColumn(),
-        TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=False,
+        TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[phase]}"), console=console,
+        transient=False,
     ) as progress:
-        bar = progress.add_task("reset", total=max(current["learners_total"], 1), state=current["state"], rate="-")
+        bar = progress.add_task("reset", total=max(current["learners_total"], 1), state=current["state"], rate="-",
+                                phase="")
         started = time.monotonic()
         first_done = current["learners_done"]
         while True:
             elapsed = time.monotonic() - started
             rate = (current["learners_done"] - first_done) / elapsed if elapsed > 0 else 0.0
             progress.update(bar, total=max(current["learners_total"], current["learners_done"], 1),
-                            completed=current["learners_done"], state=current["state"], rate=f"{rate:,.0f}")
+                            completed=current["learners_done"], state=current["state"], rate=f"{rate:,.0f}",
+                            phase=_phase(current))
             if current["state"] in TERMINAL_STATES:
                 break
             time.sleep(interval)
             current = read_status(job_id)
     return current
+
+
+def _phase(st: dict) -> str:
+    """What the job is doing besides counting learners: the purge of older rows, once it runs."""
+    total = st.get("purge_batches_total") or 0
+    if st["state"] != "running" or not total:
+        return ""
+    done = st.get("purge_batches_done") or 0
+    if st["batches_done"] - done < st.get("learner_batches_total", 0):
+        return "resetting learners"
+    return f"clearing older rows: {done}/{total} parts"
 
 
 def describe_status(st: dict) -> str:

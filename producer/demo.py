@@ -47,6 +47,9 @@ def run_demo(learners: int = 20_000, concurrency: int = 2, as_json: bool = False
     env = {}
     if not settings.notify_console_path:
         env["NOTIFY_CONSOLE_PATH"] = str(settings.data_dir / "notifications.jsonl")
+    if "NOTIFY_RATE_PER_SECOND" not in os.environ:
+        # The console backend has no provider to protect: let the demo's notifications drain quickly.
+        env["NOTIFY_RATE_PER_SECOND"] = "5000"
     worker = start_worker(ALL_QUEUES, concurrency=concurrency, name=f"demo-{os.getpid()}", env=env,
                           log_dir=settings.data_dir / "logs")
     try:

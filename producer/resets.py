@@ -279,6 +279,7 @@ def status(session: Session, job_id: str, organization_id: int | None = None) ->
         "batches_dead": job.batches_dead,
         "learner_batches_total": job.batches_total,
         "purge_batches_total": job.purge_total,
+        "purge_batches_done": job.purge_done,
         "cleared": job.cleared or {},
         "notifications": {
             "pending": int(counts.get("pending", 0) + counts.get("sending", 0)),

@@ -13,6 +13,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from models.settings import get_settings
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -85,7 +87,7 @@ def start_worker(
     extra_args: list[str] | None = None,
 ) -> WorkerProcess:
     """Start ``celery -A workers worker -Q queues`` as a subprocess; returns once it is spawned."""
-    log_dir = log_dir or Path(os.environ.get("PROGRESS_RESET_DATA_DIR", "data")) / "logs"
+    log_dir = log_dir or get_settings().data_dir / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{name}.log"
     cmd = [sys.executable, "-m", "celery", "-A", "workers", "worker", "-Q", queues, "-c", str(concurrency),
@@ -94,6 +96,9 @@ def start_worker(
         cmd += ["-B", "-s", str(log_dir / f"{name}-beat-schedule")]
     cmd += extra_args or []
     full_env = dict(os.environ)
+    # The worker runs in the repository root: give it this process's data folder
+    # (SQLite file and filesystem broker of the embedded default), not its own.
+    full_env["PROGRESS_RESET_DATA_DIR"] = str(get_settings().data_dir)
     full_env.update(env or {})
     full_env.setdefault("PYTHONPATH", str(REPO_ROOT))
     with open(log_path, "w") as log:
