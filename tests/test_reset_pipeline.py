@@ -227,3 +227,14 @@ def test_audience_filter_resets_only_old_completions(db_session, org):
     job_id = str(job.id)
     assert run_all(db_session, job_id).state == "succeeded"
     assert_reset_exact(db_session, a, job_id, course, old)
+
+
+def test_not_started_learners_have_no_progress_rows(db_session, org):
+    """The invariant the deferred purge relies on (decision 0002): rows imply progress."""
+    before = snapshot(db_session, org.course_ids)
+    assert any(s.status == "not_started" for s in before.values())
+    for key, state in before.items():
+        if state.status == "not_started":
+            assert sum(state.rows) == 0, f"{key} has rows while not started"
+        else:
+            assert state.rows[0] > 0 or state.status == "in_progress"
