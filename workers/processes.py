@@ -85,6 +85,7 @@ def start_worker(
     log_dir: Path | None = None,
     beat: bool = False,
     extra_args: list[str] | None = None,
+    niceness: int = 0,
 ) -> WorkerProcess:
     """Start ``celery -A workers worker -Q queues`` as a subprocess; returns once it is spawned."""
     log_dir = log_dir or get_settings().data_dir / "logs"
@@ -95,6 +96,10 @@ def start_worker(
     if beat:
         cmd += ["-B", "-s", str(log_dir / f"{name}-beat-schedule")]
     cmd += extra_args or []
+    if niceness:
+        # Lower CPU priority: work that is not latency-critical (notifications)
+        # yields the cores to resets on a shared host.
+        cmd = ["nice", "-n", str(niceness), *cmd]
     full_env = dict(os.environ)
     # The worker runs in the repository root: give it this process's data folder
     # (SQLite file and filesystem broker of the embedded default), not its own.
