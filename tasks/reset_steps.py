@@ -279,6 +279,25 @@ class BatchResult:
     job_state: str = "running"
 
 
+def _lock_batch(session: Session, key: uuid.UUID, batch_no: int) -> ResetBatch | None:
+    """The batch row, locked: a concurrent duplicate of the same message waits here."""
+    return session.execute(
+        select(ResetBatch).where(ResetBatch.job_id == key, ResetBatch.batch_no == batch_no)
+        .with_for_update().execution_options(populate_existing=True)
+    ).scalar_one_or_none()
+
+
+def _running_job_or_cancel(session: Session, batch: ResetBatch, now: datetime) -> ResetJob | None:
+    """The batch's job if it is still running; otherwise mark the batch cancelled and return None."""
+    job = session.get(ResetJob, batch.job_id, populate_existing=True)
+    if job.state == "running":
+        return job
+    batch.state = "cancelled"
+    batch.finished_at = now
+    session.flush()
+    return None
+
+
 def _insert_notifications(session: Session, job: ResetJob, ids: list[int], now: datetime) -> int:
     """Outbox rows for the reset learners whose setting allows it, read now (R9)."""
     u = User.__table__.c
@@ -336,17 +355,11 @@ def run_batch(session: Session, job_id: str | uuid.UUID, batch_no: int, now: dat
     """
     now = now or utcnow()
     key = _job_uuid(job_id)
-    batch = session.execute(
-        select(ResetBatch).where(ResetBatch.job_id == key, ResetBatch.batch_no == batch_no)
-        .with_for_update().execution_options(populate_existing=True)
-    ).scalar_one_or_none()
+    batch = _lock_batch(session, key, batch_no)
     if batch is None or batch.state != "running" or batch.kind != "learners":
         return BatchResult("skipped")
-    job = session.get(ResetJob, key, populate_existing=True)
-    if job.state != "running":
-        batch.state = "cancelled"
-        batch.finished_at = now
-        session.flush()
+    job = _running_job_or_cancel(session, batch, now)
+    if job is None:
         return BatchResult("cancelled")
 
     a = assignments.c
@@ -410,19 +423,13 @@ def purge_step(
     """
     now = now or utcnow()
     key = _job_uuid(job_id)
-    row = session.execute(
-        select(ResetBatch).where(ResetBatch.job_id == key, ResetBatch.batch_no == batch_no)
-        .with_for_update().execution_options(populate_existing=True)
-    ).scalar_one_or_none()
+    row = _lock_batch(session, key, batch_no)
     if row is None or row.kind != "purge" or row.state not in ("pending", "running"):
         return PurgeResult("skipped")
     if cursor is not None and row.cursor_row_id != cursor:
         return PurgeResult("skipped")
-    job = session.get(ResetJob, key, populate_existing=True)
-    if job.state != "running":
-        row.state = "cancelled"
-        row.finished_at = now
-        session.flush()
+    job = _running_job_or_cancel(session, row, now)
+    if job is None:
         return PurgeResult("cancelled")
     t = _component(row.component).table
     chunk = (select(t.c.id).where(t.c.course_id == job.course_id, t.c.id > row.cursor_row_id,
