@@ -71,23 +71,9 @@ def configure(database_url: str, extra: dict[str, str] | None = None) -> dict[st
     env = {"DATABASE_URL": database_url, "CELERY_BROKER_URL": REDIS_URL, "LOG_FORMAT": "json",
            "NOTIFY_BACKEND": "console", "NOTIFY_RATE_PER_SECOND": "1000000", **(extra or {})}
     os.environ.update(env)
-    from kombu import pools
+    from workers.app import reconfigure
 
-    from models.db import dispose_engine
-    from models.settings import get_settings, reset_settings_cache
-    from workers.app import app
-    from workers.config import celery_config
-
-    reset_settings_cache()
-    dispose_engine()
-    app.conf.update(celery_config(get_settings()))
-    if app._pool is not None:
-        app._pool.force_close_all()
-        app._pool = None
-    amqp = app.__dict__.get("amqp")
-    if amqp is not None:
-        amqp._producer_pool = None
-    pools.reset()
+    reconfigure()
     return env
 
 

@@ -377,29 +377,10 @@ def start_celery(
 
 
 def refresh_configuration() -> None:
-    """Re-read the settings in this process and rebuild what was built from them.
+    """Re-read the settings in this process and rebuild what was built from them (engine, Celery app)."""
+    from workers.app import reconfigure
 
-    Forgets the engine and reconfigures the Celery app, including its pooled
-    broker connections and producers, which belong to the old broker URL.
-    """
-    from models.db import dispose_engine
-    from models.settings import get_settings, reset_settings_cache
-
-    reset_settings_cache()
-    dispose_engine()
-    from workers.app import app
-    from workers.config import celery_config
-
-    from kombu import pools
-
-    app.conf.update(celery_config(get_settings()))
-    # Connection and producer pools are registered globally per connection; a
-    # closed one must not be handed out again for the same URL, so clear them all.
-    pools.reset()
-    app._pool = None
-    amqp = app.__dict__.get("amqp")
-    if amqp is not None:
-        amqp._producer_pool = None
+    reconfigure()
 
 
 def main() -> int:

@@ -143,7 +143,8 @@ def test_audit_keeps_the_fact_not_the_data(db_session, org):
     course = org.course_ids[0]
     job_id = confirmed_job(db_session, org.admin_id, course)
     run_all(db_session, job_id)
-    events = db_session.scalars(select(AuditEvent).where(AuditEvent.course_id == course)).all()
+    events = db_session.scalars(select(AuditEvent).where(AuditEvent.course_id == course)
+                                .order_by(AuditEvent.id)).all()
     actions = [e.action for e in events]
     assert actions == ["reset.requested", "reset.confirmed", "reset.succeeded"]
     done = events[-1]

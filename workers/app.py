@@ -15,6 +15,28 @@ app.config_from_object(celery_config(get_settings()))
 app.set_default()
 
 
+def reconfigure() -> None:
+    """Re-read the settings in this process and rebuild what was built from them.
+
+    For tools and tests that point one process at another database or broker:
+    forgets the engine and reconfigures the Celery app, including its pooled
+    broker connections and producers, which belong to the old broker URL.
+    """
+    from kombu import pools
+
+    from models.settings import reset_settings_cache
+
+    reset_settings_cache()
+    dispose_engine()
+    app.conf.update(celery_config(get_settings()))
+    # Pools are registered globally per connection: a closed one must not be handed out again.
+    pools.reset()
+    app._pool = None
+    amqp = app.__dict__.get("amqp")
+    if amqp is not None:
+        amqp._producer_pool = None
+
+
 @worker_process_init.connect
 def _fresh_engine_in_child(**_kwargs) -> None:
     # Never share pooled connections across a fork: each pool child builds its own.
