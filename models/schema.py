@@ -114,7 +114,9 @@ class CourseAssignment(Base):
     last_reset_job_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, nullable=True)
     assigned_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_now_default())
 
-    __table_args__ = (Index("ix_course_assignments_user", "user_id"),)
+    # A learner's courses (the profile), and a batch's learners in one course:
+    # "user_id = ANY(batch) AND course_id = c" is answered by this index alone.
+    __table_args__ = (Index("ix_course_assignments_user_course", "user_id", "course_id"),)
 
 
 class _ProgressRow:

@@ -65,6 +65,11 @@ def _in_ids(session: Session, column, ids: list[int]):
     return column.in_(ids)
 
 
+def _key_range(course_col, key_col, course_id: int, lo: int, hi: int):
+    """``lo < key <= hi`` within one course: answered by the composite index on ``(course_id, key)``."""
+    return and_(course_col == course_id, key_col > lo, key_col <= hi)
+
+
 def _job_uuid(job_id: str | uuid.UUID) -> uuid.UUID:
     return job_id if isinstance(job_id, uuid.UUID) else uuid.UUID(str(job_id))
 
@@ -328,8 +333,10 @@ def reset_learners(session: Session, job: ResetJob, ids: list[int], now: datetim
         where = [t.c.course_id == job.course_id, _in_ids(session, t.c.user_id, ids)]
         if component.name in watermarks:
             newer = t.c.id > watermarks[component.name]
-            # Usually nothing was recorded since the job started: one index probe says so.
-            if session.scalar(select(t.c.id).where(t.c.course_id == job.course_id, newer).limit(1)) is None:
+            # Usually nothing was recorded since the job started: the course's highest
+            # row id (one backward probe of the (course_id, id) index) says so.
+            latest = session.scalar(select(func.max(t.c.id)).where(t.c.course_id == job.course_id))
+            if latest is None or latest <= watermarks[component.name]:
                 cleared[component.name] = 0
                 continue
             where.append(newer)
@@ -338,7 +345,9 @@ def reset_learners(session: Session, job: ResetJob, ids: list[int], now: datetim
     a = assignments.c
     session.execute(
         update(assignments)
-        .where(a.course_id == job.course_id, _in_ids(session, a.user_id, ids))
+        # The range keeps the planner on the primary key (course_id, user_id) within the batch.
+        .where(_key_range(a.course_id, a.user_id, job.course_id, min(ids) - 1, max(ids)),
+               _in_ids(session, a.user_id, ids))
         .values(status="not_started", progress_pct=0.0, items_done=0, score=None, started_at=None,
                 completed_at=None, attempt=a.attempt + 1, last_reset_job_id=job.id)
     )
@@ -367,7 +376,7 @@ def run_batch(session: Session, job_id: str | uuid.UUID, batch_no: int, now: dat
         select(a.user_id, a.status)
         .where(
             target_filter(job.course_id, job.learner_id, as_utc(job.completed_before)),
-            a.user_id > batch.lo_user_id, a.user_id <= batch.hi_user_id,
+            _key_range(a.course_id, a.user_id, job.course_id, batch.lo_user_id, batch.hi_user_id),
             or_(a.last_reset_job_id.is_(None), a.last_reset_job_id != job.id),
         )
         .order_by(a.user_id)
@@ -432,13 +441,13 @@ def purge_step(
     if job is None:
         return PurgeResult("cancelled")
     t = _component(row.component).table
-    chunk = (select(t.c.id).where(t.c.course_id == job.course_id, t.c.id > row.cursor_row_id,
-                                  t.c.id <= row.hi_row_id)
+    chunk = (select(t.c.id).where(_key_range(t.c.course_id, t.c.id, job.course_id, row.cursor_row_id,
+                                             row.hi_row_id))
              .order_by(t.c.id).limit(chunk_rows).subquery())
     boundary = session.scalar(select(func.max(chunk.c.id)))
     deleted = 0
     if boundary is not None:
-        where = [t.c.course_id == job.course_id, t.c.id > row.cursor_row_id, t.c.id <= boundary]
+        where = [_key_range(t.c.course_id, t.c.id, job.course_id, row.cursor_row_id, boundary)]
         # Learners of a dead-lettered batch were not reset: their rows stay.
         for lo, hi in session.execute(select(batches.c.lo_user_id, batches.c.hi_user_id).where(
                 batches.c.job_id == key, batches.c.kind == "learners", batches.c.state == "dead")):

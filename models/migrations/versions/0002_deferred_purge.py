@@ -15,6 +15,10 @@ depends_on = None
 
 
 def upgrade() -> None:
+    with op.batch_alter_table('course_assignments', schema=None) as batch_op:
+        batch_op.drop_index('ix_course_assignments_user')
+        batch_op.create_index('ix_course_assignments_user_course', ['user_id', 'course_id'], unique=False)
+
     with op.batch_alter_table('assessment_results', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_assessment_results_course_user'))
         batch_op.create_index('ix_assessment_results_course_id', ['course_id', 'id'], unique=False)
@@ -56,6 +60,10 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    with op.batch_alter_table('course_assignments', schema=None) as batch_op:
+        batch_op.drop_index('ix_course_assignments_user_course')
+        batch_op.create_index('ix_course_assignments_user', ['user_id'], unique=False)
+
     with op.batch_alter_table('reset_jobs', schema=None) as batch_op:
         batch_op.drop_column('finalized_at')
         batch_op.drop_column('purge_done')
