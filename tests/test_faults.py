@@ -1,0 +1,802 @@
+"""Fault tolerance (issue 7): kill, restart, duplicate, poison, with real PostgreSQL, Redis and workers.
+
+Every scenario runs a course-wide reset through real ``celery worker`` processes
+(one for ``resets,reset_batches``, one for ``notifications,maintenance``, as the
+compose file splits them), injects a fault while batches are in flight, and then
+checks the pass criterion against the database (:func:`fault_support.assert_outcome`):
+the job ends ``succeeded`` (``failed`` naming the batch for the poison), every
+targeted learner's attempt went up exactly once, nothing of another course or
+learner changed, analytics equal a recomputation, one notification row per
+notifiable learner and one delivery of each. Recovery time (fault to the job's
+``finished_at``) is measured, bounded, and printed at the end of the module.
+
+Each test gets its own Redis server (so it can be restarted or wiped) and its own
+database; the PostgreSQL restart runs on a cluster of the test's own. Run with
+``pytest tests/test_faults.py -s`` to see the recovery table; ``--run-slow``
+adds larger variants. ``FAULT_SEED`` replays the random kill points of a run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+
+from models.db import dispose_engine, session_scope
+from models.seed import SeedResult, seed
+from producer import resets
+from tasks import reset_steps
+from tests import fault_support as fs
+from tests.reset_checks import snapshot, targeted
+
+pytestmark = pytest.mark.e2e
+
+SEED = int(os.environ.get("FAULT_SEED") or time.time_ns() % 1_000_000)
+RECOVERY = fs.Recovery()
+
+# Small on purpose: each scenario must fit in seconds on 2 cores. Batches of 25
+# learners, each slowed to 0.15-0.45 s inside its transaction (install_batch_slowdown),
+# give a fault something in flight to hit. Stale/lease/sweep settings are shortened
+# so the database-driven recovery (the maintenance sweep) runs within the test.
+LEARNERS = 700
+BASE_ENV = {
+    "RESET_BATCH_SIZE": "25",
+    "RESET_BATCH_MAX_ATTEMPTS": "5",
+    "RESET_BATCH_LEASE_SECONDS": "5",
+    "RESET_JOB_STALE_SECONDS": "3",
+    "PUBLISH_STALE_SECONDS": "2",
+    "SWEEP_INTERVAL_SECONDS": "1",
+    "RESET_PURGE_CHUNK_ROWS": "300",
+    "NOTIFY_STALE_SECONDS": "10",
+    "NOTIFY_RATE_PER_SECOND": "5000",
+    "NOTIFY_BACKEND": "console",
+    "LOG_FORMAT": "json",
+}
+BATCH_SLEEP = 0.3
+BATCH_QUEUES = "resets,reset_batches"
+SIDE_QUEUES = "notifications,maintenance"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def recovery_report():
+    yield RECOVERY
+    if RECOVERY.rows:
+        print(f"\nrecovery times (FAULT_SEED={SEED}):\n{RECOVERY.table()}")
+        target = os.environ.get("FAULT_TIMINGS_JSON")
+        if target:
+            Path(target).write_text(json.dumps({"seed": SEED, "scenarios": RECOVERY.rows}, indent=2) + "\n")
+
+
+@dataclass(frozen=True)
+class Scale:
+    """Course size and the settings that go with it; ``large`` runs only with ``--run-slow``."""
+
+    name: str
+    learners: int
+    env: dict
+    slower: float  # recovery bounds are multiplied by this
+
+
+SMALL = Scale("small", LEARNERS, {}, 1.0)
+LARGE = Scale("large", 20_000, {"RESET_BATCH_SIZE": "500", "RESET_PURGE_CHUNK_ROWS": "5000"}, 4.0)
+SCALES = [pytest.param(SMALL, id="small"), pytest.param(LARGE, id="large", marks=pytest.mark.slow)]
+
+
+@pytest.fixture
+def scale(request) -> Scale:
+    return getattr(request, "param", SMALL)
+
+
+@dataclass
+class Stack:
+    """One test's servers, environment and processes."""
+
+    db_url: str
+    redis: fs.RedisServer
+    env: dict[str, str]
+    console: Path
+    procs: fs.Processes
+    rng: random.Random
+    scale: Scale = SMALL
+
+    @property
+    def learners(self) -> int:
+        return self.scale.learners
+
+    def bound(self, seconds: float) -> float:
+        return seconds * self.scale.slower
+
+    def label(self, scenario: str) -> str:
+        return scenario if self.scale is SMALL else f"{scenario} [{self.scale.name}: {self.learners} learners]"
+
+    def workers(self, app: str = "workers") -> tuple[fs.CeleryProcess, fs.CeleryProcess]:
+        """The batch worker (``resets,reset_batches``, 2 processes) and the side worker
+        (``notifications,maintenance``, 1 process), started together."""
+        side = self.procs.worker(self.env, SIDE_QUEUES, concurrency=1, name="side", app=app, wait=False)
+        batches = self.procs.worker(self.env, BATCH_QUEUES, concurrency=2, name="batches", app=app, wait=False)
+        side.wait_ready()
+        batches.wait_ready()
+        return batches, side
+
+    def beat(self, name: str = "beat") -> fs.CeleryProcess:
+        return self.procs.beat(self.env, name=name)
+
+
+def make_stack(db_url: str, redis: fs.RedisServer, use_env, tmp_path: Path, request, scale: Scale, **env) -> Stack:
+    console = tmp_path / "notifications.jsonl"
+    values = {**BASE_ENV, **scale.env, "DATABASE_URL": db_url, "CELERY_BROKER_URL": redis.url(),
+              "REDIS_URL": redis.url(), "NOTIFY_CONSOLE_PATH": str(console), **env}
+    full_env = use_env(**values)
+    rng = random.Random(f"{SEED}:{request.node.name}")
+    return Stack(db_url, redis, {k: full_env[k] for k in values}, console, fs.Processes(tmp_path), rng, scale)
+
+
+@pytest.fixture
+def stack_factory(fresh_db, use_env, tmp_path, request, scale):
+    """``stack_factory(persistent_redis=False, db_url=None, **env)`` -> a :class:`Stack`; all torn down after."""
+    made: list[Stack] = []
+    servers: list[fs.RedisServer] = []
+
+    def make(persistent_redis: bool = False, db_url: str | None = None, **env) -> Stack:
+        redis = fs.RedisServer(tmp_path / "redis", persistent=persistent_redis).start()
+        servers.append(redis)
+        stack = make_stack(db_url or fresh_db(), redis, use_env, tmp_path, request, scale, **env)
+        made.append(stack)
+        return stack
+
+    yield make
+    for stack in made:
+        stack.procs.stop_all()
+    dispose_engine()
+    for redis in servers:
+        redis.kill()
+
+
+@pytest.fixture
+def stack(stack_factory) -> Stack:
+    return stack_factory()
+
+
+def seed_org(learners: int = LEARNERS, random_seed: int = 7) -> SeedResult:
+    with session_scope() as session:
+        return seed(session, learners=learners, lessons=5, courses=2, completed_ratio=0.4, random_seed=random_seed)
+
+
+def confirm_course_reset(org: SeedResult, course: int, reason: str = "fault drill") -> tuple[str, dict, set[int]]:
+    """Request and confirm a course-wide reset; returns (job id, snapshot before, targeted learners)."""
+    with session_scope() as session:
+        before = snapshot(session, org.course_ids)
+        req = resets.request(session, org.admin_id, course, reason=reason)
+    with session_scope() as session:
+        job = resets.confirm(session, req.request_id, org.admin_id, req.token)
+    wanted = targeted(before, course)
+    assert req.summary["learners"] == len(wanted)
+    return job.job_id, before, wanted
+
+
+def wait_inside_batch(stack: Stack, worker: fs.CeleryProcess, timeout: float = 30.0) -> dict[int, fs.Backend]:
+    return fs.wait_until(lambda: fs.pids_inside_batch(stack.db_url, worker), timeout, interval=0.02,
+                         what="a pool process inside a batch")
+
+
+def extra_attempts(job_id: str) -> int:
+    """Attempts beyond the first, over the job's learner batches (purge steps do not count attempts)."""
+    return sum(row.attempts - 1 for row in fs.batch_rows(job_id) if row.kind == "learners")
+
+
+# --- 0. Baseline: the same reset without a fault ----------------------------------------------
+
+def test_baseline_without_faults(stack):
+    org = seed_org(stack.learners)
+    course = org.course_ids[0]
+    fs.install_batch_slowdown(stack.db_url, BATCH_SLEEP)
+    stack.workers()
+    job_id, before, wanted = confirm_course_reset(org, course)
+    fs.wait_for_job(job_id, timeout=stack.bound(60))
+    st = fs.assert_outcome(before, job_id, course, wanted, stack.console)
+    assert extra_attempts(job_id) == 0
+    RECOVERY.duration(stack.label("0. baseline, no fault"), job_id, bound=stack.bound(30), learners=len(wanted),
+                      batches=st["batches_total"])
+
+
+# --- 1. SIGKILL of a pool process inside a batch, several times -------------------------------
+
+def kill_inside(stack: Stack, worker: fs.CeleryProcess, prefer: str) -> str | None:
+    """SIGKILL a pool process at a random point inside an open batch transaction (of kind ``prefer``
+    when one shows up within a second). Returns the kind it hit, or None when the transaction
+    turned out to have ended before the kill landed (checked in ``pg_stat_activity``)."""
+    deadline = time.monotonic() + 1.0
+    while True:
+        inside = wait_inside_batch(stack, worker)
+        chosen = sorted(pid for pid, backend in inside.items() if backend.kind == prefer)
+        if chosen or time.monotonic() > deadline:
+            break
+        time.sleep(0.02)
+    pid = stack.rng.choice(chosen or sorted(inside))
+    # The transaction has done part of its work and sleeps 0.15-0.45 s before the rest and its commit.
+    time.sleep(stack.rng.uniform(0, 0.05))
+    worker.kill_child(pid)
+    fs.wait_until(lambda: fs.process_gone(pid), 5, interval=0.005, what=f"process {pid} to die")
+    # A dead client cannot commit: if its transaction is still open now, the kill landed inside it.
+    landed_inside = fs.transaction_still_open(stack.db_url, inside[pid])
+    fs.wait_until(lambda: pid not in worker.children() and len(worker.children()) == 2, 15,
+                  what="the pool to replace the killed process")
+    return inside[pid].kind if landed_inside else None
+
+
+@pytest.mark.parametrize("scale", SCALES, indirect=True)
+def test_sigkill_pool_process_inside_batches(stack):
+    org = seed_org(stack.learners)
+    course = org.course_ids[0]
+    fs.install_batch_slowdown(stack.db_url, BATCH_SLEEP)
+    batches, _side = stack.workers()
+    # No beat: what a killed process held must come back by redelivery alone.
+    job_id, before, wanted = confirm_course_reset(org, course)
+
+    kills = {"learners": 0, "purge": 0, None: 0}
+    for prefer in ("learners", "learners", "purge", "purge"):
+        kills[kill_inside(stack, batches, prefer)] += 1
+        last_kill = fs.utcnow()
+    assert kills["learners"] + kills["purge"] >= 2, kills  # most kills land inside (sleep >> kill delay)
+
+    fs.wait_for_job(job_id, timeout=stack.bound(60))
+    fs.assert_outcome(before, job_id, course, wanted, stack.console)
+    # Each kill inside a learner batch cost it exactly one more attempt: its work had rolled back.
+    assert extra_attempts(job_id) >= kills["learners"], fs.batch_rows(job_id)
+    RECOVERY.record(stack.label("1. SIGKILL a pool process inside a batch, 4 times"), last_kill, job_id,
+                    bound=stack.bound(30),
+                    kills_in_learner_batches=kills["learners"], kills_in_purge_steps=kills["purge"],
+                    kills_just_after_commit=kills[None])
+
+
+# --- 2. SIGKILL of the whole worker, then a new one ---------------------------------------------
+
+@pytest.mark.parametrize("scale", SCALES, indirect=True)
+def test_sigkill_whole_worker_then_new_worker(stack):
+    org = seed_org(stack.learners)
+    course = org.course_ids[0]
+    fs.install_batch_slowdown(stack.db_url, BATCH_SLEEP)
+    batches, _side = stack.workers()
+    stack.beat()
+    job_id, before, wanted = confirm_course_reset(org, course)
+    fs.wait_for_progress(job_id, 3)
+    wait_inside_batch(stack, batches)
+    batches.kill_all()
+    fault_at = fs.utcnow()
+    assert fs.job_status(job_id)["state"] == "running"
+    stack.procs.worker(stack.env, BATCH_QUEUES, concurrency=2, name="batches-new")
+
+    fs.wait_for_job(job_id, timeout=stack.bound(90))
+    fs.assert_outcome(before, job_id, course, wanted, stack.console)
+    RECOVERY.record(stack.label("2. SIGKILL whole worker, new worker started"), fault_at, job_id,
+                    bound=stack.bound(45))
+
+
+# --- 3. SIGTERM (rolling deploy) ----------------------------------------------------------------
+
+def test_sigterm_hands_back_in_flight_work(stack):
+    org = seed_org(stack.learners)
+    course = org.course_ids[0]
+    fs.install_batch_slowdown(stack.db_url, BATCH_SLEEP)
+    batches, _side = stack.workers()
+    # No beat: whatever the old worker held must come back through the broker alone.
+    job_id, before, wanted = confirm_course_reset(org, course)
+    fs.wait_for_progress(job_id, 3)
+    wait_inside_batch(stack, batches)
+    batches.terminate()
+    fault_at = fs.utcnow()
+    assert batches.wait(30) == 0, batches.tail()
+    st = fs.job_status(job_id)
+    assert st["state"] == "running" and st["batches_done"] < st["batches_total"], st
+    stack.procs.worker(stack.env, BATCH_QUEUES, concurrency=2, name="batches-new")
+
+    fs.wait_for_job(job_id, timeout=stack.bound(60))
+    fs.assert_outcome(before, job_id, course, wanted, stack.console)
+    # The batches in flight finished in the old worker; none was interrupted or retried.
+    assert extra_attempts(job_id) == 0, fs.batch_rows(job_id)
+    RECOVERY.record(stack.label("3. SIGTERM (warm shutdown), new worker started"), fault_at, job_id,
+                    bound=stack.bound(30))
+
+
+# --- 4. Redis restarted mid-fan-out, with and without its data ---------------------------------
+
+@pytest.mark.parametrize("scale", SCALES, indirect=True)
+@pytest.mark.parametrize("wiped", [False, True], ids=["data-kept", "data-wiped"])
+def test_redis_restarted_mid_fan_out(stack_factory, wiped):
+    stack = stack_factory(persistent_redis=not wiped)
+    org = seed_org(stack.learners)
+    course = org.course_ids[0]
+    fs.install_batch_slowdown(stack.db_url, BATCH_SLEEP)
+    batches, side = stack.workers()
+    stack.beat()
+    job_id, before, wanted = confirm_course_reset(org, course)
+    fs.wait_for_progress(job_id, 3)
+    queued = stack.redis.keys()
+    if wiped:
+        stack.redis.kill()  # no persistence: every queued and unacknowledged message is gone
+    else:
+        stack.redis.stop()  # append-only file, fsync always: everything acknowledged survives
+    fault_at = fs.utcnow()
+    time.sleep(2)
+    assert fs.job_status(job_id)["state"] == "running"
+    stack.redis.start()
+
+    fs.wait_for_job(job_id, timeout=stack.bound(90))
+    fs.assert_outcome(before, job_id, course, wanted, stack.console)
+    resumed = side.count_events("maintenance.job.resumed")
+    what = "data wiped" if wiped else "data kept"
+    RECOVERY.record(stack.label(f"4. Redis restarted mid-fan-out ({what}, down 2 s)"), fault_at, job_id,
+                    bound=stack.bound(60), redis_keys_before=queued, sweep_resumed_job=resumed)
+
+
+# --- 5. Redis down when the admin confirms ------------------------------------------------------
+
+def test_redis_down_at_confirm(stack):
+    org = seed_org(stack.learners)
+    course = org.course_ids[0]
+    _batches, _side = stack.workers()
+    stack.beat()
+    with session_scope() as session:
+        before = snapshot(session, org.course_ids)
+        req = resets.request(session, org.admin_id, course, reason="redis down")
+    stack.redis.stop()
+    started = time.monotonic()
+    with session_scope() as session:
+        job = resets.confirm(session, req.request_id, org.admin_id, req.token)
+    confirm_seconds = time.monotonic() - started
+    # The confirm committed the job (queued) and returned promptly; only the publish failed.
+    assert job.state == "queued"
+    assert confirm_seconds < 10, confirm_seconds
+    time.sleep(2)
+    assert fs.job_status(job.job_id)["state"] == "queued"
+    stack.redis.start()
+    back_at = fs.utcnow()
+
+    fs.wait_for_job(job.job_id, timeout=stack.bound(60))
+    wanted = targeted(before, course)
+    fs.assert_outcome(before, job.job_id, course, wanted, stack.console)
+    RECOVERY.record(stack.label("5. Redis down at confirm (job queued, runs when Redis is back)"), back_at,
+                    job.job_id, bound=stack.bound(30), confirm_seconds=round(confirm_seconds, 2))
+
+
+# --- 6. PostgreSQL connections terminated, and PostgreSQL restarted -----------------------------
+
+def assert_outcome_known_notification_gap(before, job_id, course, wanted, console) -> None:
+    """:func:`fs.assert_outcome`; until tasks/notifications.py retries writing its sent marks
+    (docs/reliability.md, "Known gaps"), a second delivery is reported as that gap (xfail)
+    rather than as a failure. Everything else, the reset itself included, is checked in full
+    first; once the fix is in (``MARK_RETRY_SECONDS``), a second delivery fails the test."""
+    from tasks import notifications
+
+    try:
+        fs.assert_outcome(before, job_id, course, wanted, console)
+    except fs.DeliveredTwice as exc:
+        if hasattr(notifications, "MARK_RETRY_SECONDS"):
+            raise
+        pytest.xfail(f"known gap: a notification sent while PostgreSQL was unreachable was not recorded "
+                     f"and was sent again ({exc})")
+
+
+def test_postgres_backends_terminated_mid_batch(stack):
+    org = seed_org(stack.learners)
+    course = org.course_ids[0]
+    fs.install_batch_slowdown(stack.db_url, BATCH_SLEEP)
+    batches, _side = stack.workers()
+    # No beat: the retry with backoff alone must bring the batches through.
+    job_id, before, wanted = confirm_course_reset(org, course)
+    terminated = 0
+    for _ in range(3):
+        fs.wait_until(lambda: fs.backends_inside_batch(stack.db_url), 30, interval=0.02, what="a batch in flight")
+        terminated += fs.terminate_batch_backends(stack.db_url)
+        last_fault = fs.utcnow()
+        time.sleep(0.3)
+    # And once every connection of the database, idle pooled ones included.
+    fs.terminate_all_backends(stack.db_url)
+
+    fs.wait_for_job(job_id, timeout=stack.bound(90))
+    assert_outcome_known_notification_gap(before, job_id, course, wanted, stack.console)
+    rows = fs.batch_rows(job_id)
+    retried = [r for r in rows if r.kind == "learners" and r.attempts > 1]
+    assert terminated >= 3
+    # Every failed attempt was retried by its own task (none gave up and left it to a sweep).
+    assert not batches.failed_tasks(), batches.failed_tasks()
+    RECOVERY.record(stack.label("6a. pg_terminate_backend inside batches (x3) + all connections"), last_fault,
+                    job_id, bound=stack.bound(30), backends_terminated=terminated,
+                    learner_batches_retried=len(retried))
+
+
+@pytest.mark.parametrize("scale", SCALES, indirect=True)
+def test_postgres_restarted_mid_batch(fresh_db, stack_factory, request):
+    cluster = fs.PostgresCluster().init()
+    request.addfinalizer(cluster.destroy)
+    cluster.start()
+    stack = stack_factory(db_url=cluster.create_database("faults"))
+    org = seed_org(stack.learners)
+    course = org.course_ids[0]
+    fs.install_batch_slowdown(stack.db_url, BATCH_SLEEP)
+    batches, _side = stack.workers()
+    stack.beat()
+    job_id, before, wanted = confirm_course_reset(org, course)
+    fs.wait_for_progress(job_id, 3)
+    fs.wait_until(lambda: fs.backends_inside_batch(stack.db_url), 30, interval=0.02, what="a batch in flight")
+    cluster.stop("fast")  # every session ends, open transactions roll back
+    fault_at = fs.utcnow()
+    time.sleep(2)
+    cluster.start()
+    dispose_engine()
+
+    fs.wait_for_job(job_id, timeout=stack.bound(90))
+    # While PostgreSQL was down every reset task retried with backoff; none failed and dropped its message.
+    assert not batches.failed_tasks(), batches.failed_tasks()
+    assert_outcome_known_notification_gap(before, job_id, course, wanted, stack.console)
+    RECOVERY.record(stack.label("6b. PostgreSQL restarted (fast shutdown, down 2 s)"), fault_at, job_id,
+                    bound=stack.bound(60),
+                    database_retries=batches.count_events("reset.task.database_unavailable"))
+
+
+# --- 7. Every message published twice, concurrently --------------------------------------------
+
+@pytest.mark.parametrize("scale", SCALES, indirect=True)
+def test_every_message_published_twice(stack):
+    from workers.app import app
+
+    org = seed_org(stack.learners)
+    course = org.course_ids[0]
+    fs.install_batch_slowdown(stack.db_url, BATCH_SLEEP / 3)
+    # Worker processes publish every follow-up twice (same task id, another connection, same moment).
+    batches, side = stack.workers(app="tests.fault_support:duplicating_app")
+    duplicator = fs.DuplicatePublisher(app).install()  # and so does this producer (resets.start)
+    try:
+        job_id, before, wanted = confirm_course_reset(org, course)
+        fs.wait_for_job(job_id, timeout=stack.bound(90))
+    finally:
+        duplicator.uninstall()
+    fs.assert_outcome(before, job_id, course, wanted, stack.console)
+
+    assert duplicator.copies >= 1 and duplicator.failures == 0
+    logs = batches.log_text() + side.log_text()
+    assert logs.count("fault.duplicate.failed") == 0
+    rows = fs.batch_rows(job_id)
+    learner_batches = [r for r in rows if r.kind == "learners"]
+    # Both copies of every batch message reached a worker.
+    received = len(re.findall(r"Task resets\.run_batch\[[0-9a-f-]+\] received", logs))
+    assert received >= 2 * len(learner_batches), (received, len(learner_batches))
+    assert logs.count("fault.duplicate.published task=notifications.send") >= 1
+    RECOVERY.duration(stack.label("7. every message published twice, concurrently"), job_id,
+                      bound=stack.bound(60),
+                      duplicates_published=logs.count("fault.duplicate.published") + duplicator.copies,
+                      run_batch_deliveries=received, learner_batches=len(learner_batches))
+
+
+# --- 8. A poison batch ---------------------------------------------------------------------------
+
+POISON_ATTEMPTS = 3
+
+
+def _watch_claims(job_id: str, batch_no: int, stop: threading.Event, seen: list) -> None:
+    """Record every distinct claim of one batch (its attempts counter and claim time)."""
+    from models.schema import ResetBatch
+
+    b = ResetBatch.__table__.c
+    while not stop.is_set():
+        with session_scope() as session:
+            row = session.execute(select(b.attempts, b.claimed_at, b.state).where(
+                b.job_id == uuid.UUID(job_id), b.batch_no == batch_no)).one()
+        if row.attempts and (not seen or seen[-1][0] != row.attempts):
+            seen.append((row.attempts, row.claimed_at, row.state))
+        time.sleep(0.01)
+
+
+def test_poison_batch_is_dead_lettered(stack_factory):
+    stack = stack_factory(RESET_BATCH_MAX_ATTEMPTS=str(POISON_ATTEMPTS))
+    org = seed_org(stack.learners)
+    course = org.course_ids[0]
+    with session_scope() as session:
+        before = snapshot(session, org.course_ids)
+    wanted = targeted(before, course)
+    poisoned = sorted(wanted)[len(wanted) // 2]
+    # Every attempt to restart this learner's assignment fails: a learner whose rows break the batch.
+    message = fs.install_assignment_poison(stack.db_url, poisoned, course)
+    stack.workers()
+    job_id, before, wanted = confirm_course_reset(org, course)
+    fs.wait_until(lambda: fs.job_status(job_id)["batches_total"], 30, what="batches planned")
+    bad = next(r for r in fs.batch_rows(job_id) if r.kind == "learners" and r.lo_user_id < poisoned <= r.hi_user_id)
+    stop, claims = threading.Event(), []
+    watcher = threading.Thread(target=_watch_claims, args=(job_id, bad.batch_no, stop, claims), daemon=True)
+    watcher.start()
+    try:
+        st = fs.wait_for_job(job_id, timeout=stack.bound(90))
+        time.sleep(2)  # nothing may retry it after the job ended
+    finally:
+        stop.set()
+        watcher.join(5)
+
+    assert st["state"] == "failed", st
+    assert f"batch {bad.batch_no} " in st["error"] and message in st["error"], st["error"]
+    assert f"dead-lettered after {POISON_ATTEMPTS} attempts" in st["error"], st["error"]
+    row = next(r for r in fs.batch_rows(job_id) if r.batch_no == bad.batch_no)
+    assert row.state == "dead" and row.attempts == POISON_ATTEMPTS + 1, row
+    # The other batches finished; the dead batch's learners were left exactly as they were.
+    others = [r for r in fs.batch_rows(job_id) if r.batch_no != bad.batch_no]
+    assert all(r.state == "done" for r in others), [(r.batch_no, r.state) for r in others]
+    spared = {u for u in wanted if bad.lo_user_id < u <= bad.hi_user_id}
+    fs.assert_outcome(before, job_id, course, wanted - spared, stack.console, state="failed")
+    # No tight loop: exactly max attempts + the dead-lettering claim, spread out by the backoff.
+    times = [c[1] for c in claims]
+    gaps = [round((b - a).total_seconds(), 2) for a, b in zip(times, times[1:])]
+    assert [c[0] for c in claims][-1] == POISON_ATTEMPTS + 1
+    assert (times[-1] - times[0]).total_seconds() >= 0.1, gaps
+    RECOVERY.record(stack.label(f"8. poison batch dead-lettered after {POISON_ATTEMPTS} attempts "
+                                "(first claim -> job failed)"),
+                    times[0], job_id, bound=stack.bound(30), claim_gaps_seconds=gaps, learners_spared=len(spared))
+
+
+def test_poison_row_in_the_purge_is_contained(stack_factory):
+    """A row the purge can never delete (one learner's assessment result) must cost only that row.
+
+    The learner phase has restarted every attempt before the purge runs, so the purge cannot
+    spare whole learners; what it must do is clear every other row, end the job ``failed``
+    naming the learner whose rows stayed, and not spin.
+    """
+    from models.components import RESET_COMPONENTS
+
+    stack = stack_factory(RESET_BATCH_MAX_ATTEMPTS=str(POISON_ATTEMPTS))
+    org = seed_org(stack.learners)
+    course = org.course_ids[0]
+    with session_scope() as session:
+        before = snapshot(session, org.course_ids)
+    completed = sorted(u for (c, u), s in before.items() if c == course and s.status == "completed")
+    poisoned = completed[len(completed) // 2]
+    message = fs.install_poison(stack.db_url, poisoned, table="assessment_results")
+    stack.workers()
+    job_id, before, wanted = confirm_course_reset(org, course)
+    st = fs.wait_for_job(job_id, timeout=stack.bound(90))
+    time.sleep(1)
+
+    assert st["state"] == "failed", st
+    assert message in st["error"], st["error"]
+    component = [c.name for c in RESET_COMPONENTS].index("assessment_results")
+    with session_scope() as session:
+        after = snapshot(session, org.course_ids)
+    left = {u: s.rows for (c, u), s in after.items() if c == course and any(s.rows)}
+    # Only the poisoned learner's undeletable assessment rows remain, and the error names them.
+    expected = tuple(before[(course, poisoned)].rows[i] if i == component else 0
+                     for i in range(len(RESET_COMPONENTS)))
+    contained = left == {poisoned: expected} and f"(learner {poisoned})" in st["error"]
+    if not contained and not hasattr(reset_steps, "UNDELETABLE"):
+        # Known gap until tasks/reset_steps.py isolates undeletable rows (docs/reliability.md).
+        pytest.xfail(f"known gap: the purge dead-lettered a whole id range; {len(left)} reset learners keep "
+                     f"pre-reset rows ({st['error'][:160]})")
+    assert left == {poisoned: expected}, f"{len(left)} learners keep rows, e.g. {dict(list(left.items())[:3])}"
+    assert f"(learner {poisoned})" in st["error"], st["error"]
+    RECOVERY.duration(stack.label("8b. poison row in the purge (job failed naming it)"), job_id,
+                      bound=stack.bound(30), learners_with_rows_left=len(left))
+
+
+# --- 9. Training goes on during the reset (R10) -----------------------------------------------
+
+def _lesson_ids(course: int) -> list[int]:
+    from models.schema import CourseItem
+
+    with session_scope() as session:
+        return list(session.scalars(select(CourseItem.id).where(CourseItem.course_id == course,
+                                                                CourseItem.kind == "lesson")).all())
+
+
+def test_assign_unassign_and_activity_during_reset(stack):
+    from models.schema import CourseAssignment, Notification, User
+    from models.training import assign_course, create_user, record_activity, unassign_course
+
+    org = seed_org(stack.learners)
+    course = org.course_ids[0]
+    fs.install_batch_slowdown(stack.db_url, BATCH_SLEEP / 2)
+    with session_scope() as session:
+        before = snapshot(session, org.course_ids)
+        newcomers = [create_user(session, org.organization_id, f"New {n}",
+                                 f"new{n}.org{org.organization_id}@example.com",
+                                 notify_course_assigned=n % 3 != 0).id for n in range(20)]
+    wanted = targeted(before, course)
+    rng = stack.rng
+    pool = sorted(wanted)
+    active = set(rng.sample(pool, 30))
+    leaving = set(rng.sample(sorted(set(pool) - active), 15))
+    idle = sorted(u for (c, u), s in before.items() if c == course and s.status == "not_started")
+    starters = set(rng.sample(idle, 15))
+    lessons = _lesson_ids(course)
+    _batches, _side = stack.workers()
+
+    log: list[tuple[int, int]] = []  # (learner, attempt) of every committed activity
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def guarded(fn):
+        def run():
+            try:
+                fn()
+            except BaseException as exc:  # noqa: BLE001 - reported by the test
+                errors.append(exc)
+        return threading.Thread(target=run, daemon=True)
+
+    def activity(learners: list[int]):
+        r = random.Random(rng.random())
+        while not stop.is_set():
+            u = r.choice(learners)
+            with session_scope() as session:
+                result = record_activity(session, course, u, r.choice(lessons))
+            log.append((u, result.attempt))
+            time.sleep(r.uniform(0, 0.02))
+
+    def assigning():
+        r = random.Random(rng.random())
+        for u in newcomers:
+            with session_scope() as session:
+                assign_course(session, course, u)
+            if r.random() < 0.6:
+                with session_scope() as session:
+                    log.append((u, record_activity(session, course, u, r.choice(lessons)).attempt))
+            time.sleep(r.uniform(0.05, 0.2))
+
+    def unassigning():
+        r = random.Random(rng.random())
+        for u in sorted(leaving):
+            with session_scope() as session:
+                assert unassign_course(session, course, u)
+            time.sleep(r.uniform(0.05, 0.3))
+
+    job_id, _, _ = confirm_course_reset(org, course)
+    threads = [guarded(lambda: activity(sorted(active))), guarded(lambda: activity(sorted(starters))),
+               guarded(assigning), guarded(unassigning)]
+    for t in threads:
+        t.start()
+    st = fs.wait_for_job(job_id, timeout=stack.bound(90))
+    time.sleep(0.5)  # activity keeps going after the job: it belongs to the new attempt
+    stop.set()
+    for t in threads:
+        t.join(30)
+    assert not errors, errors
+    assert st["state"] == "succeeded", st
+    fs.wait_for_notifications(job_id)
+
+    from models import analytics
+    from models.components import RESET_COMPONENTS
+
+    touched = active | leaving | starters | set(newcomers)
+    job = uuid.UUID(job_id)
+    with session_scope() as session:
+        after = snapshot(session, org.course_ids)
+        # Everyone the threads did not touch: exactly the plain reset.
+        for key, old in before.items():
+            c, u = key
+            if c == course and u in touched:
+                continue
+            new = after[key]
+            if c == course and u in wanted:
+                assert (new.attempt, new.last_reset_job_id, new.status, sum(new.rows)) == \
+                    (old.attempt + 1, job, "not_started", 0), (key, old, new)
+            else:
+                assert new == old, (key, old, new)
+        # Removed learners: nothing of theirs is left in the course.
+        for u in leaving:
+            assert (course, u) not in after
+        # Learners who worked during the job: progress of the attempt they are on now is all
+        # there (never lost), progress of an earlier attempt is all gone (never survives).
+        rows_by_attempt: dict[tuple[int, int], int] = {}
+        for component in RESET_COMPONENTS:
+            t = component.table
+            for u, attempt, n in session.execute(
+                    select(t.c.user_id, t.c.attempt, func.count()).where(t.c.course_id == course)
+                    .group_by(t.c.user_id, t.c.attempt)):
+                rows_by_attempt[(u, attempt)] = rows_by_attempt.get((u, attempt), 0) + n
+        reset_now = set()
+        for u in active | starters | set(newcomers):
+            state = after.get((course, u))
+            assert state is not None, u
+            old_attempt = before[(course, u)].attempt if (course, u) in before else 1
+            if u in active:
+                assert state.last_reset_job_id == job and state.attempt == old_attempt + 1, (u, state)
+            else:
+                assert state.attempt in (old_attempt, old_attempt + 1), (u, state)
+                assert (state.last_reset_job_id == job) == (state.attempt == old_attempt + 1), (u, state)
+            if state.last_reset_job_id == job:
+                reset_now.add(u)
+            lessons_now = sum(1 for lu, a in log if lu == u and a == state.attempt)
+            stale = {a: n for (lu, a), n in rows_by_attempt.items() if lu == u and a != state.attempt}
+            assert not stale, f"learner {u} on attempt {state.attempt} still has rows of attempts {stale}"
+            kept = rows_by_attempt.get((u, state.attempt), 0)
+            # Seeded rows of the current attempt (a learner never reset) plus every lesson logged for it.
+            seeded = sum(before[(course, u)].rows) if (course, u) in before and state.attempt == old_attempt else 0
+            assert kept == seeded + lessons_now, (u, state, kept, seeded, lessons_now)
+        for c in org.course_ids:
+            assert analytics.read_analytics(session, c) == analytics.count_from_rows(session, c), c
+        # One notification per learner this job reset (learners removed later may have theirs too).
+        n = Notification.__table__.c
+        counts = dict(session.execute(select(n.user_id, func.count()).where(n.reset_job_id == job)
+                                      .group_by(n.user_id)).all())
+        assert all(v == 1 for v in counts.values())
+        u_t = User.__table__.c
+        reset_assigned = set(session.scalars(select(CourseAssignment.user_id).where(
+            CourseAssignment.course_id == course, CourseAssignment.last_reset_job_id == job)).all())
+        notify_on = set(session.scalars(select(u_t.id).where(u_t.notify_course_assigned)).all())
+        assert set(counts) - leaving == reset_assigned & notify_on
+        st = fs.job_status(job_id)
+        assert len(reset_assigned) <= st["learners_done"] <= len(reset_assigned) + len(leaving), st
+        fs.assert_notifications_delivered_once(session, job_id, stack.console)
+    RECOVERY.duration(stack.label("9. assign/unassign/activity during the reset"), job_id, bound=stack.bound(60),
+                      activities=len(log),
+                      starters_reset=len(reset_now & starters), newcomers_reset=len(reset_now & set(newcomers)))
+
+
+# --- 10. Two beat processes at once -------------------------------------------------------------
+
+def test_two_beats_do_no_work_twice(stack):
+    from models.schema import CampaignOccurrence, ResetJob, RetrainingCampaign
+    from producer import campaigns
+    from tasks.schedule import schedule_of
+
+    org = seed_org(stack.learners)
+    manual_course, campaign_course = org.course_ids
+    with session_scope() as session:
+        before = snapshot(session, org.course_ids)
+        req = campaigns.request_campaign(session, org.admin_id, campaign_course, cron="0 3 1 1 *",
+                                         time_zone="UTC", reason="yearly retraining")
+    with session_scope() as session:
+        campaigns.confirm_campaign(session, org.admin_id, req.campaign_id, req.token)
+    with session_scope() as session:
+        # Make this year's occurrence due now (as if the beat had been down since).
+        campaign = session.get(RetrainingCampaign, req.campaign_id)
+        due = schedule_of(campaign).latest_at_or_before(fs.utcnow())
+        campaign.next_occurrence_at = due
+    fs.install_batch_slowdown(stack.db_url, BATCH_SLEEP)
+    batches, side = stack.workers()
+    job_id, _, wanted = confirm_course_reset(org, manual_course)
+    beats = [stack.beat("beat-a"), stack.beat("beat-b")]
+    # Lose the batch worker mid-job, so both beats' sweeps race to resume the same batches.
+    fs.wait_for_progress(job_id, 3)
+    batches.kill_all()
+    fault_at = fs.utcnow()
+    stack.procs.worker(stack.env, BATCH_QUEUES, concurrency=2, name="batches-new")
+
+    campaign_job = fs.wait_until(lambda: _campaign_jobs(req.campaign_id), 30, what="the campaign's job")
+    fs.wait_for_job(job_id, timeout=stack.bound(90))
+    fs.wait_for_job(campaign_job[0], timeout=stack.bound(90))
+    time.sleep(3)  # several more ticks of both beats
+    for beat in beats:
+        assert beat.log_text().count("Sending due task maintenance-sweep") >= 3, beat.tail()
+        assert beat.log_text().count("Sending due task campaigns-dispatch-due") >= 3, beat.tail()
+
+    assert _campaign_jobs(req.campaign_id) == campaign_job, "one occurrence made two jobs"
+    with session_scope() as session:
+        occurrences = session.execute(select(CampaignOccurrence.occurrence_at, CampaignOccurrence.outcome,
+                                             CampaignOccurrence.job_id)
+                                      .where(CampaignOccurrence.campaign_id == req.campaign_id)).all()
+        assert [(o.outcome, str(o.job_id)) for o in occurrences] == [("queued", campaign_job[0])], occurrences
+        jobs = session.scalar(select(func.count()).select_from(ResetJob).where(ResetJob.state == "succeeded"))
+        assert jobs == 2
+    # Each job against its own course (together: nothing else touched).
+    fs.assert_outcome(_of_course(before, manual_course), job_id, manual_course, wanted, stack.console)
+    fs.assert_outcome(_of_course(before, campaign_course), campaign_job[0], campaign_course,
+                      targeted(before, campaign_course), stack.console)
+    RECOVERY.record(stack.label("10. two beats; worker SIGKILLed, both sweeps resume it"), fault_at, job_id,
+                    bound=stack.bound(45),
+                    sweeps_resuming=side.count_events("maintenance.job.resumed"),
+                    campaign_jobs=len(campaign_job))
+
+
+def _of_course(before: dict, course: int) -> dict:
+    return {key: state for key, state in before.items() if key[0] == course}
+
+
+def _campaign_jobs(campaign_id: int) -> list[str]:
+    from models.schema import ResetJob
+
+    with session_scope() as session:
+        return [str(i) for i in session.scalars(select(ResetJob.id).where(ResetJob.campaign_id == campaign_id))]
