@@ -36,7 +36,7 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from sqlalchemy import Integer, and_, any_, bindparam, func, insert, or_, select, update
+from sqlalchemy import Integer, and_, any_, bindparam, func, insert, literal_column, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -303,55 +303,133 @@ def _running_job_or_cancel(session: Session, batch: ResetBatch, now: datetime) -
     return None
 
 
-def _insert_notifications(session: Session, job: ResetJob, ids: list[int], now: datetime) -> int:
+def _notification_source(job: ResetJob, now: datetime, learner_filter):
     """Outbox rows for the reset learners whose setting allows it, read now (R9)."""
     u = User.__table__.c
-    source = select(
+    return select(
         u.id, bindparam("course_id", job.course_id, type_=Integer), bindparam("job", job.id, type_=jobs.c.id.type),
         bindparam("kind", "course_assigned"), bindparam("status", "pending"), bindparam("attempts", 0, Integer),
         bindparam("created_at", now, type_=Notification.__table__.c.created_at.type),
-    ).where(_in_ids(session, u.id, ids), u.notify_course_assigned)
-    cols = ["user_id", "course_id", "reset_job_id", "kind", "status", "attempts", "created_at"]
-    dialect_insert = postgresql.insert if _is_postgres(session) else sqlite.insert
-    stmt = (dialect_insert(Notification.__table__).from_select(cols, source).on_conflict_do_nothing()
-            .returning(Notification.__table__.c.id))
-    return len(session.execute(stmt).all())
+    ).where(learner_filter, u.notify_course_assigned)
 
 
-def reset_learners(session: Session, job: ResetJob, ids: list[int], now: datetime) -> tuple[dict[str, int], int]:
-    """Clear every registered component of these learners in the job's course and restart their attempt.
+NOTIFICATION_COLUMNS = ["user_id", "course_id", "reset_job_id", "kind", "status", "attempts", "created_at"]
 
-    Set-based: one statement per component over the batch's ids. With
-    watermarks (deferred purge) only rows newer than the job's start are
-    cleared here; the purge clears the rest. Returns rows cleared per
-    component and notification rows written.
+
+def _batch_targets(job: ResetJob, batch: ResetBatch):
+    """The batch's learners still to reset: targeted (R6, audience), in range, not yet reset by this job."""
+    a = assignments.c
+    return select(a.user_id, a.status).where(
+        target_filter(job.course_id, job.learner_id, as_utc(job.completed_before)),
+        _key_range(a.course_id, a.user_id, job.course_id, batch.lo_user_id, batch.hi_user_id),
+        or_(a.last_reset_job_id.is_(None), a.last_reset_job_id != job.id),
+    )
+
+
+def _restart_values(job: ResetJob) -> dict:
+    """A new attempt: nothing done, not started, and the job that reset it (R4, idempotency)."""
+    a = assignments.c
+    return dict(status="not_started", progress_pct=0.0, items_done=0, score=None, started_at=None,
+                completed_at=None, attempt=a.attempt + 1, last_reset_job_id=job.id)
+
+
+def _components_to_clear(session: Session, job: ResetJob) -> list[tuple]:
+    """(component, extra condition) for each component the batch must clear rows of.
+
+    With watermarks (deferred purge) only rows newer than the job's start are
+    cleared by the batch, and usually there are none: the course's highest row
+    id (one backward probe of the (course_id, id) index) says so.
     """
-    cleared: dict[str, int] = {}
     watermarks = job.watermarks or {}
+    todo = []
     for component in RESET_COMPONENTS:
         t = component.table
-        where = [t.c.course_id == job.course_id, _in_ids(session, t.c.user_id, ids)]
-        if component.name in watermarks:
-            newer = t.c.id > watermarks[component.name]
-            # Usually nothing was recorded since the job started: the course's highest
-            # row id (one backward probe of the (course_id, id) index) says so.
-            latest = session.scalar(select(func.max(t.c.id)).where(t.c.course_id == job.course_id))
-            if latest is None or latest <= watermarks[component.name]:
-                cleared[component.name] = 0
-                continue
-            where.append(newer)
-        result = session.execute(t.delete().where(*where))
-        cleared[component.name] = result.rowcount or 0
+        if component.name not in watermarks:
+            todo.append((component, None))
+            continue
+        latest = session.scalar(select(func.max(t.c.id)).where(t.c.course_id == job.course_id))
+        if latest is not None and latest > watermarks[component.name]:
+            todo.append((component, t.c.id > watermarks[component.name]))
+    return todo
+
+
+@dataclass
+class _Cleared:
+    learners: int
+    in_progress: int
+    completed: int
+    cleared: dict[str, int]
+    notified: int
+
+
+def _reset_in_one_statement(session: Session, job: ResetJob, batch: ResetBatch, now: datetime) -> _Cleared:
+    """PostgreSQL: lock the batch's learners, then clear, restart and write the outbox in one statement.
+
+    The lock comes first, in its own statement: the second statement's
+    snapshot then sees all activity committed before the locks were granted,
+    and it touches exactly the learners locked (R10). Every part of the second
+    statement joins ``targets`` on the primary key.
+    """
     a = assignments.c
-    session.execute(
-        update(assignments)
-        # The range keeps the planner on the primary key (course_id, user_id) within the batch.
-        .where(_key_range(a.course_id, a.user_id, job.course_id, min(ids) - 1, max(ids)),
-               _in_ids(session, a.user_id, ids))
-        .values(status="not_started", progress_pct=0.0, items_done=0, score=None, started_at=None,
-                completed_at=None, attempt=a.attempt + 1, last_reset_job_id=job.id)
-    )
-    return cleared, _insert_notifications(session, job, ids, now)
+    ids = session.scalar(select(func.array_agg(literal_column("locked.user_id"))).select_from(
+        _batch_targets(job, batch).order_by(a.user_id).with_for_update().subquery("locked")))
+    if not ids:
+        return _Cleared(0, 0, 0, {c.name: 0 for c in RESET_COMPONENTS}, 0)
+    # The id range keeps every part on the primary key (course_id, user_id) within the batch.
+    in_range = _key_range(a.course_id, a.user_id, job.course_id, min(ids) - 1, max(ids))
+    targets = select(a.user_id, a.status).where(in_range, _in_ids(session, a.user_id, ids)).cte("targets")
+    target_ids = select(targets.c.user_id)
+    watermarks = job.watermarks or {}
+    deletes = {}
+    for component in RESET_COMPONENTS:
+        t = component.table
+        where = [t.c.course_id == job.course_id, t.c.user_id.in_(target_ids)]
+        if component.name in watermarks:
+            # Only rows newer than the job's start (usually none: an index range on (course_id, id)).
+            where.append(t.c.id > watermarks[component.name])
+        deletes[component.name] = t.delete().where(*where).returning(t.c.id).cte(f"clear_{component.name}")
+    restarted = (update(assignments).where(in_range, a.user_id == targets.c.user_id)
+                 .values(**_restart_values(job)).returning(a.user_id).cte("restarted"))
+    notified = (postgresql.insert(Notification.__table__)
+                .from_select(NOTIFICATION_COLUMNS, _notification_source(job, now, User.__table__.c.id.in_(target_ids)))
+                .on_conflict_do_nothing().returning(Notification.__table__.c.id).cte("notified"))
+
+    def count(cte, *where):
+        return select(func.count()).select_from(cte).where(*where).scalar_subquery()
+
+    row = session.execute(select(
+        count(restarted), count(targets, targets.c.status == "in_progress"),
+        count(targets, targets.c.status == "completed"), count(notified), *(count(c) for c in deletes.values()),
+    )).one()
+    cleared = dict(zip(deletes, (int(v) for v in row[4:])))
+    return _Cleared(int(row[0]), int(row[1]), int(row[2]), cleared, int(row[3]))
+
+
+def _reset_statement_by_statement(session: Session, job: ResetJob, batch: ResetBatch, now: datetime) -> _Cleared:
+    """SQLite (the embedded default): the same rules, one statement per part over the batch's ids.
+
+    (SQLite has no row locks: ``BEGIN IMMEDIATE`` already serialises writers.)
+    """
+    targets = session.execute(_batch_targets(job, batch).order_by(assignments.c.user_id)).all()
+    ids = [row.user_id for row in targets]
+    cleared = {c.name: 0 for c in RESET_COMPONENTS}
+    if not ids:
+        return _Cleared(0, 0, 0, cleared, 0)
+    for component, extra in _components_to_clear(session, job):
+        t = component.table
+        where = [t.c.course_id == job.course_id, _in_ids(session, t.c.user_id, ids)]
+        if extra is not None:
+            where.append(extra)
+        cleared[component.name] = session.execute(t.delete().where(*where)).rowcount or 0
+    a = assignments.c
+    session.execute(update(assignments).where(a.course_id == job.course_id, _in_ids(session, a.user_id, ids))
+                    .values(**_restart_values(job)))
+    stmt = (sqlite.insert(Notification.__table__)
+            .from_select(NOTIFICATION_COLUMNS, _notification_source(job, now, _in_ids(session, User.__table__.c.id, ids)))
+            .on_conflict_do_nothing().returning(Notification.__table__.c.id))
+    notified = len(session.execute(stmt).all())
+    statuses = [row.status for row in targets]
+    return _Cleared(len(ids), statuses.count("in_progress"), statuses.count("completed"), cleared, notified)
 
 
 def run_batch(session: Session, job_id: str | uuid.UUID, batch_no: int, now: datetime | None = None) -> BatchResult:
@@ -359,8 +437,9 @@ def run_batch(session: Session, job_id: str | uuid.UUID, batch_no: int, now: dat
 
     Locks the batch row (a concurrent duplicate waits, then finds it done),
     locks the targeted assignments (serialising with learner activity, R10),
-    clears, applies analytics deltas, writes notification rows, marks the batch
-    done and counts it on the job. Safe to run twice.
+    clears every registered component (R4), restarts their attempt, writes
+    notification rows (R9), applies analytics deltas, marks the batch done and
+    counts it on the job. Safe to run twice.
     """
     now = now or utcnow()
     key = _job_uuid(job_id)
@@ -370,37 +449,20 @@ def run_batch(session: Session, job_id: str | uuid.UUID, batch_no: int, now: dat
     job = _running_job_or_cancel(session, batch, now)
     if job is None:
         return BatchResult("cancelled")
-
-    a = assignments.c
-    targets = session.execute(
-        select(a.user_id, a.status)
-        .where(
-            target_filter(job.course_id, job.learner_id, as_utc(job.completed_before)),
-            _key_range(a.course_id, a.user_id, job.course_id, batch.lo_user_id, batch.hi_user_id),
-            or_(a.last_reset_job_id.is_(None), a.last_reset_job_id != job.id),
-        )
-        .order_by(a.user_id)
-        .with_for_update()
-    ).all()
-    ids = [row.user_id for row in targets]
-    cleared: dict[str, int] = {c.name: 0 for c in RESET_COMPONENTS}
-    notified = 0
-    if ids:
-        cleared, notified = reset_learners(session, job, ids, now)
-        was = {"in_progress": 0, "completed": 0}
-        for row in targets:
-            was[row.status] = was.get(row.status, 0) + 1
-        analytics.apply_delta(session, job.course_id, not_started=len(ids), in_progress=-was["in_progress"],
-                              completed=-was["completed"])
+    reset = (_reset_in_one_statement if _is_postgres(session) else _reset_statement_by_statement)(
+        session, job, batch, now)
+    if reset.learners:
+        analytics.apply_delta(session, job.course_id, not_started=reset.learners, in_progress=-reset.in_progress,
+                              completed=-reset.completed)
     batch.state = "done"
-    batch.learners_reset = len(ids)
-    batch.cleared = cleared
+    batch.learners_reset = reset.learners
+    batch.cleared = reset.cleared
     batch.finished_at = now
     batch.lease_expires_at = None
     session.flush()
-    phase = _count_learner_batch(session, key, now, learners=len(ids))
-    return BatchResult("done", len(ids), notified, cleared, job_complete=phase.job_complete, purge=phase.purge,
-                       job_state=phase.job_state)
+    phase = _count_learner_batch(session, key, now, learners=reset.learners)
+    return BatchResult("done", reset.learners, reset.notified, reset.cleared, job_complete=phase.job_complete,
+                       purge=phase.purge, job_state=phase.job_state)
 
 
 # --- purge ---------------------------------------------------------------------------------
