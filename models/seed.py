@@ -95,7 +95,7 @@ def _progress_insert(dialect: str, table: str, kind: str, extra_cols: str = "", 
         at = "a.started_at + make_interval(secs => i.position * ({step}))"
     else:
         at = "datetime(a.started_at, '+' || (i.position * ({step})) || ' seconds')"
-    step = f"{STEP_MIN_S} + (a.user_id * 7919) % {STEP_SPAN_S}"
+    step = f"{STEP_MIN_S} + (CAST(a.user_id AS BIGINT) * 7919) % {STEP_SPAN_S}"
     at = at.format(step=step)
     return (
         f"INSERT INTO {table} (course_id, user_id, item_id, attempt, recorded_at{extra_cols}) "
