@@ -514,23 +514,58 @@ def purge_step(
         for lo, hi in session.execute(select(batches.c.lo_user_id, batches.c.hi_user_id).where(
                 batches.c.job_id == key, batches.c.kind == "learners", batches.c.state == "dead")):
             where.append(~and_(t.c.user_id > lo, t.c.user_id <= hi))
-        deleted = session.execute(t.delete().where(*where)).rowcount or 0
+        if row.attempts:
+            # This chunk failed before: delete it in halving sets inside savepoints, so one
+            # row that cannot be deleted holds back only itself, and name it.
+            deleted, stuck = _delete_around_failures(session, t, where)
+            if stuck:
+                ids = ", ".join(str(i) for i, _ in stuck[:20]) + (" ..." if len(stuck) > 20 else "")
+                row.error = (f"{STUCK_PREFIX} {len(stuck)} {row.component} row(s) (ids {ids}): {stuck[0][1]}"
+                             if not (row.error or "").startswith(STUCK_PREFIX) else row.error)
+        else:
+            deleted = session.execute(t.delete().where(*where)).rowcount or 0
         row.cursor_row_id = int(boundary)
         row.cleared = {row.component: int((row.cleared or {}).get(row.component, 0)) + deleted}
     row.attempts = 0
-    row.error = None
+    if not (row.error or "").startswith(STUCK_PREFIX):
+        row.error = None
     if boundary is None or boundary >= row.hi_row_id:
-        row.state = "done"
+        stuck_rows = (row.error or "").startswith(STUCK_PREFIX)
+        row.state = "dead" if stuck_rows else "done"
         row.finished_at = now
         row.lease_expires_at = None
         session.flush()
-        return PurgeResult("done", deleted, row.cursor_row_id, job_complete=_count_purge_finished(session, key, now))
+        return PurgeResult("done", deleted, row.cursor_row_id,
+                           job_complete=_count_purge_finished(session, key, now, dead=stuck_rows))
     row.state = "running"
     row.claimed_at = now
     row.lease_expires_at = now + timedelta(seconds=lease_seconds)
     session.flush()
     session.execute(update(jobs).where(jobs.c.id == key).values(heartbeat_at=now))
     return PurgeResult("progressed", deleted, row.cursor_row_id)
+
+
+STUCK_PREFIX = "could not delete"
+
+
+def _delete_around_failures(session: Session, t, where: list) -> tuple[int, list[tuple[int, str]]]:
+    """Delete the matching rows in halving sets, each in a savepoint; return (deleted, [(id, error)])."""
+    ids = list(session.scalars(select(t.c.id).where(*where).order_by(t.c.id)))
+    deleted = 0
+    stuck: list[tuple[int, str]] = []
+    pending = [ids] if ids else []
+    while pending:
+        part = pending.pop()
+        try:
+            with session.begin_nested():
+                deleted += session.execute(t.delete().where(t.c.id.in_(part))).rowcount or 0
+        except Exception as exc:  # the database refused this set: narrow it down
+            if len(part) == 1:
+                stuck.append((part[0], f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"))
+            else:
+                middle = len(part) // 2
+                pending.extend([part[middle:], part[:middle]])
+    return deleted, sorted(stuck)
 
 
 def fail_purge_step(

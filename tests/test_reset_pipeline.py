@@ -15,9 +15,8 @@ from models import analytics
 from models.jobs import utcnow
 import uuid
 
-from models.schema import (AuditEvent, Certificate, CourseCompletion, CourseItem, LessonProgress, ResetBatch,
-                           ResetJob)
-from models.schema import CourseAssignment
+from models.schema import (AssessmentResult, AuditEvent, Certificate, CourseAssignment, CourseCompletion, CourseItem,
+                           LessonProgress, ResetBatch, ResetJob)
 from models.seed import seed
 from models.training import record_activity
 from producer import resets
@@ -239,3 +238,41 @@ def test_not_started_learners_have_no_progress_rows(db_session, org):
             assert sum(state.rows) == 0, f"{key} has rows while not started"
         else:
             assert state.rows[0] > 0 or state.status == "in_progress"
+
+
+def test_a_row_the_purge_cannot_delete_holds_back_only_itself(db_session, org):
+    """A chunk that failed is retried in halving sets: the other rows go, the stuck one is named."""
+    from sqlalchemy import text
+
+    course = org.course_ids[0]
+    stuck_id = db_session.scalar(select(func.min(AssessmentResult.id)).where(AssessmentResult.course_id == course))
+    db_session.execute(text(
+        "CREATE FUNCTION refuse_delete() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+        f"IF OLD.id = {stuck_id} THEN RAISE EXCEPTION 'row {stuck_id} is held by a legal hold'; END IF; "
+        "RETURN OLD; END $$"))
+    db_session.execute(text("CREATE TRIGGER hold BEFORE DELETE ON assessment_results "
+                            "FOR EACH ROW EXECUTE FUNCTION refuse_delete()"))
+    job_id = confirmed_job(db_session, org.admin_id, course)
+    start = reset_steps.start_job(db_session, job_id, 1000, purge_partitions=1)
+    released = []
+    for no in start.batch_nos:
+        reset_steps.claim_batch(db_session, job_id, no, 5, 60)
+        released += reset_steps.run_batch(db_session, job_id, no).purge
+    purge_no = db_session.scalar(select(ResetBatch.batch_no).where(
+        ResetBatch.job_id == uuid.UUID(job_id), ResetBatch.component == "assessment_results"))
+    cursor = dict(released)[purge_no]
+    with pytest.raises(Exception, match="legal hold"), db_session.begin_nested():
+        reset_steps.purge_step(db_session, job_id, purge_no, cursor, 100_000, 60)
+    assert reset_steps.fail_purge_step(db_session, job_id, purge_no, "legal hold", max_attempts=5) == (False, False)
+    step = reset_steps.purge_step(db_session, job_id, purge_no, cursor, 100_000, 60)
+    while step.status == "progressed":
+        step = reset_steps.purge_step(db_session, job_id, purge_no, step.cursor, 100_000, 60)
+    assert step.status == "done"
+    others = [(n, c) for n, c in released if n != purge_no]
+    drain_purge(db_session, job_id, others, 100_000)
+    result = reset_steps.finalize_job(db_session, job_id)
+    assert result.state == "failed"
+    error = resets.status(db_session, job_id)["error"]
+    assert f"batch {purge_no}" in error and str(stuck_id) in error and "legal hold" in error
+    left = db_session.scalars(select(AssessmentResult.id).where(AssessmentResult.course_id == course)).all()
+    assert left == [stuck_id]
