@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
 from sqlalchemy import and_, bindparam, func, or_, select, text, update
+from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
 from models.db import session_scope
@@ -458,6 +459,10 @@ def send_due_notifications(
     return result
 
 
+# How long a worker keeps retrying to record sent rows while the database is unreachable.
+MARK_RETRY_SECONDS = 60.0
+
+
 class _SentMarks:
     """Sent rows waiting to be marked, written together in one short transaction.
 
@@ -484,8 +489,23 @@ class _SentMarks:
         if not self.items:
             return
         items, self.items = self.items, []
-        with _transaction() as session:
-            mark_sent_many(session, [(claim.id, provider_id) for claim, provider_id in items], utcnow())
+        marks = [(claim.id, provider_id) for claim, provider_id in items]
+        # These messages are already with the provider: keep trying to record that while
+        # the database is unreachable (restart, terminated connection) rather than let the
+        # sweep send them again. Well inside NOTIFY_STALE_SECONDS.
+        deadline = time.monotonic() + MARK_RETRY_SECONDS
+        delay = 0.2
+        while True:
+            try:
+                with _transaction() as session:
+                    mark_sent_many(session, marks, utcnow())
+                break
+            except (OperationalError, InterfaceError) as exc:
+                if time.monotonic() + delay > deadline:
+                    raise
+                log_event("notification.mark.retry", logging.WARNING, rows=len(marks), error=type(exc).__name__)
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
         self.result.sent += len(items)
         for claim, _ in items:
             log_event("notification.sent", notification_id=claim.id, job_id=str(claim.reset_job_id))
