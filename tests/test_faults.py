@@ -34,7 +34,6 @@ from sqlalchemy import func, select
 from models.db import dispose_engine, session_scope
 from models.seed import SeedResult, seed
 from producer import resets
-from tasks import reset_steps
 from tests import fault_support as fs
 from tests.reset_checks import snapshot, targeted
 
@@ -370,28 +369,14 @@ def test_redis_down_at_confirm(stack):
 
 # --- 6. PostgreSQL connections terminated, and PostgreSQL restarted -----------------------------
 
-def assert_outcome_known_notification_gap(before, job_id, course, wanted, console) -> None:
-    """:func:`fs.assert_outcome`; until tasks/notifications.py retries writing its sent marks
-    (docs/reliability.md, "Known gaps"), a second delivery is reported as that gap (xfail)
-    rather than as a failure. Everything else, the reset itself included, is checked in full
-    first; once the fix is in (``MARK_RETRY_SECONDS``), a second delivery fails the test."""
-    from tasks import notifications
-
-    try:
-        fs.assert_outcome(before, job_id, course, wanted, console)
-    except fs.DeliveredTwice as exc:
-        if hasattr(notifications, "MARK_RETRY_SECONDS"):
-            raise
-        pytest.xfail(f"known gap: a notification sent while PostgreSQL was unreachable was not recorded "
-                     f"and was sent again ({exc})")
-
-
 def test_postgres_backends_terminated_mid_batch(stack):
     org = seed_org(stack.learners)
     course = org.course_ids[0]
     fs.install_batch_slowdown(stack.db_url, BATCH_SLEEP)
     batches, _side = stack.workers()
-    # No beat: the retry with backoff alone must bring the batches through.
+    # Beat runs, as in production: a notification run whose connection is cut leaves its rows to
+    # the notification sweep. The reset tasks must not need it (checked below).
+    stack.beat()
     job_id, before, wanted = confirm_course_reset(org, course)
     terminated = 0
     for _ in range(3):
@@ -403,15 +388,14 @@ def test_postgres_backends_terminated_mid_batch(stack):
     fs.terminate_all_backends(stack.db_url)
 
     fs.wait_for_job(job_id, timeout=stack.bound(90))
-    assert_outcome_known_notification_gap(before, job_id, course, wanted, stack.console)
-    rows = fs.batch_rows(job_id)
-    retried = [r for r in rows if r.kind == "learners" and r.attempts > 1]
+    retried = [r for r in fs.batch_rows(job_id) if r.kind == "learners" and r.attempts > 1]
     assert terminated >= 3
     # Every failed attempt was retried by its own task (none gave up and left it to a sweep).
     assert not batches.failed_tasks(), batches.failed_tasks()
     RECOVERY.record(stack.label("6a. pg_terminate_backend inside batches (x3) + all connections"), last_fault,
                     job_id, bound=stack.bound(30), backends_terminated=terminated,
                     learner_batches_retried=len(retried))
+    fs.assert_outcome(before, job_id, course, wanted, stack.console)
 
 
 @pytest.mark.parametrize("scale", SCALES, indirect=True)
@@ -437,10 +421,10 @@ def test_postgres_restarted_mid_batch(fresh_db, stack_factory, request):
     fs.wait_for_job(job_id, timeout=stack.bound(90))
     # While PostgreSQL was down every reset task retried with backoff; none failed and dropped its message.
     assert not batches.failed_tasks(), batches.failed_tasks()
-    assert_outcome_known_notification_gap(before, job_id, course, wanted, stack.console)
     RECOVERY.record(stack.label("6b. PostgreSQL restarted (fast shutdown, down 2 s)"), fault_at, job_id,
                     bound=stack.bound(60),
                     database_retries=batches.count_events("reset.task.database_unavailable"))
+    fs.assert_outcome(before, job_id, course, wanted, stack.console)
 
 
 # --- 7. Every message published twice, concurrently --------------------------------------------
@@ -544,8 +528,8 @@ def test_poison_row_in_the_purge_is_contained(stack_factory):
     """A row the purge can never delete (one learner's assessment result) must cost only that row.
 
     The learner phase has restarted every attempt before the purge runs, so the purge cannot
-    spare whole learners; what it must do is clear every other row, end the job ``failed``
-    naming the learner whose rows stayed, and not spin.
+    spare whole learners; what it must do is clear every other row and end the job ``failed``
+    naming the row that stayed and why.
     """
     from models.components import RESET_COMPONENTS
 
@@ -557,27 +541,30 @@ def test_poison_row_in_the_purge_is_contained(stack_factory):
     completed = sorted(u for (c, u), s in before.items() if c == course and s.status == "completed")
     poisoned = completed[len(completed) // 2]
     message = fs.install_poison(stack.db_url, poisoned, table="assessment_results")
+    stuck_row = fs.run_sql(stack.db_url, "SELECT id FROM assessment_results "
+                                         "WHERE course_id = %(c)s AND user_id = %(u)s",
+                           {"c": course, "u": poisoned})[0][0]
     stack.workers()
     job_id, before, wanted = confirm_course_reset(org, course)
     st = fs.wait_for_job(job_id, timeout=stack.bound(90))
     time.sleep(1)
 
     assert st["state"] == "failed", st
-    assert message in st["error"], st["error"]
+    # The error names the reason and the row that could not be deleted.
+    assert message in st["error"] and str(stuck_row) in st["error"], st["error"]
     component = [c.name for c in RESET_COMPONENTS].index("assessment_results")
     with session_scope() as session:
         after = snapshot(session, org.course_ids)
     left = {u: s.rows for (c, u), s in after.items() if c == course and any(s.rows)}
-    # Only the poisoned learner's undeletable assessment rows remain, and the error names them.
+    # Only the poisoned learner's undeletable assessment row remains; every other learner is clear.
     expected = tuple(before[(course, poisoned)].rows[i] if i == component else 0
                      for i in range(len(RESET_COMPONENTS)))
-    contained = left == {poisoned: expected} and f"(learner {poisoned})" in st["error"]
-    if not contained and not hasattr(reset_steps, "UNDELETABLE"):
-        # Known gap until tasks/reset_steps.py isolates undeletable rows (docs/reliability.md).
-        pytest.xfail(f"known gap: the purge dead-lettered a whole id range; {len(left)} reset learners keep "
-                     f"pre-reset rows ({st['error'][:160]})")
     assert left == {poisoned: expected}, f"{len(left)} learners keep rows, e.g. {dict(list(left.items())[:3])}"
-    assert f"(learner {poisoned})" in st["error"], st["error"]
+    for (c, u), state in after.items():
+        if c == course and u in wanted:
+            assert (state.attempt, state.status) == (before[(c, u)].attempt + 1, "not_started"), (u, state)
+        else:
+            assert state == before[(c, u)], (c, u)
     RECOVERY.duration(stack.label("8b. poison row in the purge (job failed naming it)"), job_id,
                       bound=stack.bound(30), learners_with_rows_left=len(left))
 
