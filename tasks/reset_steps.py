@@ -36,8 +36,9 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from sqlalchemy import Integer, and_, any_, bindparam, func, insert, literal_column, or_, select, update
+from sqlalchemy import BigInteger, Integer, and_, any_, bindparam, func, insert, literal_column, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
 from models import analytics
@@ -58,10 +59,10 @@ def _is_postgres(session: Session) -> bool:
     return session.get_bind().dialect.name == "postgresql"
 
 
-def _in_ids(session: Session, column, ids: list[int]):
+def _in_ids(session: Session, column, ids: list[int], element_type=Integer):
     """``column IN ids``: one array parameter on PostgreSQL, an expanded list elsewhere."""
     if _is_postgres(session):
-        return column == any_(bindparam(None, ids, type_=postgresql.ARRAY(Integer)))
+        return column == any_(bindparam(None, ids, type_=postgresql.ARRAY(element_type)))
     return column.in_(ids)
 
 
@@ -558,7 +559,10 @@ def _delete_around_failures(session: Session, t, where: list) -> tuple[int, list
         part = pending.pop()
         try:
             with session.begin_nested():
-                deleted += session.execute(t.delete().where(t.c.id.in_(part))).rowcount or 0
+                deleted += session.execute(
+                    t.delete().where(_in_ids(session, t.c.id, part, BigInteger))).rowcount or 0
+        except (OperationalError, InterfaceError):
+            raise  # connection or transaction lost: retry the step, do not blame rows
         except Exception as exc:  # the database refused this set: narrow it down
             if len(part) == 1:
                 stuck.append((part[0], f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"))
