@@ -470,7 +470,7 @@ def run_batch(session: Session, job_id: str | uuid.UUID, batch_no: int, now: dat
 
 @dataclass
 class PurgeResult:
-    status: str  # progressed | done | skipped | cancelled
+    status: str  # progressed | done | skipped | cancelled | unpublished
     deleted: int = 0
     cursor: int | None = None
     job_complete: bool = False
@@ -499,6 +499,10 @@ def purge_step(
     if row is None or row.kind != "purge" or row.state not in ("pending", "running"):
         return PurgeResult("skipped")
     if cursor is not None and row.cursor_row_id != cursor:
+        if row.claimed_at is not None and (row.published_at is None or row.published_at < row.claimed_at):
+            # The step that moved the cursor committed but its publish was never recorded
+            # (the worker died in between): this older message restarts the chain.
+            return PurgeResult("unpublished", cursor=row.cursor_row_id)
         return PurgeResult("skipped")
     job = _running_job_or_cancel(session, row, now)
     if job is None:
@@ -570,6 +574,15 @@ def _delete_around_failures(session: Session, t, where: list) -> tuple[int, list
                 middle = len(part) // 2
                 pending.extend([part[middle:], part[:middle]])
     return deleted, sorted(stuck)
+
+
+def mark_purge_published(session: Session, job_id: str | uuid.UUID, batch_no: int, cursor: int) -> None:
+    """Record that the step at ``cursor`` was published (after the publish succeeded)."""
+    session.execute(
+        update(batches).where(batches.c.job_id == _job_uuid(job_id), batches.c.batch_no == batch_no,
+                              batches.c.cursor_row_id == cursor)
+        .values(published_at=utcnow())
+    )
 
 
 def fail_purge_step(

@@ -167,9 +167,7 @@ def purge(self, job_id: str, batch_no: int, cursor: int | None = None) -> None:
         with session_scope() as session:
             result = reset_steps.purge_step(session, job_id, int(batch_no), cursor, settings.purge_chunk_rows,
                                             settings.batch_lease_seconds)
-            if result.status == "progressed":
-                publish_after_commit(session, "resets.purge", [job_id, int(batch_no), result.cursor])
-            elif result.status == "done" and result.job_complete:
+            if result.status == "done" and result.job_complete:
                 publish_after_commit(session, "resets.finalize", [job_id])
             elif result.status == "cancelled":
                 publish_after_commit(session, "resets.finalize", [job_id])
@@ -187,6 +185,13 @@ def purge(self, job_id: str, batch_no: int, cursor: int | None = None) -> None:
         if dead:
             return
         raise self.retry(countdown=reset_steps.retry_countdown(self.request.retries + 1), exc=None) from None
+    if result.status in ("progressed", "unpublished"):
+        # The next step (or, for a step whose publish a crash lost, the current one) is
+        # published after the commit and then recorded, so a redelivered older message
+        # can tell whether the chain is still alive (reset_steps.purge_step).
+        if send_now("resets.purge", [job_id, int(batch_no), result.cursor]):
+            with session_scope() as session:
+                reset_steps.mark_purge_published(session, job_id, int(batch_no), result.cursor)
     log_event("reset.purge.step", job_id=job_id, batch=batch_no, status=result.status, rows=result.deleted,
               duration_ms=round((time.perf_counter() - started) * 1000, 1))
 

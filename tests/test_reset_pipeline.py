@@ -92,6 +92,8 @@ def test_every_step_delivered_twice_changes_nothing_more(db_session, org):
     for batch_no, cursor in released:
         while True:
             step = reset_steps.purge_step(db_session, job_id, batch_no, cursor, 300, 60)
+            if step.status == "progressed":
+                reset_steps.mark_purge_published(db_session, job_id, batch_no, step.cursor)  # as the task does
             # The same message delivered again (same cursor) is refused.
             assert reset_steps.purge_step(db_session, job_id, batch_no, cursor, 300, 60).status == "skipped"
             if step.status != "progressed":
@@ -276,3 +278,25 @@ def test_a_row_the_purge_cannot_delete_holds_back_only_itself(db_session, org):
     assert f"batch {purge_no}" in error and str(stuck_id) in error and "legal hold" in error
     left = db_session.scalars(select(AssessmentResult.id).where(AssessmentResult.course_id == course)).all()
     assert left == [stuck_id]
+
+
+def test_a_purge_chain_whose_publish_was_lost_restarts_from_an_older_message(db_session, org):
+    """Crash between a purge step's commit and its publish: the redelivered older message resumes it."""
+    course = org.course_ids[0]
+    job_id = confirmed_job(db_session, org.admin_id, course)
+    start = reset_steps.start_job(db_session, job_id, 1000, purge_partitions=1)
+    released = []
+    for no in start.batch_nos:
+        reset_steps.claim_batch(db_session, job_id, no, 5, 60)
+        released += reset_steps.run_batch(db_session, job_id, no).purge
+    batch_no = db_session.scalar(select(ResetBatch.batch_no).where(
+        ResetBatch.job_id == uuid.UUID(job_id), ResetBatch.component == "lesson_progress"))
+    first = dict(released)[batch_no]
+    step = reset_steps.purge_step(db_session, job_id, batch_no, first, 200, 60)
+    assert step.status == "progressed"
+    # The worker died before publishing step 2: the redelivered step-1 message finds the chain unpublished.
+    again = reset_steps.purge_step(db_session, job_id, batch_no, first, 200, 60)
+    assert (again.status, again.cursor) == ("unpublished", step.cursor)
+    # Once a publish is recorded, an older message is a plain duplicate.
+    reset_steps.mark_purge_published(db_session, job_id, batch_no, step.cursor)
+    assert reset_steps.purge_step(db_session, job_id, batch_no, first, 200, 60).status == "skipped"
