@@ -41,27 +41,12 @@ from sqlalchemy import create_engine, select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 
+from tests.notify_support import free_port, wait_until  # noqa: E402,F401 - shared test helpers
+from tests.services import CeleryProcess as BaseCeleryProcess  # noqa: E402
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PG_BIN = Path(os.environ.get("FAULT_PG_BIN", "/usr/lib/postgresql/15/bin"))
 READY_SECONDS = 40.0
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_until(predicate: Callable[[], object], timeout: float, interval: float = 0.05, what: str = "") -> object:
-    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what or predicate}")
-        time.sleep(interval)
 
 
 def utcnow() -> datetime:
@@ -222,57 +207,15 @@ class PostgresCluster:
 
 # --- Celery processes --------------------------------------------------------------------------
 
-def _children_of(pid: int) -> list[int]:
-    pids: list[int] = []
-    for children in Path(f"/proc/{pid}/task").glob("*/children"):
-        try:
-            pids.extend(int(p) for p in children.read_text().split())
-        except OSError:
-            continue
-    return sorted(set(pids))
-
-
-class CeleryProcess:
-    """``celery worker`` or ``celery beat`` started by a test, in a process group of its own."""
-
-    def __init__(self, popen: subprocess.Popen, log_path: Path, name: str):
-        self.popen = popen
-        self.log_path = log_path
-        self.name = name
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    def alive(self) -> bool:
-        return self.popen.poll() is None
-
-    def children(self) -> list[int]:
-        """The pool processes (the main process's direct children)."""
-        return _children_of(self.pid) if self.alive() else []
-
-    def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
+class CeleryProcess(BaseCeleryProcess):
+    """``celery worker`` or ``celery beat`` started by a test, in a process group of its own,
+    with what the fault scenarios need on top: targeted kills and counts from its log."""
 
     def tail(self, lines: int = 40) -> str:
-        return "\n".join(self.log_text().splitlines()[-lines:])
+        return self.log_tail(lines)
 
     def wait_for_log(self, pattern: str, timeout: float = READY_SECONDS) -> re.Match:
-        regex = re.compile(pattern, re.MULTILINE)
-        deadline = time.monotonic() + timeout
-        while True:
-            match = regex.search(self.log_text())
-            if match:
-                return match
-            if not self.alive():
-                raise AssertionError(f"{self.name} exited with {self.popen.returncode} before {pattern!r}:\n"
-                                     f"{self.tail()}")
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{self.name}: no {pattern!r} after {timeout:.0f}s:\n{self.tail()}")
-            time.sleep(0.05)
+        return super().wait_for_log(pattern, timeout)
 
     def wait_ready(self) -> None:
         self.wait_for_log(r"\bready\.\s*$")
@@ -300,17 +243,6 @@ class CeleryProcess:
         except ProcessLookupError:
             pass
         self.popen.wait(10)
-
-    def terminate(self) -> None:
-        """SIGTERM to the main process: Celery's warm shutdown."""
-        if self.alive():
-            self.popen.send_signal(signal.SIGTERM)
-
-    def wait(self, timeout: float) -> int | None:
-        try:
-            return self.popen.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            return None
 
     def stop(self, timeout: float = 15.0) -> None:
         """Warm shutdown, then ``kill -9`` of the group if it takes longer than ``timeout``."""
