@@ -349,6 +349,10 @@ class Notification(Base):
     __table_args__ = (
         UniqueConstraint("reset_job_id", "user_id", "kind", name="uq_notifications_job_user_kind"),
         Index("ix_notifications_status_next", "status", "next_attempt_at"),
+        # The sender claims a job's pending rows in id order: only pending rows are in this
+        # index, so a claim never walks past the rows already sent.
+        Index("ix_notifications_pending_job", "reset_job_id", "id",
+              postgresql_where=text("status = 'pending'"), sqlite_where=text("status = 'pending'")),
     )
 
 
