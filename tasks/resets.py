@@ -48,8 +48,9 @@ def start(self, job_id: str) -> None:
     settings = get_settings()
     try:
         with session_scope() as session:
-            result = reset_steps.start_job(session, job_id, settings.batch_size,
-                                       purge_partitions=settings.purge_partitions)
+            # SQLite serialises writers, so parallel purge chains would only queue behind each other.
+            partitions = settings.purge_partitions if settings.is_postgres else 1
+            result = reset_steps.start_job(session, job_id, settings.batch_size, purge_partitions=partitions)
     except DATABASE_UNAVAILABLE as exc:
         raise retry_later(self, job_id, exc) from None
     if not result.started:
