@@ -34,6 +34,16 @@ def confirmed_job(session, actor, course, learner=None, **kw):
     return resets.confirm(session, req.request_id, actor, req.token).job_id
 
 
+def run_learner_phase(session, job_id, batch_size=1000):
+    """Start the job and run every learner batch; returns the purge batches released (one chain each)."""
+    start = reset_steps.start_job(session, job_id, batch_size, purge_partitions=1)
+    released = []
+    for no in start.batch_nos:
+        reset_steps.claim_batch(session, job_id, no, 5, 60)
+        released += reset_steps.run_batch(session, job_id, no).purge
+    return released
+
+
 def run_all(session, job_id, batch_size=40):
     """Drive the job through every step in-process, as the tasks would."""
     return run_job_in_process(session, job_id, batch_size, chunk_rows=300)
@@ -255,11 +265,7 @@ def test_a_row_the_purge_cannot_delete_holds_back_only_itself(db_session, org):
     db_session.execute(text("CREATE TRIGGER hold BEFORE DELETE ON assessment_results "
                             "FOR EACH ROW EXECUTE FUNCTION refuse_delete()"))
     job_id = confirmed_job(db_session, org.admin_id, course)
-    start = reset_steps.start_job(db_session, job_id, 1000, purge_partitions=1)
-    released = []
-    for no in start.batch_nos:
-        reset_steps.claim_batch(db_session, job_id, no, 5, 60)
-        released += reset_steps.run_batch(db_session, job_id, no).purge
+    released = run_learner_phase(db_session, job_id)
     purge_no = db_session.scalar(select(ResetBatch.batch_no).where(
         ResetBatch.job_id == uuid.UUID(job_id), ResetBatch.component == "assessment_results"))
     cursor = dict(released)[purge_no]
@@ -284,11 +290,7 @@ def test_a_purge_chain_whose_publish_was_lost_restarts_from_an_older_message(db_
     """Crash between a purge step's commit and its publish: the redelivered older message resumes it."""
     course = org.course_ids[0]
     job_id = confirmed_job(db_session, org.admin_id, course)
-    start = reset_steps.start_job(db_session, job_id, 1000, purge_partitions=1)
-    released = []
-    for no in start.batch_nos:
-        reset_steps.claim_batch(db_session, job_id, no, 5, 60)
-        released += reset_steps.run_batch(db_session, job_id, no).purge
+    released = run_learner_phase(db_session, job_id)
     batch_no = db_session.scalar(select(ResetBatch.batch_no).where(
         ResetBatch.job_id == uuid.UUID(job_id), ResetBatch.component == "lesson_progress"))
     first = dict(released)[batch_no]
