@@ -296,6 +296,23 @@ class ResetJob(Base):
     )
 
 
+class OrganizationTurn(Base):
+    """Whose turn it is: when an organization last had a unit of reset work claimed, and for which job.
+
+    Organizations take turns oldest first; within one, jobs take turns in
+    ``(created_at, id)`` order after the last one served. Only the fair
+    picker in ``tasks/reset_steps.py`` writes here (decision record 0004), so
+    claiming a unit never locks a ``reset_jobs`` row.
+    """
+
+    __tablename__ = "organization_turns"
+
+    organization_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    turn_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    job_created_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    job_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, nullable=True)
+
+
 class ResetBatch(Base):
     """One batch of a job.
 

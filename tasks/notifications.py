@@ -42,7 +42,7 @@ from sqlalchemy.orm import Session
 
 from models.db import session_scope
 from models.jobs import as_utc, utcnow
-from models.logs import log_event
+from models.logs import log_event, logger
 from models.schema import Course, Notification, User
 from models.settings import Settings, get_settings
 from tasks.base import project_task, publish_after_commit
@@ -64,10 +64,8 @@ TASK_NAME = "notifications.send"
 # half jittered (equal jitter) so a recovering provider is not hit by every worker at once.
 RETRY_BASE_SECONDS = 1.0
 RETRY_MAX_SECONDS = 300.0
-# One task run stops claiming after this long and re-publishes itself, so no run holds a
-# worker for long and a duplicate or newer task gets its turn.
-RUN_BUDGET_SECONDS = 20.0
-# A run waits at most this long for a rate-limit slot; beyond it, the chunk goes back.
+# A run waits at most this long for a rate-limit slot (and never past its slice of time,
+# ``TASK_SLICE_SECONDS``); beyond it, the chunk goes back with a countdown.
 MAX_RATE_WAIT_SECONDS = 10.0
 # When the rate limiter itself is unreachable, rows go back for this long.
 LIMITER_DOWN_RETRY_SECONDS = 5.0
@@ -417,7 +415,9 @@ def send_due_notifications(
     """
     settings = settings or get_settings()
     if budget_seconds is None:
-        budget_seconds = min(RUN_BUDGET_SECONDS, settings.task_time_limit_seconds / 4)
+        # One run holds its worker slot for about this long, then hands the rest back to the
+        # queue, so one worker on every queue still serves the others promptly.
+        budget_seconds = settings.task_slice_seconds
     started = time.monotonic()
     result = SendRunResult(job_id=job_id)
     own_backend = backend is None
@@ -507,8 +507,10 @@ class _SentMarks:
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
         self.result.sent += len(items)
-        for claim, _ in items:
-            log_event("notification.sent", notification_id=claim.id, job_id=str(claim.reset_job_id))
+        if logger.isEnabledFor(logging.DEBUG):  # at info, the run's own line carries the counts
+            for claim, _ in items:
+                log_event("notification.sent", logging.DEBUG, notification_id=claim.id,
+                          job_id=str(claim.reset_job_id))
 
 
 def _send_chunk(
@@ -530,7 +532,8 @@ def _send_chunk(
                 _give_back(unsent, utcnow(), result, "budget")
                 return False
             try:
-                reservation = limiter.reserve(MAX_RATE_WAIT_SECONDS)
+                remaining = budget_seconds - (time.monotonic() - started)
+                reservation = limiter.reserve(max(0.0, min(MAX_RATE_WAIT_SECONDS, remaining)))
             except RateLimiterUnavailable as exc:
                 log_event("notification.rate_limiter_unavailable", logging.WARNING, job_id=result.job_id,
                           error=str(exc))

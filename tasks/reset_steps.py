@@ -36,7 +36,21 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from sqlalchemy import BigInteger, Integer, and_, any_, bindparam, func, insert, literal_column, or_, select, update
+from sqlalchemy import (
+    BigInteger,
+    Integer,
+    and_,
+    any_,
+    bindparam,
+    case,
+    func,
+    insert,
+    literal_column,
+    or_,
+    select,
+    tuple_,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session
@@ -45,7 +59,7 @@ from models import analytics
 from models.components import RESET_COMPONENTS
 from models.jobs import as_utc, record_audit, target_filter, utcnow
 from models.logs import log_event
-from models.schema import CourseAssignment, Notification, ResetBatch, ResetJob, User
+from models.schema import CourseAssignment, Notification, OrganizationTurn, ResetBatch, ResetJob, User
 
 MAX_USER_ID = 2**31 - 1
 FINISHED_BATCH_STATES = ("done", "dead", "cancelled")
@@ -53,6 +67,7 @@ FINISHED_BATCH_STATES = ("done", "dead", "cancelled")
 assignments = CourseAssignment.__table__
 batches = ResetBatch.__table__
 jobs = ResetJob.__table__
+turns = OrganizationTurn.__table__
 
 
 def _is_postgres(session: Session) -> bool:
@@ -71,7 +86,7 @@ def _key_range(course_col, key_col, course_id: int, lo: int, hi: int):
     return and_(course_col == course_id, key_col > lo, key_col <= hi)
 
 
-def _job_uuid(job_id: str | uuid.UUID) -> uuid.UUID:
+def job_uuid(job_id: str | uuid.UUID) -> uuid.UUID:
     return job_id if isinstance(job_id, uuid.UUID) else uuid.UUID(str(job_id))
 
 
@@ -82,6 +97,8 @@ class StartResult:
     started: bool
     scope: str | None = None
     batch_nos: list[int] = field(default_factory=list)
+    purge_total: int = 0
+    job_id: str | None = None
 
 
 def plan_batches(session: Session, job: ResetJob, batch_size: int) -> list[int]:
@@ -120,22 +137,33 @@ def uses_deferred_purge(job: ResetJob) -> bool:
     return job.scope == "course" and job.completed_before is None
 
 
-def plan_purge(session: Session, job: ResetJob, first_batch_no: int, partitions: int = 1) -> int:
-    """Record the watermarks and write the waiting purge batches: per component with pre-job rows,
-    ``partitions`` disjoint id ranges that run as parallel chains."""
+def plan_purge(session: Session, job: ResetJob, first_batch_no: int, partitions: int = 1,
+               chunk_rows: int = 50000, min_rows: int = 0) -> int:
+    """Record the watermarks and write the waiting purge batches of the components worth purging.
+
+    A component whose earlier rows in the course number fewer than ``min_rows``
+    (counted with a bounded probe of the ``(course_id, id)`` index) gets no
+    watermark: the learner batches clear its rows directly, which costs less
+    than a purge chain when the rows are few. The others get up to
+    ``partitions`` disjoint id ranges, one per ``chunk_rows`` rows, that run
+    in parallel (decision records 0002 and 0004).
+    """
     watermarks: dict[str, int] = {}
     rows = []
+    cap = max(min_rows, partitions * chunk_rows)
     for component in RESET_COMPONENTS:
         t = component.table
         high = int(session.scalar(select(func.max(t.c.id))) or 0)
+        in_course = select(t.c.id).where(t.c.course_id == job.course_id, t.c.id <= high).limit(cap).subquery()
+        count = int(session.scalar(select(func.count()).select_from(in_course)) or 0)
+        if count == 0 or count < min_rows:
+            continue
         watermarks[component.name] = high
         low, top = session.execute(select(func.min(t.c.id), func.max(t.c.id))
                                    .where(t.c.course_id == job.course_id, t.c.id <= high)).one()
-        if low is None:
-            continue
         start = int(low) - 1
         span = int(top) - start
-        parts = max(1, min(partitions, span))
+        parts = max(1, min(partitions, -(-count // max(1, chunk_rows)), span))
         for part in range(parts):
             lo = start + span * part // parts
             hi = high if part == parts - 1 else start + span * (part + 1) // parts
@@ -150,13 +178,13 @@ def plan_purge(session: Session, job: ResetJob, first_batch_no: int, partitions:
 
 
 def start_job(session: Session, job_id: str | uuid.UUID, batch_size: int, now: datetime | None = None,
-              purge_partitions: int = 1) -> StartResult:
+              purge_partitions: int = 1, purge_chunk_rows: int = 50000, purge_min_rows: int = 0) -> StartResult:
     """Claim a queued job (``queued`` -> ``running``) and plan all its batches.
 
     A second delivery finds the job no longer queued and does nothing.
     """
     now = now or utcnow()
-    key = _job_uuid(job_id)
+    key = job_uuid(job_id)
     claimed = session.execute(
         update(jobs).where(jobs.c.id == key, jobs.c.state == "queued")
         .values(state="running", started_at=now, heartbeat_at=now)
@@ -165,11 +193,117 @@ def start_job(session: Session, job_id: str | uuid.UUID, batch_size: int, now: d
         return StartResult(False)
     job = session.get(ResetJob, key, populate_existing=True)
     batch_nos = plan_batches(session, job, batch_size if job.scope == "course" else 1)
+    purge_total = 0
     if uses_deferred_purge(job):
-        plan_purge(session, job, first_batch_no=len(batch_nos) + 1, partitions=purge_partitions)
+        purge_total = plan_purge(session, job, first_batch_no=len(batch_nos) + 1, partitions=purge_partitions,
+                                 chunk_rows=purge_chunk_rows, min_rows=purge_min_rows)
+    take_turn(session, job, now)
     log_event("reset.job.started", job_id=str(key), course_id=job.course_id, scope=job.scope,
-              batches=len(batch_nos))
-    return StartResult(True, job.scope, batch_nos)
+              batches=len(batch_nos), purge_batches=purge_total)
+    return StartResult(True, job.scope, batch_nos, purge_total, str(key))
+
+
+# --- fair turns ------------------------------------------------------------------------------
+#
+# Work is claimed from the database, not taken in broker order (decision record 0004). A
+# ``resets.start`` message starts whichever queued job is next in turn, and a ``resets.work``
+# message runs whichever runnable unit (learner batch or purge chunk) is next in turn, so a
+# long queue of one organization's messages never stands in front of another's work:
+# organizations take turns (least recently served first), and within one organization its
+# jobs take turns round-robin in (created_at, id) order.
+
+def _turn_order(j, t):
+    """ORDER BY terms: least recently served organization first, then the organization's
+    next job after the last one served (round-robin), then the oldest."""
+    after_last = tuple_(j.c.created_at, j.c.id) > tuple_(t.c.job_created_at, t.c.job_id)
+    return [t.c.turn_at.is_not(None), t.c.turn_at, case((after_last, 0), else_=1), j.c.created_at, j.c.id]
+
+
+def take_turn(session: Session, job: ResetJob, now: datetime) -> None:
+    """Record that ``job``'s organization (and, within it, ``job``) was just served."""
+    values = {"organization_id": job.organization_id, "turn_at": now, "job_created_at": job.created_at,
+              "job_id": job.id}
+    dialect = postgresql if _is_postgres(session) else sqlite
+    stmt = dialect.insert(turns).values(**values)
+    session.execute(stmt.on_conflict_do_update(
+        index_elements=[turns.c.organization_id],
+        set_={"turn_at": stmt.excluded.turn_at, "job_created_at": stmt.excluded.job_created_at,
+              "job_id": stmt.excluded.job_id},
+    ))
+
+
+def next_queued_job(session: Session) -> uuid.UUID | None:
+    """The queued job whose turn it is, locked (``SKIP LOCKED``: concurrent starters take different ones)."""
+    j = jobs.alias("j")
+    stmt = (select(j.c.id).select_from(j.outerjoin(turns, turns.c.organization_id == j.c.organization_id))
+            .where(j.c.state == "queued").order_by(*_turn_order(j, turns)).limit(1)
+            .with_for_update(of=j, skip_locked=True))
+    return session.scalar(stmt)
+
+
+@dataclass
+class UnitClaim:
+    """A unit of work claimed by :func:`claim_next_unit`, to run in its own transaction."""
+
+    job_id: str
+    batch_no: int
+    kind: str  # learners | purge
+    claim: ClaimResult
+
+
+def claim_next_unit(session: Session, max_attempts: int, lease_seconds: int,
+                    now: datetime | None = None) -> UnitClaim | None:
+    """Claim the runnable unit of a running course-wide job whose turn it is; None when there is none.
+
+    Runnable: a ``pending`` batch, or a ``running`` one whose lease ran out (its worker is gone,
+    or it waits out a retry backoff). The batch row is locked with ``SKIP LOCKED``, its lease
+    taken (a learner batch also counts an attempt, :func:`claim_batch`), and the turn recorded,
+    all in the caller's transaction: commit it before running the unit.
+    """
+    now = now or utcnow()
+    b = batches.alias("b")
+    j = jobs.alias("j")
+    runnable = or_(b.c.state == "pending", and_(b.c.state == "running", b.c.lease_expires_at < now))
+    row = session.execute(
+        select(b.c.job_id, b.c.batch_no, b.c.kind)
+        .select_from(b.join(j, j.c.id == b.c.job_id).outerjoin(turns, turns.c.organization_id == j.c.organization_id))
+        .where(runnable, j.c.state == "running", j.c.scope == "course")
+        .order_by(*_turn_order(j, turns), b.c.batch_no).limit(1)
+        .with_for_update(of=b, skip_locked=True)
+    ).first()
+    if row is None:
+        return None
+    key, batch_no, kind = row
+    job = session.get(ResetJob, key)
+    take_turn(session, job, now)
+    if kind == "purge":
+        session.execute(update(batches).where(batches.c.job_id == key, batches.c.batch_no == batch_no)
+                        .values(state="running", lease_expires_at=now + timedelta(seconds=lease_seconds)))
+        return UnitClaim(str(key), int(batch_no), kind, ClaimResult(True))
+    return UnitClaim(str(key), int(batch_no), kind,
+                     claim_batch(session, key, batch_no, max_attempts, lease_seconds, now))
+
+
+def defer_unit(session: Session, job_id: str | uuid.UUID, batch_no: int, seconds: float,
+               now: datetime | None = None) -> None:
+    """A unit failed: no one picks it again for ``seconds`` (its lease becomes the backoff)."""
+    now = now or utcnow()
+    session.execute(
+        update(batches).where(batches.c.job_id == job_uuid(job_id), batches.c.batch_no == batch_no,
+                              batches.c.state.in_(("pending", "running")))
+        .values(state="running", lease_expires_at=now + timedelta(seconds=seconds))
+    )
+
+
+def runnable_units(session: Session, job_id: str | uuid.UUID | None = None, now: datetime | None = None) -> int:
+    """How many units of running course-wide jobs could be claimed now (all jobs, or one)."""
+    now = now or utcnow()
+    runnable = or_(batches.c.state == "pending", and_(batches.c.state == "running", batches.c.lease_expires_at < now))
+    stmt = (select(func.count()).select_from(batches.join(jobs, jobs.c.id == batches.c.job_id))
+            .where(runnable, jobs.c.state == "running", jobs.c.scope == "course"))
+    if job_id is not None:
+        stmt = stmt.where(batches.c.job_id == job_uuid(job_id))
+    return int(session.scalar(stmt) or 0)
 
 
 # --- batches -----------------------------------------------------------------------------
@@ -240,7 +374,7 @@ def claim_batch(
     dead-lettered (state ``dead`` with its last error) and counted on the job.
     """
     now = now or utcnow()
-    key = _job_uuid(job_id)
+    key = job_uuid(job_id)
     row = session.execute(
         update(batches)
         .where(batches.c.job_id == key, batches.c.batch_no == batch_no, batches.c.state.in_(("pending", "running")))
@@ -269,7 +403,7 @@ def claim_batch(
 def record_batch_error(session: Session, job_id: str | uuid.UUID, batch_no: int, error: str) -> None:
     """Remember why an attempt failed (shown when the batch is dead-lettered)."""
     session.execute(
-        update(batches).where(batches.c.job_id == _job_uuid(job_id), batches.c.batch_no == batch_no)
+        update(batches).where(batches.c.job_id == job_uuid(job_id), batches.c.batch_no == batch_no)
         .values(error=error[:2000])
     )
 
@@ -443,7 +577,7 @@ def run_batch(session: Session, job_id: str | uuid.UUID, batch_no: int, now: dat
     counts it on the job. Safe to run twice.
     """
     now = now or utcnow()
-    key = _job_uuid(job_id)
+    key = job_uuid(job_id)
     batch = _lock_batch(session, key, batch_no)
     if batch is None or batch.state != "running" or batch.kind != "learners":
         return BatchResult("skipped")
@@ -494,7 +628,7 @@ def purge_step(
     publishes the next step with the new cursor after commit.
     """
     now = now or utcnow()
-    key = _job_uuid(job_id)
+    key = job_uuid(job_id)
     row = _lock_batch(session, key, batch_no)
     if row is None or row.kind != "purge" or row.state not in ("pending", "running"):
         return PurgeResult("skipped")
@@ -542,9 +676,10 @@ def purge_step(
         session.flush()
         return PurgeResult("done", deleted, row.cursor_row_id,
                            job_complete=_count_purge_finished(session, key, now, dead=stuck_rows))
-    row.state = "running"
+    # Between chunks the batch is pending again: the next chunk is whichever unit is next in turn.
+    row.state = "pending"
     row.claimed_at = now
-    row.lease_expires_at = now + timedelta(seconds=lease_seconds)
+    row.lease_expires_at = None
     session.flush()
     session.execute(update(jobs).where(jobs.c.id == key).values(heartbeat_at=now))
     return PurgeResult("progressed", deleted, row.cursor_row_id)
@@ -579,7 +714,7 @@ def _delete_around_failures(session: Session, t, where: list) -> tuple[int, list
 def mark_purge_published(session: Session, job_id: str | uuid.UUID, batch_no: int, cursor: int) -> None:
     """Record that the step at ``cursor`` was published (after the publish succeeded)."""
     session.execute(
-        update(batches).where(batches.c.job_id == _job_uuid(job_id), batches.c.batch_no == batch_no,
+        update(batches).where(batches.c.job_id == job_uuid(job_id), batches.c.batch_no == batch_no,
                               batches.c.cursor_row_id == cursor)
         .values(published_at=utcnow())
     )
@@ -591,7 +726,7 @@ def fail_purge_step(
 ) -> tuple[bool, bool]:
     """Count a failed purge step; dead-letter after ``max_attempts`` in a row. Returns (dead, job_complete)."""
     now = now or utcnow()
-    key = _job_uuid(job_id)
+    key = job_uuid(job_id)
     attempts = session.scalar(
         update(batches)
         .where(batches.c.job_id == key, batches.c.batch_no == batch_no, batches.c.state.in_(("pending", "running")))
@@ -645,7 +780,7 @@ def finalize_job(session: Session, job_id: str | uuid.UUID, now: datetime | None
     Does nothing for a job that is not running or still has unfinished batches.
     """
     now = now or utcnow()
-    key = _job_uuid(job_id)
+    key = job_uuid(job_id)
     job = session.execute(
         select(ResetJob).where(ResetJob.id == key).with_for_update().execution_options(populate_existing=True)
     ).scalar_one_or_none()

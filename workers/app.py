@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 from celery import Celery
 from celery.signals import after_setup_logger, worker_process_init
 
@@ -44,6 +46,7 @@ def _fresh_engine_in_child(**_kwargs) -> None:
 
 
 @after_setup_logger.connect
-def _project_logs(**_kwargs) -> None:
-    # Project events (reset.batch.done, ...) as one JSON object per line on stderr, ids only.
-    configure_logging()
+def _project_logs(loglevel=None, **_kwargs) -> None:
+    # Project events (reset.batch.done, ...) as one JSON object per line on stderr, ids only,
+    # at the worker's own level (`-l WARNING` silences the per-run info lines).
+    configure_logging(loglevel if isinstance(loglevel, int) else logging.getLevelName(loglevel or "INFO"))

@@ -19,6 +19,7 @@ TASK_ROUTES = {
     "resets.start": {"queue": "resets"},
     "resets.finalize": {"queue": "resets"},
     "resets.run_single": {"queue": "resets"},
+    "resets.work": {"queue": "reset_batches"},
     "resets.run_batch": {"queue": "reset_batches"},
     "resets.purge": {"queue": "reset_batches"},
     "notifications.send": {"queue": "notifications"},

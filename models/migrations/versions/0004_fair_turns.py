@@ -1,0 +1,28 @@
+"""Fair turns: when each organization last had a unit of reset work claimed, and for which job.
+
+Revision ID: 0004
+Revises: 0003
+Create Date: 2026-12-02 04:45:00
+"""
+from alembic import op
+import sqlalchemy as sa
+
+revision = '0004'
+down_revision = '0003'
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    op.create_table(
+        'organization_turns',
+        sa.Column('organization_id', sa.Integer(), nullable=False),
+        sa.Column('turn_at', sa.DateTime(timezone=True), nullable=False),
+        sa.Column('job_created_at', sa.DateTime(timezone=True), nullable=True),
+        sa.Column('job_id', sa.Uuid(), nullable=True),
+        sa.PrimaryKeyConstraint('organization_id'),
+    )
+
+
+def downgrade() -> None:
+    op.drop_table('organization_turns')

@@ -1,0 +1,135 @@
+"""Fair turns (decision record 0004): organizations and jobs take turns for worker capacity.
+
+The plain pickers are tested against real PostgreSQL; the end-to-end test runs a real
+worker on every queue over a backlog of one organization's jobs.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from sqlalchemy import func, select
+
+from models.db import dispose_engine, session_scope
+from models.schema import LessonProgress, ResetJob
+from models.seed import seed
+from producer import resets
+from tasks import reset_steps
+
+
+def _confirm_all(session, org, course_ids):
+    jobs = []
+    for course in course_ids:
+        req = resets.request(session, org.admin_id, course, reason="fair turns")
+        jobs.append(resets.confirm(session, req.request_id, org.admin_id, req.token).job_id)
+    return jobs
+
+
+def _org_of(session, job_id) -> int:
+    return session.scalar(select(ResetJob.organization_id).where(ResetJob.id == reset_steps.job_uuid(job_id)))
+
+
+def test_units_alternate_between_organizations_and_round_robin_over_a_backlog(db_session):
+    a = seed(db_session, learners=60, lessons=3, courses=3, random_seed=1)
+    b = seed(db_session, learners=60, lessons=3, courses=1, random_seed=2)
+    a_jobs = _confirm_all(db_session, a, a.course_ids)
+    for job_id in a_jobs:  # organization A's backlog is planned first: several batches per job
+        assert reset_steps.start_job(db_session, job_id, batch_size=10).started
+    # Organization A has been served for a while before B's job arrives.
+    for _ in range(4):
+        unit = reset_steps.claim_next_unit(db_session, max_attempts=5, lease_seconds=60)
+        assert _org_of(db_session, unit.job_id) == a.organization_id
+    (b_job,) = _confirm_all(db_session, b, b.course_ids)
+    b_batches = len(reset_steps.start_job(db_session, b_job, batch_size=10).batch_nos)
+    assert b_batches >= 3
+
+    order = []
+    while (unit := reset_steps.claim_next_unit(db_session, max_attempts=5, lease_seconds=60)) is not None:
+        order.append(unit.job_id)
+    orgs = [_org_of(db_session, job_id) for job_id in order]
+    # B waits for about one unit per other active organization: its units alternate with A's.
+    first_b = orgs.index(b.organization_id)
+    assert first_b <= 1, orgs
+    b_positions = [i for i, org in enumerate(orgs) if org == b.organization_id]
+    assert len(b_positions) == b_batches
+    assert b_positions[-1] <= 2 * len(b_positions), orgs
+    # Within A, the jobs take turns: no job gets two units while another of A's waits.
+    a_order = [job for job in order if job in a_jobs]
+    for window in range(0, len(a_order) - 2, 3):
+        assert len(set(a_order[window:window + 3])) == 3, a_order
+
+
+def test_the_queued_job_of_the_least_recently_served_organization_starts_first(db_session):
+    a = seed(db_session, learners=20, lessons=2, courses=3, random_seed=3)
+    b = seed(db_session, learners=20, lessons=2, courses=1, random_seed=4)
+    a_jobs = _confirm_all(db_session, a, a.course_ids)
+    first = reset_steps.next_queued_job(db_session)
+    assert str(first) == a_jobs[0]
+    reset_steps.start_job(db_session, first, batch_size=10)
+    (b_job,) = _confirm_all(db_session, b, b.course_ids)  # confirmed after all of A's
+    assert str(reset_steps.next_queued_job(db_session)) == b_job
+
+
+def test_a_unit_whose_lease_ran_out_is_claimed_again_and_a_deferred_one_waits(db_session):
+    org = seed(db_session, learners=30, lessons=2, courses=1, random_seed=5)
+    (job_id,) = _confirm_all(db_session, org, org.course_ids)
+    reset_steps.start_job(db_session, job_id, batch_size=10)
+    first = reset_steps.claim_next_unit(db_session, max_attempts=5, lease_seconds=60)
+    reset_steps.defer_unit(db_session, job_id, first.batch_no, seconds=30)
+    claimed = {first.batch_no}
+    while (unit := reset_steps.claim_next_unit(db_session, max_attempts=5, lease_seconds=60)) is not None:
+        claimed.add(unit.batch_no)
+    assert len(claimed) == 3 and reset_steps.runnable_units(db_session, job_id) == 0
+    later = reset_steps.utcnow() + reset_steps.timedelta(seconds=61)
+    again = reset_steps.claim_next_unit(db_session, max_attempts=5, lease_seconds=60, now=later)
+    assert again is not None and again.claim.attempts == 2
+
+
+def test_small_components_are_cleared_by_the_learner_batches_and_large_ones_purged(db_session):
+    org = seed(db_session, learners=200, lessons=10, courses=1, random_seed=6)
+    (job_id,) = _confirm_all(db_session, org, org.course_ids)
+    lessons = db_session.scalar(select(func.count()).select_from(LessonProgress)
+                                .where(LessonProgress.course_id == org.course_ids[0]))
+    assert 1000 < lessons <= 2000  # and a few hundred rows of each other component
+    start = reset_steps.start_job(db_session, job_id, batch_size=100, purge_partitions=4, purge_chunk_rows=500,
+                                  purge_min_rows=1000)
+    job = db_session.get(ResetJob, reset_steps.job_uuid(job_id))
+    assert set(job.watermarks) == {"lesson_progress"}
+    # One partition per chunk of rows, rounded up (and never more than the partitions).
+    assert start.purge_total == job.purge_total == -(-lessons // 500)
+
+
+@pytest.fixture
+def env(fresh_db, use_env, redis_url, tmp_path):
+    yield use_env(DATABASE_URL=fresh_db(), CELERY_BROKER_URL=redis_url, RESET_BATCH_SIZE="25",
+                  NOTIFY_CONSOLE_PATH=str(tmp_path / "notifications.jsonl"), NOTIFY_RATE_PER_SECOND="5000",
+                  LOG_FORMAT="json")
+    dispose_engine()
+
+
+def test_another_organizations_job_finishes_before_a_backlog_drains(env, celery_worker_proc):
+    """Organization A queues 20 course-wide resets (4 batches each) before any worker runs; then
+    organization B confirms one. One worker serves every queue; B must not wait behind A."""
+    with session_scope() as session:
+        a = seed(session, learners=100, lessons=4, courses=20, random_seed=7)
+        b = seed(session, learners=100, lessons=4, courses=1, random_seed=8)
+    with session_scope() as session:
+        a_jobs = _confirm_all(session, a, a.course_ids)
+    with session_scope() as session:
+        (b_job,) = _confirm_all(session, b, b.course_ids)
+    celery_worker_proc(env, queues="resets,reset_batches,notifications,maintenance", concurrency=2, name="fair")
+
+    deadline = time.monotonic() + 180
+    while True:
+        with session_scope() as session:
+            rows = session.execute(select(ResetJob.id, ResetJob.state, ResetJob.finished_at)
+                                   .where(ResetJob.id.in_([reset_steps.job_uuid(j) for j in a_jobs + [b_job]]))).all()
+        if all(state == "succeeded" for _, state, _ in rows):
+            break
+        assert time.monotonic() < deadline, rows
+        time.sleep(0.2)
+    finished = {str(job_id): at for job_id, _, at in rows}
+    after_b = sum(1 for job in a_jobs if finished[job] > finished[b_job])
+    # Round-robin: B's 4 units alternate with A's, so B ends while nearly all of A's jobs still run.
+    assert after_b >= len(a_jobs) * 3 // 4, (after_b, len(a_jobs))
