@@ -1,6 +1,10 @@
 """The benchmark: a course-wide reset against the SQL floor, fairness, scale, memory, notifications.
 
-    python -m bench [--sizes 10000,100000] [--runs 3] [--large] [--skip-fairness]
+    python -m bench [--sizes 10000,100000] [--runs 3] [--large] [--skip-fairness] [--burst | --skip-burst]
+
+``--burst`` runs only the many-jobs scenario of :mod:`bench.burst` (a campaign-day burst of
+one organization while another works, on two worker topologies, and small courses on an
+idle system); the default run includes it after the course sizes.
 
 On PostgreSQL + Redis with real worker processes (2 for ``reset_batches``, 1
 for ``resets``, 1 for ``notifications``; console notifications to a file).
@@ -27,56 +31,20 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from sqlalchemy import create_engine, func, select, text
-from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 
+from bench import common
+
 RESULTS = Path(__file__).resolve().parent / "results"
-ADMIN_URL = os.environ.get("BENCH_ADMIN_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
-REDIS_BASE = os.environ.get("BENCH_REDIS_BASE_URL", "redis://127.0.0.1:6379")
-REDIS_URL = os.environ.get("BENCH_REDIS_URL", "")
 # Test processes claim Redis DB numbers in this registry (DB 0); the benchmark claims one the same way.
 CLAIM_KEY = "progress_reset:tests:redis_db:{n}"
 # How long a run waits for the notifications to drain after the reset (the rate is measured over it).
 DRAIN_SECONDS = float(os.environ.get("BENCH_DRAIN_SECONDS", "60"))
-PREFIX = "pr_bench"
-
-
-def log(message: str) -> None:
-    print(f"[{datetime.now().strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def admin(sql: str) -> None:
-    engine = create_engine(ADMIN_URL, poolclass=NullPool, isolation_level="AUTOCOMMIT")
-    with engine.connect() as conn:
-        conn.execute(text(sql))
-    engine.dispose()
-
-
-def drop_db(name: str) -> None:
-    admin(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}' "
-          "AND pid <> pg_backend_pid()")
-    admin(f'DROP DATABASE IF EXISTS "{name}"')
-
-
-def db_url(name: str) -> str:
-    return make_url(ADMIN_URL).set(database=name).render_as_string(hide_password=False)
-
-
-def copy_db(template: str, name: str) -> str:
-    drop_db(name)
-    admin(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
-    return db_url(name)
-
-
-def configure(database_url: str, extra: dict[str, str] | None = None) -> dict[str, str]:
-    """Point this process (settings, engine, Celery app) at ``database_url``; return the workers' env."""
-    env = {"DATABASE_URL": database_url, "CELERY_BROKER_URL": REDIS_URL, "LOG_FORMAT": "json",
-           "NOTIFY_BACKEND": "console", "NOTIFY_RATE_PER_SECOND": "1000000", **(extra or {})}
-    os.environ.update(env)
-    from workers.app import reconfigure
-
-    reconfigure()
-    return env
+PREFIX = common.PREFIX
+REDIS_BASE = common.REDIS_BASE
+log, admin, drop_db, db_url, copy_db, configure = (common.log, common.admin, common.drop_db, common.db_url,
+                                                   common.copy_db, common.configure)
+percentile = common.percentile
 
 
 def seed_base(n: int) -> tuple[str, dict]:
@@ -207,7 +175,7 @@ def run_system_once(base: str, info: dict, log_dir: Path, fairness: bool = False
     env = configure(url, {"NOTIFY_CONSOLE_PATH": str(console)})
     import redis
 
-    redis.Redis.from_url(REDIS_URL).flushdb()
+    redis.Redis.from_url(common.REDIS_URL).flushdb()
     workers = Workers(env, log_dir)
     big = info["big"]
     try:
@@ -271,14 +239,6 @@ def phase_timeline(job_id: str) -> dict:
                 "finished": (job.finished_at - t0).total_seconds()}
 
 
-def percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    index = min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))
-    return ordered[index]
-
-
 def claim_redis_db() -> str:
     """A Redis DB no running test process uses (claimed for this process in DB 0's registry)."""
     import redis
@@ -300,15 +260,14 @@ def release_redis_db(url: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    global REDIS_URL
-    claimed = not REDIS_URL
+    claimed = not common.REDIS_URL
     if claimed:
-        REDIS_URL = claim_redis_db()
+        common.REDIS_URL = claim_redis_db()
     try:
         return run(argv)
     finally:
         if claimed:
-            release_redis_db(REDIS_URL)
+            release_redis_db(common.REDIS_URL)
 
 
 def run(argv: list[str] | None = None) -> int:
@@ -317,8 +276,11 @@ def run(argv: list[str] | None = None) -> int:
     parser.add_argument("--large", action="store_true", help="also N = 1,000,000")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--skip-fairness", action="store_true")
+    burst = parser.add_mutually_exclusive_group()
+    burst.add_argument("--burst", action="store_true", help="only the many-jobs scenario (bench/burst.py)")
+    burst.add_argument("--skip-burst", action="store_true")
     args = parser.parse_args(argv)
-    sizes = [int(s) for s in args.sizes.split(",") if s]
+    sizes = [] if args.burst else [int(s) for s in args.sizes.split(",") if s]
     if args.large and 1_000_000 not in sizes:
         sizes.append(1_000_000)
     log_dir = Path(os.environ.get("PROGRESS_RESET_DATA_DIR", "data")).resolve() / "bench"
@@ -369,14 +331,34 @@ def run(argv: list[str] | None = None) -> int:
         print(f"{int(n):>10,} {e['floor_s']:>9.2f} {e['system_s']:>9.2f} {e['ratio']:>6.2f} "
               f"{e['per_learner_us']:>11.1f} {e['batches']:>8} {e['worker_rss_mb_max']:>7.0f} "
               f"{e['notifications_per_s']:>8.0f} {e['seed_seconds']:>7.1f}")
+    if not args.skip_burst:
+        from bench import burst
+
+        results["burst"] = burst.run(args.runs, log_dir)
     s100 = results["sizes"].get("100000", {})
+    s10 = results["sizes"].get("10000", {})
     summary = {
+        "ratio_10k": round(s10["ratio"], 3) if s10 else None,
         "ratio_100k": round(s100["ratio"], 3) if s100 else None,
         "per_learner_us": {n: round(e["per_learner_us"], 1) for n, e in results["sizes"].items()},
         "single_p95_ms": round(s100["single_p95_ms"], 1) if s100.get("single_p95_ms") is not None else None,
-        "worker_rss_mb_max": round(max(e["worker_rss_mb_max"] for e in results["sizes"].values()), 1),
-        "notifications_per_s": round(max(e["notifications_per_s"] for e in results["sizes"].values()), 1),
+        "worker_rss_mb_max": round(max([e["worker_rss_mb_max"] for e in results["sizes"].values()]
+                                       + [results.get("burst", {}).get(t, {}).get("worker_rss_mb_max", 0)
+                                          for t in ("compose", "single")]), 1),
+        "notifications_per_s": round(max([e["notifications_per_s"] for e in results["sizes"].values()] or [0]), 1),
     }
+    if "burst" in results:
+        b = results["burst"]
+        for key in ("burst_drain_ratio", "burst_other_org_slowdown", "single_p95_ms", "small_300_p50_ms"):
+            name = "burst_single_p95_ms" if key == "single_p95_ms" else key
+            summary[name] = {t: round(b[t][key], 3) for t in ("compose", "single")}
+        print(f"{'topology':>9} {'drain s':>8} {'floor s':>8} {'ratio':>6} {'B burst s':>9} {'B alone s':>9} "
+              f"{'slowdown':>8} {'1-lrn p50':>9} {'1-lrn p95':>9} {'300 p50 ms':>10}")
+        for t in ("compose", "single"):
+            e = b[t]
+            print(f"{t:>9} {e['a_drain_s']:>8.2f} {b['burst_floor_s']:>8.2f} {e['burst_drain_ratio']:>6.2f} "
+                  f"{e['b_during_s']:>9.2f} {e['b_alone_s']:>9.2f} {e['burst_other_org_slowdown']:>8.2f} "
+                  f"{e['single_p50_ms']:>9.0f} {e['single_p95_ms']:>9.0f} {e['small_300_p50_ms']:>10.0f}")
     results["summary"] = summary
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"{datetime.now().strftime('%Y-%m-%d')}.json"

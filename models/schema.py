@@ -335,6 +335,9 @@ class ResetBatch(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     claimed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    # The ``resets.work`` message that claimed the batch: redelivered after its worker died, it
+    # takes the same batch back at once instead of waiting for the lease (decision record 0004).
+    claimed_by: Mapped[str | None] = mapped_column(String(64), nullable=True)
     published_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     learners_reset: Mapped[int] = mapped_column(Integer, default=0)

@@ -251,37 +251,52 @@ class UnitClaim:
     claim: ClaimResult
 
 
-def claim_next_unit(session: Session, max_attempts: int, lease_seconds: int,
-                    now: datetime | None = None) -> UnitClaim | None:
+def claim_next_unit(session: Session, max_attempts: int, lease_seconds: int, now: datetime | None = None,
+                    owner: str | None = None) -> UnitClaim | None:
     """Claim the runnable unit of a running course-wide job whose turn it is; None when there is none.
 
     Runnable: a ``pending`` batch, or a ``running`` one whose lease ran out (its worker is gone,
     or it waits out a retry backoff). The batch row is locked with ``SKIP LOCKED``, its lease
     taken (a learner batch also counts an attempt, :func:`claim_batch`), and the turn recorded,
     all in the caller's transaction: commit it before running the unit.
+
+    ``owner`` (the claiming message's id) is written on the batch. The same message delivered
+    again, because the worker running it died, first takes back the batch it still holds, lease
+    or not, so a killed worker never makes its unit wait for the lease to run out.
     """
     now = now or utcnow()
     b = batches.alias("b")
     j = jobs.alias("j")
-    runnable = or_(b.c.state == "pending", and_(b.c.state == "running", b.c.lease_expires_at < now))
-    row = session.execute(
-        select(b.c.job_id, b.c.batch_no, b.c.kind)
-        .select_from(b.join(j, j.c.id == b.c.job_id).outerjoin(turns, turns.c.organization_id == j.c.organization_id))
-        .where(runnable, j.c.state == "running", j.c.scope == "course")
-        .order_by(*_turn_order(j, turns), b.c.batch_no).limit(1)
-        .with_for_update(of=b, skip_locked=True)
-    ).first()
+    row = None
+    if owner is not None:
+        row = session.execute(
+            select(b.c.job_id, b.c.batch_no, b.c.kind).select_from(b.join(j, j.c.id == b.c.job_id))
+            .where(b.c.state == "running", b.c.claimed_by == owner, j.c.state == "running").limit(1)
+            .with_for_update(of=b, skip_locked=True)
+        ).first()
+    if row is None:
+        runnable = or_(b.c.state == "pending", and_(b.c.state == "running", b.c.lease_expires_at < now))
+        row = session.execute(
+            select(b.c.job_id, b.c.batch_no, b.c.kind)
+            .select_from(b.join(j, j.c.id == b.c.job_id)
+                         .outerjoin(turns, turns.c.organization_id == j.c.organization_id))
+            .where(runnable, j.c.state == "running", j.c.scope == "course")
+            .order_by(*_turn_order(j, turns), b.c.batch_no).limit(1)
+            .with_for_update(of=b, skip_locked=True)
+        ).first()
     if row is None:
         return None
     key, batch_no, kind = row
     job = session.get(ResetJob, key)
     take_turn(session, job, now)
+    mine = (batches.c.job_id == key) & (batches.c.batch_no == batch_no)
     if kind == "purge":
-        session.execute(update(batches).where(batches.c.job_id == key, batches.c.batch_no == batch_no)
-                        .values(state="running", lease_expires_at=now + timedelta(seconds=lease_seconds)))
+        session.execute(update(batches).where(mine).values(
+            state="running", claimed_by=owner, lease_expires_at=now + timedelta(seconds=lease_seconds)))
         return UnitClaim(str(key), int(batch_no), kind, ClaimResult(True))
-    return UnitClaim(str(key), int(batch_no), kind,
-                     claim_batch(session, key, batch_no, max_attempts, lease_seconds, now))
+    claim = claim_batch(session, key, batch_no, max_attempts, lease_seconds, now)
+    session.execute(update(batches).where(mine).values(claimed_by=owner))
+    return UnitClaim(str(key), int(batch_no), kind, claim)
 
 
 def defer_unit(session: Session, job_id: str | uuid.UUID, batch_no: int, seconds: float,

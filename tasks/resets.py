@@ -278,7 +278,8 @@ def work(self, *_hint) -> None:
     settings = get_settings()
     try:
         with session_scope() as session:
-            unit = reset_steps.claim_next_unit(session, settings.batch_max_attempts, settings.batch_lease_seconds)
+            unit = reset_steps.claim_next_unit(session, settings.batch_max_attempts, settings.batch_lease_seconds,
+                                               owner=self.request.id)
             if unit is not None and unit.claim.dead:
                 publish_follow_ups(session, unit.job_id, unit.claim.job_complete, unit.claim.purge)
     except DATABASE_UNAVAILABLE as exc:

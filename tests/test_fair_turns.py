@@ -133,3 +133,15 @@ def test_another_organizations_job_finishes_before_a_backlog_drains(env, celery_
     after_b = sum(1 for job in a_jobs if finished[job] > finished[b_job])
     # Round-robin: B's 4 units alternate with A's, so B ends while nearly all of A's jobs still run.
     assert after_b >= len(a_jobs) * 3 // 4, (after_b, len(a_jobs))
+
+
+def test_a_redelivered_wake_up_takes_back_the_unit_its_dead_worker_held(db_session):
+    org = seed(db_session, learners=30, lessons=2, courses=1, random_seed=9)
+    (job_id,) = _confirm_all(db_session, org, org.course_ids)
+    reset_steps.start_job(db_session, job_id, batch_size=10)
+    held = reset_steps.claim_next_unit(db_session, max_attempts=5, lease_seconds=60, owner="message-1")
+    other = reset_steps.claim_next_unit(db_session, max_attempts=5, lease_seconds=60, owner="message-2")
+    assert other.batch_no != held.batch_no
+    # message-1 comes back (its worker was killed): same batch, lease or not, one more attempt.
+    again = reset_steps.claim_next_unit(db_session, max_attempts=5, lease_seconds=60, owner="message-1")
+    assert (again.batch_no, again.claim.attempts) == (held.batch_no, 2)

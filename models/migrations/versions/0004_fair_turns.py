@@ -1,4 +1,5 @@
-"""Fair turns: when each organization last had a unit of reset work claimed, and for which job.
+"""Fair turns: when each organization last had a unit of reset work claimed, and for which job;
+which wake-up message claimed each batch.
 
 Revision ID: 0004
 Revises: 0003
@@ -22,7 +23,11 @@ def upgrade() -> None:
         sa.Column('job_id', sa.Uuid(), nullable=True),
         sa.PrimaryKeyConstraint('organization_id'),
     )
+    with op.batch_alter_table('reset_batches', schema=None) as batch_op:
+        batch_op.add_column(sa.Column('claimed_by', sa.String(length=64), nullable=True))
 
 
 def downgrade() -> None:
+    with op.batch_alter_table('reset_batches', schema=None) as batch_op:
+        batch_op.drop_column('claimed_by')
     op.drop_table('organization_turns')

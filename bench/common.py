@@ -1,0 +1,63 @@
+"""Helpers shared by the benchmark's scenarios: databases, configuration, logging."""
+
+from __future__ import annotations
+
+import os
+import sys
+from datetime import datetime
+
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.pool import NullPool
+
+ADMIN_URL = os.environ.get("BENCH_ADMIN_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+REDIS_BASE = os.environ.get("BENCH_REDIS_BASE_URL", "redis://127.0.0.1:6379")
+# Set by ``python -m bench`` (a claimed DB number) unless given.
+REDIS_URL = os.environ.get("BENCH_REDIS_URL", "")
+PREFIX = "pr_bench"
+
+
+def log(message: str) -> None:
+    print(f"[{datetime.now().strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def admin(sql: str) -> None:
+    engine = create_engine(ADMIN_URL, poolclass=NullPool, isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.execute(text(sql))
+    engine.dispose()
+
+
+def drop_db(name: str) -> None:
+    admin(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}' "
+          "AND pid <> pg_backend_pid()")
+    admin(f'DROP DATABASE IF EXISTS "{name}"')
+
+
+def db_url(name: str) -> str:
+    return make_url(ADMIN_URL).set(database=name).render_as_string(hide_password=False)
+
+
+def copy_db(template: str, name: str) -> str:
+    drop_db(name)
+    admin(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+    return db_url(name)
+
+
+def configure(database_url: str, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Point this process (settings, engine, Celery app) at ``database_url``; return the workers' env."""
+    env = {"DATABASE_URL": database_url, "CELERY_BROKER_URL": REDIS_URL, "LOG_FORMAT": "json",
+           "NOTIFY_BACKEND": "console", "NOTIFY_RATE_PER_SECOND": "1000000", **(extra or {})}
+    os.environ.update(env)
+    from workers.app import reconfigure
+
+    reconfigure()
+    return env
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))
+    return ordered[index]
