@@ -301,7 +301,7 @@ class OrganizationTurn(Base):
 
     Organizations take turns oldest first; within one, jobs take turns in
     ``(created_at, id)`` order after the last one served. Only the fair
-    picker in ``tasks/reset_steps.py`` writes here (decision record 0004), so
+    picker in ``tasks/reset_steps.py`` writes here (decision record 0005), so
     claiming a unit never locks a ``reset_jobs`` row.
     """
 
@@ -336,7 +336,7 @@ class ResetBatch(Base):
     claimed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     # The ``resets.work`` message that claimed the batch: redelivered after its worker died, it
-    # takes the same batch back at once instead of waiting for the lease (decision record 0004).
+    # takes the same batch back at once instead of waiting for the lease (decision record 0005).
     claimed_by: Mapped[str | None] = mapped_column(String(64), nullable=True)
     published_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)

@@ -69,7 +69,7 @@ class Settings:
     purge_chunk_rows: int = 50000
     purge_partitions: int = 4
     # A component of a course with fewer earlier rows than this is cleared inside the learner
-    # batches; from this many on, by the deferred purge in id order (decision record 0004).
+    # batches; from this many on, by the deferred purge in id order (decision record 0005).
     purge_min_rows: int = 50000
     # Units of one job that may run at once (wake-up messages published per job).
     work_tokens: int = 4

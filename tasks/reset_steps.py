@@ -146,18 +146,24 @@ def plan_purge(session: Session, job: ResetJob, first_batch_no: int, partitions:
     watermark: the learner batches clear its rows directly, which costs less
     than a purge chain when the rows are few. The others get up to
     ``partitions`` disjoint id ranges, one per ``chunk_rows`` rows, that run
-    in parallel (decision records 0002 and 0004).
+    in parallel (decision records 0002 and 0005).
     """
     watermarks: dict[str, int] = {}
     rows = []
     cap = max(min_rows, partitions * chunk_rows)
-    for component in RESET_COMPONENTS:
+
+    def bounded_count(t):
+        return select(func.count()).select_from(
+            select(t.c.id).where(t.c.course_id == job.course_id).limit(cap).subquery()).scalar_subquery()
+
+    # One round trip for every component's count; the rest only for components worth purging.
+    counts = session.execute(select(*(bounded_count(c.table) for c in RESET_COMPONENTS))).one()
+    for component, count in zip(RESET_COMPONENTS, counts):
         t = component.table
-        high = int(session.scalar(select(func.max(t.c.id))) or 0)
-        in_course = select(t.c.id).where(t.c.course_id == job.course_id, t.c.id <= high).limit(cap).subquery()
-        count = int(session.scalar(select(func.count()).select_from(in_course)) or 0)
+        count = int(count or 0)
         if count == 0 or count < min_rows:
             continue
+        high = int(session.scalar(select(func.max(t.c.id))) or 0)
         watermarks[component.name] = high
         low, top = session.execute(select(func.min(t.c.id), func.max(t.c.id))
                                    .where(t.c.course_id == job.course_id, t.c.id <= high)).one()
@@ -205,7 +211,7 @@ def start_job(session: Session, job_id: str | uuid.UUID, batch_size: int, now: d
 
 # --- fair turns ------------------------------------------------------------------------------
 #
-# Work is claimed from the database, not taken in broker order (decision record 0004). A
+# Work is claimed from the database, not taken in broker order (decision record 0005). A
 # ``resets.start`` message starts whichever queued job is next in turn, and a ``resets.work``
 # message runs whichever runnable unit (learner batch or purge chunk) is next in turn, so a
 # long queue of one organization's messages never stands in front of another's work:
@@ -294,9 +300,8 @@ def claim_next_unit(session: Session, max_attempts: int, lease_seconds: int, now
         session.execute(update(batches).where(mine).values(
             state="running", claimed_by=owner, lease_expires_at=now + timedelta(seconds=lease_seconds)))
         return UnitClaim(str(key), int(batch_no), kind, ClaimResult(True))
-    claim = claim_batch(session, key, batch_no, max_attempts, lease_seconds, now)
-    session.execute(update(batches).where(mine).values(claimed_by=owner))
-    return UnitClaim(str(key), int(batch_no), kind, claim)
+    return UnitClaim(str(key), int(batch_no), kind,
+                     claim_batch(session, key, batch_no, max_attempts, lease_seconds, now, owner=owner))
 
 
 def defer_unit(session: Session, job_id: str | uuid.UUID, batch_no: int, seconds: float,
@@ -381,7 +386,7 @@ def _count_purge_finished(session: Session, key: uuid.UUID, now: datetime, dead:
 
 def claim_batch(
     session: Session, job_id: str | uuid.UUID, batch_no: int, max_attempts: int, lease_seconds: int,
-    now: datetime | None = None,
+    now: datetime | None = None, owner: str | None = None,
 ) -> ClaimResult:
     """Count an attempt at the batch and take its lease; commit this before doing the work.
 
@@ -393,7 +398,7 @@ def claim_batch(
     row = session.execute(
         update(batches)
         .where(batches.c.job_id == key, batches.c.batch_no == batch_no, batches.c.state.in_(("pending", "running")))
-        .values(attempts=batches.c.attempts + 1, state="running", claimed_at=now,
+        .values(attempts=batches.c.attempts + 1, state="running", claimed_at=now, claimed_by=owner,
                 lease_expires_at=now + timedelta(seconds=lease_seconds))
         .returning(batches.c.attempts, batches.c.error)
     ).first()

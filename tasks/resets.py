@@ -14,7 +14,7 @@
 
 Messages are wake-ups, not assignments: the database decides which unit runs next, so
 organizations and jobs take turns whatever order the broker delivers in (decision record
-0004). Every unit is about a second of work at most, so any worker topology serves every
+0005). Every unit is about a second of work at most, so any worker topology serves every
 queue promptly. A one-learner job is planned as one batch and run inline by
 ``resets.start`` on the ``resets`` queue, so it never waits behind a course-wide fan-out.
 

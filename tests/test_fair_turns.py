@@ -1,4 +1,4 @@
-"""Fair turns (decision record 0004): organizations and jobs take turns for worker capacity.
+"""Fair turns (decision record 0005): organizations and jobs take turns for worker capacity.
 
 The plain pickers are tested against real PostgreSQL; the end-to-end test runs a real
 worker on every queue over a backlog of one organization's jobs.

@@ -43,7 +43,7 @@ def broker_transport_options(settings: Settings) -> dict:
             "processed_folder": str(folder / "processed"),
             "control_folder": str(folder / "control"),
             "store_processed": False,
-            # Each unit of work is one message hop (decision record 0004): poll the folder
+            # Each unit of work is one message hop (decision record 0005): poll the folder
             # often, not once a second (an empty poll is one directory listing).
             "polling_interval": 0.02,
         }

@@ -1,15 +1,15 @@
 """Fair turns: when each organization last had a unit of reset work claimed, and for which job;
 which wake-up message claimed each batch.
 
-Revision ID: 0004
-Revises: 0003
+Revision ID: 0007
+Revises: 0006
 Create Date: 2026-12-02 04:45:00
 """
 from alembic import op
 import sqlalchemy as sa
 
-revision = '0004'
-down_revision = '0003'
+revision = '0007'
+down_revision = '0006'
 branch_labels = None
 depends_on = None
 
