@@ -292,6 +292,14 @@ class ResetJob(Base):
         ),
         Index("ix_reset_jobs_course_state", "course_id", "state"),
         Index("ix_reset_jobs_state_created", "state", "created_at"),
+        # Listing jobs newest first (GET /v1/resets): one index range per page, whatever the filter.
+        Index("ix_reset_jobs_org_created", "organization_id", "created_at", "id"),
+        Index("ix_reset_jobs_org_state_created", "organization_id", "state", "created_at", "id"),
+        Index("ix_reset_jobs_course_created", "course_id", "created_at", "id"),
+        Index("ix_reset_jobs_learner_created", "learner_id", "created_at", "id",
+              postgresql_where=text("learner_id IS NOT NULL"), sqlite_where=text("learner_id IS NOT NULL")),
+        Index("ix_reset_jobs_campaign_created", "campaign_id", "created_at", "id",
+              postgresql_where=text("campaign_id IS NOT NULL"), sqlite_where=text("campaign_id IS NOT NULL")),
         UniqueConstraint("campaign_id", "occurrence_at", name="uq_reset_jobs_campaign_occurrence"),
     )
 

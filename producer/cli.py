@@ -94,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     from producer import cli_resets
 
     cli_resets.add_commands(sub)
+    cli_resets.add_listing_commands(sub)
     for module_name in ("producer.cli_campaigns", "producer.cli_ops"):
         try:
             module = __import__(module_name, fromlist=["add_commands"])

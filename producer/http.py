@@ -149,6 +149,30 @@ class StatusOut(_Out):
     error: str | None
 
 
+class JobOut(_Out):
+    job_id: str
+    state: str
+    scope: str
+    course_id: int
+    learner_id: int | None
+    campaign_id: int | None
+    actor_id: int
+    origin: str
+    reason: str
+    learners_total: int
+    learners_done: int
+    cleared: dict[str, int]
+    created_at: str | None
+    confirmed_at: str | None
+    finished_at: str | None
+    error: str | None
+
+
+class JobPage(_Out):
+    items: list[JobOut]
+    next_cursor: str | None = Field(description="Pass as `cursor` for the next page; null on the last page.")
+
+
 class CampaignRequestOut(_Out):
     campaign_id: int
     token: str
@@ -399,6 +423,29 @@ def create_app() -> FastAPI:
             caller.require_actor(session, body.actor_id)
             result = resets.confirm(session, request_id, body.actor_id, body.token)
         return result.as_json()
+
+    @app.get("/v1/resets", response_model=JobPage, tags=["resets"],
+             summary="The key's organization's jobs, newest first, with filters and cursor pagination",
+             responses=_problem_responses(*COMMON_ERRORS))
+    def list_resets(
+        caller: Caller,
+        course_id: Annotated[int | None, Query(ge=1, le=MAX_ID)] = None,
+        learner_id: Annotated[int | None, Query(ge=1, le=MAX_ID)] = None,
+        state: Annotated[str | None, Query(max_length=32, description="e.g. queued, running, succeeded")] = None,
+        origin: Annotated[str | None, Query(min_length=1, max_length=64,
+                                            description="cli, campaign, http:<key name>, ...")] = None,
+        campaign_id: Annotated[int | None, Query(ge=1, le=MAX_ID)] = None,
+        created_after: Annotated[str | None, Query(max_length=64, description="ISO-8601, inclusive")] = None,
+        created_before: Annotated[str | None, Query(max_length=64, description="ISO-8601, exclusive")] = None,
+        limit: Annotated[int, Query(ge=1, le=200)] = 50,
+        cursor: Annotated[str | None, Query(max_length=400, description="`next_cursor` of the previous page")
+                          ] = None,
+    ) -> dict:
+        with session_scope() as session:
+            return resets.list_jobs(session, caller.organization_id, course_id=course_id, learner_id=learner_id,
+                                    state=state, origin=origin, campaign_id=campaign_id,
+                                    created_after=created_after, created_before=created_before, limit=limit,
+                                    cursor=cursor)
 
     @app.get("/v1/resets/{job_id}", response_model=StatusOut, tags=["resets"],
              summary="A job's state, counts, rows cleared per component and notification counts",
