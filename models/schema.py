@@ -386,6 +386,13 @@ class AuditEvent(Base):
     details: Mapped[dict] = mapped_column(JSON, default=dict)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
+    # Append-only: triggers of migration 0005 refuse UPDATE, DELETE (and TRUNCATE on PostgreSQL).
+    __table_args__ = (
+        Index("ix_audit_events_org_created", "organization_id", "created_at", "id"),
+        Index("ix_audit_events_course_created", "course_id", "created_at", "id",
+              postgresql_where=text("course_id IS NOT NULL"), sqlite_where=text("course_id IS NOT NULL")),
+    )
+
 
 class RetrainingCampaign(Base):
     __tablename__ = "retraining_campaigns"

@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     cli_resets.add_commands(sub)
     cli_resets.add_listing_commands(sub)
-    for module_name in ("producer.cli_campaigns", "producer.cli_ops"):
+    for module_name in ("producer.cli_campaigns", "producer.cli_ops", "producer.cli_audit"):
         try:
             module = __import__(module_name, fromlist=["add_commands"])
         except ModuleNotFoundError as exc:

@@ -47,7 +47,7 @@ from starlette.routing import Match
 from models.db import session_scope
 from models.errors import NotFound, ProgressResetError, Unauthenticated
 from models.logs import log_event
-from producer import campaigns, resets
+from producer import audit, campaigns, resets
 from producer.apikeys import ApiIdentity, verify_api_key
 from producer.metrics import ResetSystemCollector
 
@@ -170,6 +170,27 @@ class JobOut(_Out):
 
 class JobPage(_Out):
     items: list[JobOut]
+    next_cursor: str | None = Field(description="Pass as `cursor` for the next page; null on the last page.")
+
+
+class AuditEventOut(_Out):
+    id: int
+    created_at: str
+    action: str = Field(description="e.g. reset.requested, reset.confirmed, reset.succeeded, campaign.confirmed")
+    organization_id: int
+    actor_id: int | None
+    course_id: int | None
+    learner_id: int | None
+    job_id: str | None
+    campaign_id: int | None
+    learner_count: int | None
+    reason: str
+    origin: str
+    details: dict[str, Any]
+
+
+class AuditPage(_Out):
+    items: list[AuditEventOut]
     next_cursor: str | None = Field(description="Pass as `cursor` for the next page; null on the last page.")
 
 
@@ -534,6 +555,26 @@ def create_app() -> FastAPI:
         with session_scope() as session:
             caller.require_actor(session, actor_id)
             return campaigns.delete_campaign(session, actor_id, campaign_id, origin=caller.origin)
+
+    # -- audit trail ------------------------------------------------------------------------
+
+    @app.get("/v1/audit", response_model=AuditPage, tags=["audit"],
+             summary="The key's organization's audit trail, oldest first, with cursor pagination",
+             responses=_problem_responses(*COMMON_ERRORS))
+    def list_audit(
+        caller: Caller,
+        date_from: Annotated[str | None, Query(alias="from", max_length=64, description="ISO-8601, inclusive")
+                             ] = None,
+        date_to: Annotated[str | None, Query(alias="to", max_length=64, description="ISO-8601, exclusive")] = None,
+        action: Annotated[str | None, Query(min_length=1, max_length=64)] = None,
+        course_id: Annotated[int | None, Query(ge=1, le=MAX_ID)] = None,
+        limit: Annotated[int, Query(ge=1, le=200)] = 50,
+        cursor: Annotated[str | None, Query(max_length=400, description="`next_cursor` of the previous page")
+                          ] = None,
+    ) -> dict:
+        with session_scope() as session:
+            return audit.list_events(session, caller.organization_id, date_from=date_from, date_to=date_to,
+                                     action=action, course_id=course_id, limit=limit, cursor=cursor)
 
     # -- operations -------------------------------------------------------------------------
 
