@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import ColumnElement
 
 from models.errors import Conflict, NotFound
+from models.webhooks import record_job_event
 from models.schema import (
     ACTIVE_JOB_STATES,
     AuditEvent,
@@ -182,11 +183,18 @@ def record_audit(
     origin: str = "",
     details: dict | None = None,
 ) -> AuditEvent:
-    """Record the fact of an action: never the data it cleared (R5)."""
+    """Record the fact of an action: never the data it cleared (R5).
+
+    A job's state change (confirmed, succeeded, failed, cancelled) also writes
+    its webhook event and deliveries here, in the same transaction
+    (:func:`models.webhooks.record_job_event`).
+    """
+    now = utcnow()
     event = AuditEvent(
         organization_id=organization_id, actor_id=actor_id, action=action, course_id=course_id,
         learner_id=learner_id, job_id=job_id, campaign_id=campaign_id, learner_count=learner_count,
-        reason=reason, origin=origin, details=details or {}, created_at=utcnow(),
+        reason=reason, origin=origin, details=details or {}, created_at=now,
     )
     session.add(event)
+    record_job_event(session, action, organization_id, job_id, actor_id, now)
     return event

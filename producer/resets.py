@@ -48,6 +48,7 @@ from models.settings import get_settings
 from producer.pages import check_limit, cursor_datetime, decode_cursor, encode_cursor, parse_instant
 from tasks.base import publish_after_commit
 import workers  # noqa: F401,E402 - configures the Celery app that publish_after_commit sends through
+import tasks.webhooks  # noqa: F401,E402 - publishes the webhook deliveries a confirm or cancel writes
 
 MAX_REASON = 2000
 MAX_IDEMPOTENCY_KEY = 200
