@@ -23,9 +23,10 @@ Guarantees:
   redirects are not followed, and a run stops claiming after about a second
   and hands the rest back to the queue. A hanging receiver holds one webhooks
   worker slot for at most the timeout, and never a reset worker.
-- **nothing is stranded**: a retry due soon, or a lease about to end, is
-  awakened by one short-countdown task per endpoint (``wake_at``); anything
-  else is re-published by :func:`sweep_webhooks`, which the maintenance sweep calls.
+- **nothing is stranded**: a retry falling due or a lease ending is awakened
+  by one countdown task (at most a minute) per endpoint (``wake_at``); a
+  message lost by the broker is re-published by :func:`sweep_webhooks`, which
+  the maintenance sweep calls.
 
 The plain functions take a Session and never commit; :func:`deliver_endpoint`
 owns the short transactions and never holds one open during the HTTP call.
@@ -59,7 +60,7 @@ TASK_NAME = "webhooks.deliver"
 RUN_BUDGET_SECONDS = 1.0
 # A claimed delivery is the claimer's for the HTTP timeout plus this margin; then anyone may retry it.
 LEASE_MARGIN_SECONDS = 10.0
-# Waits up to this long are woken by a countdown task; longer ones are left to the sweep.
+# The longest countdown a wake-up task uses; a longer wait is bridged by successive wake-ups.
 MAX_WAKE_SECONDS = 60.0
 # Bytes of the receiver's answer kept in the delivery log.
 MAX_ERROR_TEXT = 300
@@ -164,18 +165,19 @@ def next_wake(session: Session, endpoint_id: int, now: datetime) -> datetime | N
 
 
 def schedule_wake(session: Session, endpoint_id: int, now: datetime) -> float | None:
-    """Publish one countdown task for the endpoint's next wait if it is short and none is due earlier.
+    """Publish one countdown task (at most a minute) for the endpoint's next wait, unless one wakes earlier.
 
     ``wake_at`` on the endpoint is claimed with a conditional UPDATE, so waiting
-    runs do not multiply. Returns the countdown, or None (nothing soon, or
+    runs do not multiply. Returns the countdown, or None (nothing open, or
     another task already wakes earlier).
     """
     at = next_wake(session, endpoint_id, now)
     if at is None:
         return None
+    # A longer wait is bridged by a wake-up a minute from now, which looks again (one chain per
+    # endpoint): a countdown never comes near the broker's visibility timeout.
+    at = min(at, now + timedelta(seconds=MAX_WAKE_SECONDS))
     countdown = max(0.0, (at - now).total_seconds())
-    if countdown > MAX_WAKE_SECONDS:
-        return None  # the sweep publishes it once due
     taken = session.execute(
         update(e).where(e.c.id == endpoint_id, e.c.deleted_at.is_(None),
                         or_(e.c.wake_at.is_(None), e.c.wake_at <= now, e.c.wake_at > at))

@@ -274,3 +274,30 @@ def test_a_hanging_or_absent_receiver_is_a_retryable_failure_within_the_timeout(
         webhooks_allow_http_loopback=False))
     assert not refused.retryable and refused.error.startswith("refused:")
 
+
+
+def test_sweep_republishes_due_deliveries_once_and_wake_ups_do_not_multiply(db_session, loopback):
+    org = seed(db_session, learners=10, lessons=2, courses=1, random_seed=10)
+    endpoint_id, _job = _two_events_one_job(db_session, org)
+    settings = get_settings()
+    now = utcnow()
+    assert delivery.sweep_webhooks(db_session, now, settings) == 0, "just published after the commit"
+    later = now + timedelta(seconds=settings.publish_stale_seconds + 1)
+    assert delivery.sweep_webhooks(db_session, later, settings) == 1
+    assert delivery.sweep_webhooks(db_session, later, settings) == 0, "not twice in a row"
+
+    claimed = delivery.claim_next_delivery(db_session, endpoint_id, later, settings)
+    lease_end = later + timedelta(seconds=delivery._lease_seconds(settings))
+    # A killed sender's lease: one wake-up for its end, not one per run that finds it.
+    countdown = delivery.schedule_wake(db_session, endpoint_id, later)
+    assert countdown == pytest.approx((lease_end - later).total_seconds(), abs=0.01)
+    assert delivery.schedule_wake(db_session, endpoint_id, later) is None
+    after_lease = lease_end + timedelta(seconds=settings.publish_stale_seconds + 1)
+    assert delivery.sweep_webhooks(db_session, after_lease, settings) == 1, "an ended lease is re-published"
+    assert delivery.claim_next_delivery(db_session, endpoint_id, after_lease, settings).event_id == claimed.event_id
+
+    # A retry hours away is bridged by wake-ups of at most a minute.
+    retry = delivery.claim_next_delivery(db_session, endpoint_id, after_lease + timedelta(hours=1), settings)
+    db_session.execute(delivery.update(delivery.d).where(delivery.d.c.id == retry.delivery_id).values(
+        status="pending", next_attempt_at=after_lease + timedelta(hours=3)))
+    assert delivery.schedule_wake(db_session, endpoint_id, after_lease) == delivery.MAX_WAKE_SECONDS
