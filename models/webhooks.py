@@ -27,11 +27,11 @@ from collections.abc import Callable
 from datetime import datetime
 from urllib.parse import urlsplit
 
-from sqlalchemy import func, insert, select
+from sqlalchemy import insert, select
 from sqlalchemy.orm import Session
 
 from models.errors import ValidationFailed
-from models.schema import Notification, ResetJob, WebhookDelivery, WebhookEndpoint, WebhookEvent
+from models.schema import ResetJob, WebhookDelivery, WebhookEndpoint, WebhookEvent
 
 EVENT_TYPES = ("reset.confirmed", "reset.succeeded", "reset.failed", "reset.cancelled")
 
@@ -69,44 +69,14 @@ def new_secret() -> str:
 
 def job_event_payload(session: Session, event_id: uuid.UUID, event_type: str, job: ResetJob,
                       created_at: datetime, actor_id: int | None) -> dict:
-    """The event body: the job's ids, state and counts at the moment of the change (never personal data)."""
-    n = Notification.__table__.c
-    counts = dict(session.execute(
-        select(n.status, func.count()).where(n.reset_job_id == job.id).group_by(n.status)).all())
+    """The event body: the job's status at the moment of the change (the shape of ``GET /v1/resets/{id}``)
+    plus who acted, why and from where. Ids and counts only, never personal data."""
+    from models.jobs import describe_status  # models.jobs imports this module
 
-    def iso(value):
-        if value is None:
-            return None
-        return (value if value.tzinfo else value.replace(tzinfo=created_at.tzinfo)).isoformat()
-
-    return {
-        "id": str(event_id),
-        "type": event_type,
-        "created_at": created_at.isoformat(),
-        "organization_id": job.organization_id,
-        "data": {
-            "job_id": str(job.id),
-            "state": job.state,
-            "scope": job.scope,
-            "course_id": job.course_id,
-            "learner_id": job.learner_id,
-            "campaign_id": job.campaign_id,
-            "actor_id": actor_id if actor_id is not None else job.actor_id,
-            "reason": job.reason,
-            "origin": job.origin,
-            "learners_total": job.learners_total,
-            "learners_done": job.learners_done,
-            "batches_total": (job.batches_total or 0) + (job.purge_total or 0),
-            "batches_done": (job.batches_done or 0) + (job.purge_done or 0),
-            "batches_dead": job.batches_dead or 0,
-            "cleared": dict(job.cleared or {}),
-            "notifications": {"pending": int(counts.get("pending", 0) + counts.get("sending", 0)),
-                              "sent": int(counts.get("sent", 0)), "failed": int(counts.get("failed", 0))},
-            "confirmed_at": iso(job.confirmed_at),
-            "finished_at": iso(job.finished_at),
-            "error": job.error,
-        },
-    }
+    data = describe_status(session, job) | {
+        "actor_id": actor_id if actor_id is not None else job.actor_id, "reason": job.reason, "origin": job.origin}
+    return {"id": str(event_id), "type": event_type, "created_at": created_at.isoformat(),
+            "organization_id": job.organization_id, "data": data}
 
 
 def record_job_event(session: Session, action: str, organization_id: int, job_id: uuid.UUID | None,

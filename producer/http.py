@@ -256,7 +256,8 @@ class JobEventCounts(BaseModel):
 
 
 class JobEventData(BaseModel):
-    """The job at the moment of the event: ids and counts only, never cleared data or personal data."""
+    """The job at the moment of the event, in the shape of `GET /v1/resets/{job_id}`, plus who acted, why and
+    from where: ids and counts only, never cleared data or personal data."""
 
     job_id: str
     state: str
@@ -272,9 +273,14 @@ class JobEventData(BaseModel):
     batches_total: int
     batches_done: int
     batches_dead: int
+    learner_batches_total: int
+    purge_batches_total: int
+    purge_batches_done: int
     cleared: dict[str, int] = Field(description="Rows cleared per component (lesson_progress, certificates, ...).")
     notifications: JobEventCounts
+    created_at: str | None
     confirmed_at: str | None
+    started_at: str | None
     finished_at: str | None
     error: str | None
 

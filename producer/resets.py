@@ -15,7 +15,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import func, select, tuple_, update
+from sqlalchemy import select, tuple_, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -25,6 +25,7 @@ from models.jobs import (
     activate_job,
     already_active_error,
     as_utc,
+    describe_status,
     find_active_job,
     get_job,
     new_token,
@@ -39,7 +40,6 @@ from models.schema import (
     PERMISSION_USERS,
     Course,
     CourseAssignment,
-    Notification,
     ResetBatch,
     ResetJob,
     User,
@@ -263,46 +263,7 @@ def cancel(session: Session, job_id: str, actor_id: int, now: datetime | None = 
 
 def status(session: Session, job_id: str, organization_id: int | None = None) -> dict:
     """The job's state and counts in the contract's JSON shape (DESIGN.md section 3)."""
-    job = get_job(session, job_id, organization_id=organization_id)
-    n = Notification.__table__.c
-    counts = dict(session.execute(
-        select(n.status, func.count()).where(n.reset_job_id == job.id).group_by(n.status)
-    ).all())
-    return {
-        "job_id": str(job.id),
-        "state": job.state,
-        "scope": job.scope,
-        "course_id": job.course_id,
-        "learner_id": job.learner_id,
-        "campaign_id": job.campaign_id,
-        "learners_total": job.learners_total,
-        "learners_done": job.learners_done,
-        "batches_total": job.batches_total + job.purge_total,
-        "batches_done": job.batches_done + job.purge_done - _dead_purges(session, job),
-        "batches_dead": job.batches_dead,
-        "learner_batches_total": job.batches_total,
-        "purge_batches_total": job.purge_total,
-        "purge_batches_done": job.purge_done,
-        "cleared": job.cleared or {},
-        "notifications": {
-            "pending": int(counts.get("pending", 0) + counts.get("sending", 0)),
-            "sent": int(counts.get("sent", 0)),
-            "failed": int(counts.get("failed", 0)),
-        },
-        "created_at": _iso(job.created_at),
-        "confirmed_at": _iso(job.confirmed_at),
-        "started_at": _iso(job.started_at),
-        "finished_at": _iso(job.finished_at),
-        "error": job.error,
-    }
-
-
-def _dead_purges(session: Session, job: ResetJob) -> int:
-    if not job.batches_dead or not job.purge_total:
-        return 0
-    b = ResetBatch.__table__
-    return session.scalar(select(func.count()).select_from(b).where(
-        b.c.job_id == job.id, b.c.kind == "purge", b.c.state == "dead")) or 0
+    return describe_status(session, get_job(session, job_id, organization_id=organization_id))
 
 
 def _iso(value: datetime | None) -> str | None:
