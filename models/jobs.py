@@ -168,6 +168,12 @@ def get_job(session: Session, job_id: str | uuid.UUID, organization_id: int | No
     return job
 
 
+def job_identity(job: ResetJob) -> dict:
+    """What a job is: its id, state, scope and the ids it concerns (the first keys of every job shape)."""
+    return {"job_id": str(job.id), "state": job.state, "scope": job.scope, "course_id": job.course_id,
+            "learner_id": job.learner_id, "campaign_id": job.campaign_id}
+
+
 def describe_status(session: Session, job: ResetJob) -> dict:
     """The job's state and counts in the contract's status shape (DESIGN.md section 3).
 
@@ -177,13 +183,7 @@ def describe_status(session: Session, job: ResetJob) -> dict:
     counts = dict(session.execute(
         select(n.status, func.count()).where(n.reset_job_id == job.id).group_by(n.status)
     ).all())
-    return {
-        "job_id": str(job.id),
-        "state": job.state,
-        "scope": job.scope,
-        "course_id": job.course_id,
-        "learner_id": job.learner_id,
-        "campaign_id": job.campaign_id,
+    return job_identity(job) | {
         "learners_total": job.learners_total,
         "learners_done": job.learners_done,
         "batches_total": job.batches_total + job.purge_total,

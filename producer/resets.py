@@ -28,6 +28,7 @@ from models.jobs import (
     describe_status,
     find_active_job,
     get_job,
+    job_identity,
     new_token,
     record_audit,
     summarize,
@@ -274,13 +275,7 @@ def _iso(value: datetime | None) -> str | None:
 
 def describe_job(job) -> dict:
     """One job in a listing: ids, state and counts (no notification counts: see :func:`status`)."""
-    return {
-        "job_id": str(job.id),
-        "state": job.state,
-        "scope": job.scope,
-        "course_id": job.course_id,
-        "learner_id": job.learner_id,
-        "campaign_id": job.campaign_id,
+    return job_identity(job) | {
         "actor_id": job.actor_id,
         "origin": job.origin,
         "reason": job.reason,
