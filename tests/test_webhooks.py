@@ -301,3 +301,23 @@ def test_sweep_republishes_due_deliveries_once_and_wake_ups_do_not_multiply(db_s
     db_session.execute(delivery.update(delivery.d).where(delivery.d.c.id == retry.delivery_id).values(
         status="pending", next_attempt_at=after_lease + timedelta(hours=3)))
     assert delivery.schedule_wake(db_session, endpoint_id, after_lease) == delivery.MAX_WAKE_SECONDS
+
+
+def test_a_campaign_occurrence_is_the_reset_confirmed_event_of_its_job(db_session, loopback):
+    from datetime import datetime, timezone
+
+    from tasks.campaigns import dispatch_due
+    from tests.test_campaigns_support import add_learner, confirmed_campaign, make_org
+
+    now = datetime(2025, 3, 3, 10, 0, tzinfo=timezone.utc)
+    org = make_org(db_session)
+    add_learner(db_session, org, org.course_ids[0], "old", completed_at=now - timedelta(days=400))
+    ep = webhooks.create_endpoint(db_session, org.organization_id, "http://127.0.0.1:9/a", ["reset.confirmed"])
+    campaign_id = confirmed_campaign(db_session, org, org.course_ids[0], now, cron="0 9 * * *", time_zone="UTC")
+    [outcome] = dispatch_due(db_session, datetime(2025, 3, 4, 9, 0, 20, tzinfo=timezone.utc)).outcomes
+    [event] = db_session.scalars(select(WebhookEvent).where(WebhookEvent.job_id == outcome.job_id)).all()
+    data = event.payload["data"]
+    assert event.type == "reset.confirmed" and (data["origin"], data["campaign_id"], data["state"]) == (
+        "campaign", campaign_id, "queued")
+    assert db_session.scalars(select(WebhookDelivery.endpoint_id).where(
+        WebhookDelivery.event_id == event.id)).all() == [ep["id"]]
