@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import ColumnElement
 
 from models.errors import Conflict, NotFound
+from models.webhooks import record_job_event
 from models.schema import (
     ACTIVE_JOB_STATES,
     AuditEvent,
@@ -26,6 +27,8 @@ from models.schema import (
     Course,
     CourseAssignment,
     CourseCompletion,
+    Notification,
+    ResetBatch,
     ResetJob,
     User,
 )
@@ -165,6 +168,56 @@ def get_job(session: Session, job_id: str | uuid.UUID, organization_id: int | No
     return job
 
 
+def job_identity(job: ResetJob) -> dict:
+    """What a job is: its id, state, scope and the ids it concerns (the first keys of every job shape)."""
+    return {"job_id": str(job.id), "state": job.state, "scope": job.scope, "course_id": job.course_id,
+            "learner_id": job.learner_id, "campaign_id": job.campaign_id}
+
+
+def describe_status(session: Session, job: ResetJob) -> dict:
+    """The job's state and counts in the contract's status shape (DESIGN.md section 3).
+
+    One definition for ``status`` (CLI and HTTP) and the data of webhook events.
+    """
+    n = Notification.__table__.c
+    counts = dict(session.execute(
+        select(n.status, func.count()).where(n.reset_job_id == job.id).group_by(n.status)
+    ).all())
+    return job_identity(job) | {
+        "learners_total": job.learners_total,
+        "learners_done": job.learners_done,
+        "batches_total": job.batches_total + job.purge_total,
+        "batches_done": job.batches_done + job.purge_done - _dead_purges(session, job),
+        "batches_dead": job.batches_dead,
+        "learner_batches_total": job.batches_total,
+        "purge_batches_total": job.purge_total,
+        "purge_batches_done": job.purge_done,
+        "cleared": dict(job.cleared or {}),
+        "notifications": {
+            "pending": int(counts.get("pending", 0) + counts.get("sending", 0)),
+            "sent": int(counts.get("sent", 0)),
+            "failed": int(counts.get("failed", 0)),
+        },
+        "created_at": _iso(job.created_at),
+        "confirmed_at": _iso(job.confirmed_at),
+        "started_at": _iso(job.started_at),
+        "finished_at": _iso(job.finished_at),
+        "error": job.error,
+    }
+
+
+def _dead_purges(session: Session, job: ResetJob) -> int:
+    if not job.batches_dead or not job.purge_total:
+        return 0
+    b = ResetBatch.__table__
+    return session.scalar(select(func.count()).select_from(b).where(
+        b.c.job_id == job.id, b.c.kind == "purge", b.c.state == "dead")) or 0
+
+
+def _iso(value: datetime | None) -> str | None:
+    return as_utc(value).isoformat() if value is not None else None
+
+
 # --- audit ---------------------------------------------------------------------------------
 
 def record_audit(
@@ -182,11 +235,18 @@ def record_audit(
     origin: str = "",
     details: dict | None = None,
 ) -> AuditEvent:
-    """Record the fact of an action: never the data it cleared (R5)."""
+    """Record the fact of an action: never the data it cleared (R5).
+
+    A job's state change (confirmed, succeeded, failed, cancelled) also writes
+    its webhook event and deliveries here, in the same transaction
+    (:func:`models.webhooks.record_job_event`).
+    """
+    now = utcnow()
     event = AuditEvent(
         organization_id=organization_id, actor_id=actor_id, action=action, course_id=course_id,
         learner_id=learner_id, job_id=job_id, campaign_id=campaign_id, learner_count=learner_count,
-        reason=reason, origin=origin, details=details or {}, created_at=utcnow(),
+        reason=reason, origin=origin, details=details or {}, created_at=now,
     )
     session.add(event)
+    record_job_event(session, action, organization_id, job_id, actor_id, now)
     return event

@@ -292,6 +292,14 @@ class ResetJob(Base):
         ),
         Index("ix_reset_jobs_course_state", "course_id", "state"),
         Index("ix_reset_jobs_state_created", "state", "created_at"),
+        # Listing jobs newest first (GET /v1/resets): one index range per page, whatever the filter.
+        Index("ix_reset_jobs_org_created", "organization_id", "created_at", "id"),
+        Index("ix_reset_jobs_org_state_created", "organization_id", "state", "created_at", "id"),
+        Index("ix_reset_jobs_course_created", "course_id", "created_at", "id"),
+        Index("ix_reset_jobs_learner_created", "learner_id", "created_at", "id",
+              postgresql_where=text("learner_id IS NOT NULL"), sqlite_where=text("learner_id IS NOT NULL")),
+        Index("ix_reset_jobs_campaign_created", "campaign_id", "created_at", "id",
+              postgresql_where=text("campaign_id IS NOT NULL"), sqlite_where=text("campaign_id IS NOT NULL")),
         UniqueConstraint("campaign_id", "occurrence_at", name="uq_reset_jobs_campaign_occurrence"),
     )
 
@@ -398,6 +406,13 @@ class AuditEvent(Base):
     details: Mapped[dict] = mapped_column(JSON, default=dict)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
+    # Append-only: triggers of migration 0005 refuse UPDATE, DELETE (and TRUNCATE on PostgreSQL).
+    __table_args__ = (
+        Index("ix_audit_events_org_created", "organization_id", "created_at", "id"),
+        Index("ix_audit_events_course_created", "course_id", "created_at", "id",
+              postgresql_where=text("course_id IS NOT NULL"), sqlite_where=text("course_id IS NOT NULL")),
+    )
+
 
 class RetrainingCampaign(Base):
     __tablename__ = "retraining_campaigns"
@@ -458,3 +473,81 @@ class ApiKey(Base):
     key_hash: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class WebhookEndpoint(Base):
+    """A subscribing service's receiver: where an organization's job events are sent, and which ones.
+
+    ``secret`` signs every delivery, so it is kept (a hash could not sign);
+    it is shown to the caller once, at creation and at rotation. During a
+    rotation's overlap ``previous_secret`` signs too.
+    """
+
+    __tablename__ = "webhook_endpoints"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    organization_id: Mapped[int] = mapped_column(ForeignKey("organizations.id"), index=True)
+    url: Mapped[str] = mapped_column(String(2000))
+    events: Mapped[list] = mapped_column(JSON, default=list)
+    secret: Mapped[str] = mapped_column(String(100))
+    previous_secret: Mapped[str | None] = mapped_column(String(100), nullable=True)
+    previous_secret_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    deleted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    # The earliest instant a delivery task is already scheduled to look at this endpoint again
+    # (a short retry or a lease about to expire), so waiting tasks do not multiply.
+    wake_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class WebhookEvent(Base):
+    """One job event (``reset.confirmed``, ...), written in the transaction of the state change it reports.
+
+    ``payload`` is the exact body every delivery of it sends: ids and counts only.
+    """
+
+    __tablename__ = "webhook_events"
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    organization_id: Mapped[int] = mapped_column(Integer)
+    type: Mapped[str] = mapped_column(String(32))
+    job_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, nullable=True)
+    payload: Mapped[dict] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (Index("ix_webhook_events_org_created", "organization_id", "created_at"),)
+
+
+class WebhookDelivery(Base):
+    """The outbox row of one event for one endpoint, and its delivery log (attempts, last status)."""
+
+    __tablename__ = "webhook_deliveries"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    event_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("webhook_events.id"))
+    endpoint_id: Mapped[int] = mapped_column(ForeignKey("webhook_endpoints.id"))
+    job_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, nullable=True)
+    # pending | sending | delivered | failed | cancelled
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    published_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    last_attempt_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    last_status_code: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    delivered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (
+        UniqueConstraint("event_id", "endpoint_id", name="uq_webhook_deliveries_event_endpoint"),
+        # The delivery log, newest first, and the claim of an endpoint's next delivery.
+        Index("ix_webhook_deliveries_endpoint", "endpoint_id", "id"),
+        # Per-job order: a delivery waits while an earlier one of the same job is unfinished.
+        Index("ix_webhook_deliveries_open_job", "endpoint_id", "job_id", "id",
+              postgresql_where=text("status IN ('pending', 'sending')"),
+              sqlite_where=text("status IN ('pending', 'sending')")),
+        # The sweep: what is due or whose lease ran out.
+        Index("ix_webhook_deliveries_open_due", "next_attempt_at",
+              postgresql_where=text("status IN ('pending', 'sending')"),
+              sqlite_where=text("status IN ('pending', 'sending')")),
+    )

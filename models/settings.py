@@ -103,6 +103,12 @@ class Settings:
     webhook_url: str = ""
     webhook_secret: str = ""
     webhook_timeout_seconds: float = 10.0
+    # Job events for subscribing services (webhook endpoints, queue ``webhooks``)
+    webhooks_allow_http_loopback: bool = False
+    webhooks_timeout_seconds: float = 5.0
+    webhooks_max_attempts: int = 10
+    webhooks_retry_base_seconds: float = 10.0
+    webhooks_retry_max_seconds: float = 21600.0
     # Operations
     redis_url: str = ""
     flower_user: str = ""
@@ -184,6 +190,11 @@ class Settings:
             webhook_url=env.get("WEBHOOK_URL", ""),
             webhook_secret=env.get("WEBHOOK_SECRET", ""),
             webhook_timeout_seconds=_float(env, "WEBHOOK_TIMEOUT_SECONDS", 10.0, minimum=0.1),
+            webhooks_allow_http_loopback=_bool(env, "WEBHOOKS_ALLOW_HTTP_LOOPBACK", False),
+            webhooks_timeout_seconds=_float(env, "WEBHOOKS_TIMEOUT_SECONDS", 5.0, minimum=0.1),
+            webhooks_max_attempts=_int(env, "WEBHOOKS_MAX_ATTEMPTS", 10, minimum=1),
+            webhooks_retry_base_seconds=_float(env, "WEBHOOKS_RETRY_BASE_SECONDS", 10.0, minimum=0.01),
+            webhooks_retry_max_seconds=_float(env, "WEBHOOKS_RETRY_MAX_SECONDS", 21600.0, minimum=1.0),
             redis_url=redis_url,
             flower_user=env.get("FLOWER_USER", ""),
             flower_password=env.get("FLOWER_PASSWORD", ""),

@@ -94,7 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     from producer import cli_resets
 
     cli_resets.add_commands(sub)
-    for module_name in ("producer.cli_campaigns", "producer.cli_ops"):
+    cli_resets.add_listing_commands(sub)
+    for module_name in ("producer.cli_campaigns", "producer.cli_ops", "producer.cli_audit",
+                        "producer.cli_webhooks"):
         try:
             module = __import__(module_name, fromlist=["add_commands"])
         except ModuleNotFoundError as exc:

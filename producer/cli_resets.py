@@ -165,3 +165,42 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from producer.demo import run_demo
 
     return run_demo(learners=args.learners, concurrency=args.concurrency, as_json=args.json)
+
+
+def add_listing_commands(sub) -> None:
+    from producer.pages import DEFAULT_LIMIT
+
+    jobs = sub.add_parser("jobs", help="find jobs")
+    jsub = jobs.add_subparsers(dest="jobs_command", required=True, parser_class=type(jobs))
+    ls = jsub.add_parser("list", help="an organization's jobs, newest first (the same as GET /v1/resets)")
+    ls.add_argument("--organization", type=id_arg, required=True)
+    ls.add_argument("--course", type=id_arg, default=None)
+    ls.add_argument("--learner", type=id_arg, default=None)
+    ls.add_argument("--state", default=None)
+    ls.add_argument("--origin", default=None)
+    ls.add_argument("--campaign", type=id_arg, default=None)
+    ls.add_argument("--created-after", default=None, help="ISO-8601, inclusive")
+    ls.add_argument("--created-before", default=None, help="ISO-8601, exclusive")
+    ls.add_argument("--limit", type=id_arg, default=DEFAULT_LIMIT, help=f"jobs per page, 1-200 (default {DEFAULT_LIMIT})")
+    ls.add_argument("--cursor", default=None, help="next_cursor of the previous page")
+    ls.add_argument("--json", action="store_true")
+
+
+@command("jobs")
+def cmd_jobs(args: argparse.Namespace) -> int:
+    from models.db import session_scope
+    from producer import resets
+
+    with session_scope() as session:
+        page = resets.list_jobs(session, args.organization, course_id=args.course, learner_id=args.learner,
+                                state=args.state, origin=args.origin, campaign_id=args.campaign,
+                                created_after=args.created_after, created_before=args.created_before,
+                                limit=args.limit, cursor=args.cursor)
+    lines = [f"{j['job_id']}  {j['state']:<21} {j['scope']:<7} course {j['course_id']}"
+             + (f" learner {j['learner_id']}" if j["learner_id"] else "")
+             + f"  {j['learners_done']}/{j['learners_total']} learners  {j['created_at']}  {j['origin']}"
+             for j in page["items"]] or ["no jobs"]
+    if page["next_cursor"]:
+        lines.append(f"more: --cursor {page['next_cursor']}")
+    emit(args, page, "\n".join(lines))
+    return 0

@@ -22,7 +22,7 @@ from producer import resets
 from producer.cli_resets import watch
 from workers.processes import start_worker
 
-ALL_QUEUES = "resets,reset_batches,notifications,maintenance"
+ALL_QUEUES = "resets,reset_batches,notifications,webhooks,maintenance"
 
 
 def run_demo(learners: int = 20_000, concurrency: int = 2, as_json: bool = False) -> int:

@@ -47,7 +47,8 @@ from starlette.routing import Match
 from models.db import session_scope
 from models.errors import NotFound, ProgressResetError, Unauthenticated
 from models.logs import log_event
-from producer import campaigns, resets
+from models.webhooks import EVENT_TYPES
+from producer import audit, campaigns, resets, webhooks
 from producer.apikeys import ApiIdentity, verify_api_key
 from producer.metrics import ResetSystemCollector
 
@@ -60,6 +61,8 @@ disable_created_metrics()
 
 Id = Annotated[int, Field(ge=1, le=MAX_ID)]
 CampaignId = Annotated[int, Path(ge=1, le=MAX_ID)]
+EndpointId = Annotated[int, Path(ge=1, le=MAX_ID)]
+DeliveryId = Annotated[int, Path(ge=1, le=2**63 - 1)]
 
 
 # --- request and response bodies ------------------------------------------------------------
@@ -147,6 +150,150 @@ class StatusOut(_Out):
     started_at: str | None
     finished_at: str | None
     error: str | None
+
+
+class JobOut(_Out):
+    job_id: str
+    state: str
+    scope: str
+    course_id: int
+    learner_id: int | None
+    campaign_id: int | None
+    actor_id: int
+    origin: str
+    reason: str
+    learners_total: int
+    learners_done: int
+    cleared: dict[str, int]
+    created_at: str | None
+    confirmed_at: str | None
+    finished_at: str | None
+    error: str | None
+
+
+class JobPage(_Out):
+    items: list[JobOut]
+    next_cursor: str | None = Field(description="Pass as `cursor` for the next page; null on the last page.")
+
+
+class AuditEventOut(_Out):
+    id: int
+    created_at: str
+    action: str = Field(description="e.g. reset.requested, reset.confirmed, reset.succeeded, campaign.confirmed")
+    organization_id: int
+    actor_id: int | None
+    course_id: int | None
+    learner_id: int | None
+    job_id: str | None
+    campaign_id: int | None
+    learner_count: int | None
+    reason: str
+    origin: str
+    details: dict[str, Any]
+
+
+class AuditPage(_Out):
+    items: list[AuditEventOut]
+    next_cursor: str | None = Field(description="Pass as `cursor` for the next page; null on the last page.")
+
+
+class WebhookIn(_Body):
+    url: str = Field(min_length=1, max_length=2000,
+                     description="https URL of the receiver (public address). Plain http only to loopback, and only "
+                                 "when WEBHOOKS_ALLOW_HTTP_LOOPBACK=true.")
+    events: list[str] = Field(min_length=1, max_length=len(EVENT_TYPES),
+                              description="Any of: " + ", ".join(EVENT_TYPES))
+
+
+class RotateSecretIn(_Body):
+    overlap_seconds: int = Field(default=webhooks.DEFAULT_OVERLAP_SECONDS, ge=0, le=webhooks.MAX_OVERLAP_SECONDS,
+                                 description="How long the old secret keeps signing too (a second `v1`).")
+
+
+class WebhookOut(_Out):
+    id: int
+    organization_id: int
+    url: str
+    events: list[str]
+    created_at: str
+    deleted_at: str | None
+    previous_secret_expires_at: str | None = Field(description="While a rotation overlaps: when the old secret "
+                                                               "stops signing.")
+
+
+class WebhookCreatedOut(WebhookOut):
+    secret: str = Field(description="Signing secret, shown only in this response: keep it.")
+
+
+class WebhookListOut(_Out):
+    items: list[WebhookOut]
+
+
+class DeliveryOut(_Out):
+    delivery_id: int
+    event_id: str
+    event_type: str
+    job_id: str | None
+    status: str = Field(description="pending, sending, delivered, failed or cancelled")
+    attempts: int
+    last_status_code: int | None
+    last_error: str | None
+    next_attempt_at: str | None
+    last_attempt_at: str | None
+    delivered_at: str | None
+    created_at: str
+
+
+class DeliveryPage(_Out):
+    items: list[DeliveryOut]
+    next_cursor: str | None
+
+
+class JobEventCounts(BaseModel):
+    pending: int
+    sent: int
+    failed: int
+
+
+class JobEventData(BaseModel):
+    """The job at the moment of the event, in the shape of `GET /v1/resets/{job_id}`, plus who acted, why and
+    from where: ids and counts only, never cleared data or personal data."""
+
+    job_id: str
+    state: str
+    scope: str = Field(description="course or learner")
+    course_id: int
+    learner_id: int | None
+    campaign_id: int | None
+    actor_id: int = Field(description="Who confirmed (or cancelled) the reset.")
+    reason: str
+    origin: str = Field(description="cli, campaign, http:<API key name>, python")
+    learners_total: int
+    learners_done: int
+    batches_total: int
+    batches_done: int
+    batches_dead: int
+    learner_batches_total: int
+    purge_batches_total: int
+    purge_batches_done: int
+    cleared: dict[str, int] = Field(description="Rows cleared per component (lesson_progress, certificates, ...).")
+    notifications: JobEventCounts
+    created_at: str | None
+    confirmed_at: str | None
+    started_at: str | None
+    finished_at: str | None
+    error: str | None
+
+
+class JobEvent(BaseModel):
+    """The body of every webhook delivery. Headers: `X-Event-Id` (= `id`, for deduplication), `X-Event-Type`,
+    `X-Signature: t=<unix>,v1=<hex HMAC-SHA256 of "t.body">` (one `v1` per secret in use), `X-Delivery-Attempt`."""
+
+    id: str = Field(description="Event id: the same on every attempt and redelivery.")
+    type: str = Field(description=", ".join(EVENT_TYPES))
+    created_at: str
+    organization_id: int
+    data: JobEventData
 
 
 class CampaignRequestOut(_Out):
@@ -400,6 +547,29 @@ def create_app() -> FastAPI:
             result = resets.confirm(session, request_id, body.actor_id, body.token)
         return result.as_json()
 
+    @app.get("/v1/resets", response_model=JobPage, tags=["resets"],
+             summary="The key's organization's jobs, newest first, with filters and cursor pagination",
+             responses=_problem_responses(*COMMON_ERRORS))
+    def list_resets(
+        caller: Caller,
+        course_id: Annotated[int | None, Query(ge=1, le=MAX_ID)] = None,
+        learner_id: Annotated[int | None, Query(ge=1, le=MAX_ID)] = None,
+        state: Annotated[str | None, Query(max_length=32, description="e.g. queued, running, succeeded")] = None,
+        origin: Annotated[str | None, Query(min_length=1, max_length=64,
+                                            description="cli, campaign, http:<key name>, ...")] = None,
+        campaign_id: Annotated[int | None, Query(ge=1, le=MAX_ID)] = None,
+        created_after: Annotated[str | None, Query(max_length=64, description="ISO-8601, inclusive")] = None,
+        created_before: Annotated[str | None, Query(max_length=64, description="ISO-8601, exclusive")] = None,
+        limit: Annotated[int, Query(ge=1, le=200)] = 50,
+        cursor: Annotated[str | None, Query(max_length=400, description="`next_cursor` of the previous page")
+                          ] = None,
+    ) -> dict:
+        with session_scope() as session:
+            return resets.list_jobs(session, caller.organization_id, course_id=course_id, learner_id=learner_id,
+                                    state=state, origin=origin, campaign_id=campaign_id,
+                                    created_after=created_after, created_before=created_before, limit=limit,
+                                    cursor=cursor)
+
     @app.get("/v1/resets/{job_id}", response_model=StatusOut, tags=["resets"],
              summary="A job's state, counts, rows cleared per component and notification counts",
              responses=_problem_responses(401, 404, 422))
@@ -488,6 +658,98 @@ def create_app() -> FastAPI:
             caller.require_actor(session, actor_id)
             return campaigns.delete_campaign(session, actor_id, campaign_id, origin=caller.origin)
 
+    # -- webhooks ---------------------------------------------------------------------------
+
+    @app.post("/v1/webhooks", status_code=201, response_model=WebhookCreatedOut, tags=["webhooks"],
+              summary="Register a receiver for job events; the signing secret is returned once",
+              responses=_problem_responses(*COMMON_ERRORS, 409))
+    def create_webhook(caller: Caller, body: WebhookIn) -> dict:
+        with session_scope() as session:
+            return webhooks.create_endpoint(session, caller.organization_id, body.url, body.events,
+                                            origin=caller.origin)
+
+    @app.get("/v1/webhooks", response_model=WebhookListOut, tags=["webhooks"],
+             summary="The key's organization's webhook endpoints (never their secrets)",
+             responses=_problem_responses(401))
+    def list_webhooks(caller: Caller) -> dict:
+        with session_scope() as session:
+            return {"items": webhooks.list_endpoints(session, caller.organization_id)}
+
+    @app.get("/v1/webhooks/{endpoint_id}", response_model=WebhookOut, tags=["webhooks"],
+             summary="One webhook endpoint", responses=_problem_responses(401, 404, 422))
+    def get_webhook(caller: Caller, endpoint_id: EndpointId) -> dict:
+        with session_scope() as session:
+            return webhooks.get_endpoint(session, caller.organization_id, endpoint_id)
+
+    @app.delete("/v1/webhooks/{endpoint_id}", response_model=WebhookOut, tags=["webhooks"],
+                summary="Stop sending to an endpoint; its open deliveries are cancelled",
+                responses=_problem_responses(401, 404, 422))
+    def delete_webhook(caller: Caller, endpoint_id: EndpointId) -> dict:
+        with session_scope() as session:
+            return webhooks.delete_endpoint(session, caller.organization_id, endpoint_id, origin=caller.origin)
+
+    @app.post("/v1/webhooks/{endpoint_id}/rotate-secret", response_model=WebhookCreatedOut, tags=["webhooks"],
+              summary="A new signing secret; the old one also signs during the overlap",
+              responses=_problem_responses(*COMMON_ERRORS))
+    def rotate_webhook_secret(caller: Caller, endpoint_id: EndpointId, body: RotateSecretIn | None = None) -> dict:
+        overlap = body.overlap_seconds if body is not None else webhooks.DEFAULT_OVERLAP_SECONDS
+        with session_scope() as session:
+            return webhooks.rotate_secret(session, caller.organization_id, endpoint_id, overlap,
+                                          origin=caller.origin)
+
+    @app.get("/v1/webhooks/{endpoint_id}/deliveries", response_model=DeliveryPage, tags=["webhooks"],
+             summary="The endpoint's delivery log, newest first: event, attempts, last status, next attempt",
+             responses=_problem_responses(*COMMON_ERRORS))
+    def list_webhook_deliveries(
+        caller: Caller, endpoint_id: EndpointId,
+        status: Annotated[str | None, Query(max_length=16)] = None,
+        limit: Annotated[int, Query(ge=1, le=200)] = 50,
+        cursor: Annotated[str | None, Query(max_length=400)] = None,
+    ) -> dict:
+        with session_scope() as session:
+            return webhooks.list_deliveries(session, caller.organization_id, endpoint_id, status=status,
+                                            limit=limit, cursor=cursor)
+
+    @app.post("/v1/webhooks/{endpoint_id}/deliveries/{delivery_id}/redeliver", status_code=202,
+              response_model=DeliveryOut, tags=["webhooks"],
+              summary="Send a finished delivery again (same event id and body)",
+              responses=_problem_responses(401, 404, 409, 422))
+    def redeliver_webhook(caller: Caller, endpoint_id: EndpointId,
+                          delivery_id: DeliveryId) -> dict:
+        with session_scope() as session:
+            return webhooks.redeliver(session, caller.organization_id, endpoint_id, delivery_id,
+                                      origin=caller.origin)
+
+    for event_type in EVENT_TYPES:
+        def _describe(body: JobEvent) -> None:  # documentation only: what receivers get
+            return None
+
+        app.webhooks.post(event_type, summary=f"{event_type}: sent to endpoints subscribed to it",
+                          status_code=200, operation_id=f"webhook_{event_type.replace('.', '_')}",
+                          response_description="Any 2xx acknowledges the event. 5xx, 408, 429 and timeouts are "
+                                               "retried with backoff (Retry-After honoured); other 4xx fail it.",
+                          )(_describe)
+
+    # -- audit trail ------------------------------------------------------------------------
+
+    @app.get("/v1/audit", response_model=AuditPage, tags=["audit"],
+             summary="The key's organization's audit trail, oldest first, with cursor pagination",
+             responses=_problem_responses(*COMMON_ERRORS))
+    def list_audit(
+        caller: Caller,
+        date_from: Annotated[str | None, Query(alias="from", max_length=64, description="ISO-8601, inclusive")
+                             ] = None,
+        date_to: Annotated[str | None, Query(alias="to", max_length=64, description="ISO-8601, exclusive")] = None,
+        action: Annotated[str | None, Query(min_length=1, max_length=64)] = None,
+        course_id: Annotated[int | None, Query(ge=1, le=MAX_ID)] = None,
+        limit: Annotated[int, Query(ge=1, le=200)] = 50,
+        cursor: Annotated[str | None, Query(max_length=400, description="`next_cursor` of the previous page")
+                          ] = None,
+    ) -> dict:
+        with session_scope() as session:
+            return audit.list_events(session, caller.organization_id, date_from=date_from, date_to=date_to,
+                                     action=action, course_id=course_id, limit=limit, cursor=cursor)
+
     # -- operations -------------------------------------------------------------------------
 
     @app.get("/healthz", tags=["operations"], summary="The process is up (no dependency checked)")
@@ -522,7 +784,7 @@ def _openapi(app: FastAPI) -> dict:
         from fastapi.openapi.utils import get_openapi
 
         schema = get_openapi(title=app.title, version=app.version, summary=app.summary,
-                             description=app.description, routes=app.routes)
+                             description=app.description, routes=app.routes, webhooks=app.webhooks.routes)
         for operations in schema.get("paths", {}).values():
             for operation in operations.values():
                 for status, response in operation.get("responses", {}).items():

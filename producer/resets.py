@@ -15,7 +15,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import func, select, update
+from sqlalchemy import select, tuple_, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -25,8 +25,10 @@ from models.jobs import (
     activate_job,
     already_active_error,
     as_utc,
+    describe_status,
     find_active_job,
     get_job,
+    job_identity,
     new_token,
     record_audit,
     summarize,
@@ -34,18 +36,20 @@ from models.jobs import (
     utcnow,
 )
 from models.schema import (
+    JOB_STATES,
     PERMISSION_TRAINING,
     PERMISSION_USERS,
     Course,
     CourseAssignment,
-    Notification,
     ResetBatch,
     ResetJob,
     User,
 )
 from models.settings import get_settings
+from producer.pages import check_limit, cursor_datetime, decode_cursor, encode_cursor, parse_instant
 from tasks.base import publish_after_commit
 import workers  # noqa: F401,E402 - configures the Celery app that publish_after_commit sends through
+import tasks.webhooks  # noqa: F401,E402 - publishes the webhook deliveries a confirm or cancel writes
 
 MAX_REASON = 2000
 MAX_IDEMPOTENCY_KEY = 200
@@ -260,47 +264,80 @@ def cancel(session: Session, job_id: str, actor_id: int, now: datetime | None = 
 
 def status(session: Session, job_id: str, organization_id: int | None = None) -> dict:
     """The job's state and counts in the contract's JSON shape (DESIGN.md section 3)."""
-    job = get_job(session, job_id, organization_id=organization_id)
-    n = Notification.__table__.c
-    counts = dict(session.execute(
-        select(n.status, func.count()).where(n.reset_job_id == job.id).group_by(n.status)
-    ).all())
-    return {
-        "job_id": str(job.id),
-        "state": job.state,
-        "scope": job.scope,
-        "course_id": job.course_id,
-        "learner_id": job.learner_id,
-        "campaign_id": job.campaign_id,
+    return describe_status(session, get_job(session, job_id, organization_id=organization_id))
+
+
+def _iso(value: datetime | None) -> str | None:
+    return as_utc(value).isoformat() if value is not None else None
+
+
+# --- listing -----------------------------------------------------------------------------------
+
+def describe_job(job) -> dict:
+    """One job in a listing: ids, state and counts (no notification counts: see :func:`status`)."""
+    return job_identity(job) | {
+        "actor_id": job.actor_id,
+        "origin": job.origin,
+        "reason": job.reason,
         "learners_total": job.learners_total,
         "learners_done": job.learners_done,
-        "batches_total": job.batches_total + job.purge_total,
-        "batches_done": job.batches_done + job.purge_done - _dead_purges(session, job),
-        "batches_dead": job.batches_dead,
-        "learner_batches_total": job.batches_total,
-        "purge_batches_total": job.purge_total,
-        "purge_batches_done": job.purge_done,
         "cleared": job.cleared or {},
-        "notifications": {
-            "pending": int(counts.get("pending", 0) + counts.get("sending", 0)),
-            "sent": int(counts.get("sent", 0)),
-            "failed": int(counts.get("failed", 0)),
-        },
         "created_at": _iso(job.created_at),
         "confirmed_at": _iso(job.confirmed_at),
-        "started_at": _iso(job.started_at),
         "finished_at": _iso(job.finished_at),
         "error": job.error,
     }
 
 
-def _dead_purges(session: Session, job: ResetJob) -> int:
-    if not job.batches_dead or not job.purge_total:
-        return 0
-    b = ResetBatch.__table__
-    return session.scalar(select(func.count()).select_from(b).where(
-        b.c.job_id == job.id, b.c.kind == "purge", b.c.state == "dead")) or 0
+def list_jobs(
+    session: Session,
+    organization_id: int,
+    *,
+    course_id: int | None = None,
+    learner_id: int | None = None,
+    state: str | None = None,
+    origin: str | None = None,
+    campaign_id: int | None = None,
+    created_after: str | datetime | None = None,
+    created_before: str | datetime | None = None,
+    limit: int | None = None,
+    cursor: str | None = None,
+) -> dict:
+    """One page of the organization's jobs, newest first: ``{"items": [...], "next_cursor": str | None}``.
 
-
-def _iso(value: datetime | None) -> str | None:
-    return as_utc(value).isoformat() if value is not None else None
+    Keyset pagination on ``(created_at, id)``: each page is one index range scan
+    (``ix_reset_jobs_org_created`` and its per-course / per-learner / per-campaign
+    / per-state siblings), so a page costs the same however many jobs exist, and
+    jobs created between pages never repeat or skip a job. ``created_after`` is
+    inclusive, ``created_before`` exclusive. Requests never confirmed are jobs
+    too (state ``awaiting_confirmation`` or ``expired``).
+    """
+    limit = check_limit(limit)
+    if state is not None and state not in JOB_STATES:
+        raise ValidationFailed(f"state must be one of {', '.join(JOB_STATES)}, got {state[:40]!r}")
+    if origin is not None and not 0 < len(origin) <= 64:
+        raise ValidationFailed("origin must be 1 to 64 characters")
+    after = parse_instant(created_after, "created_after")
+    before = parse_instant(created_before, "created_before")
+    key = decode_cursor(cursor, 2)
+    j = ResetJob.__table__.c
+    query = select(ResetJob).where(j.organization_id == organization_id)
+    for column, value in ((j.course_id, course_id), (j.learner_id, learner_id), (j.state, state),
+                          (j.origin, origin), (j.campaign_id, campaign_id)):
+        if value is not None:
+            query = query.where(column == value)
+    if after is not None:
+        query = query.where(j.created_at >= after)
+    if before is not None:
+        query = query.where(j.created_at < before)
+    if key is not None:
+        try:
+            last_id = uuid.UUID(str(key[1]))
+        except ValueError:
+            raise ValidationFailed("cursor is not valid: pass back the next_cursor of the previous page "
+                                   "unchanged") from None
+        query = query.where(tuple_(j.created_at, j.id) < tuple_(cursor_datetime(key[0]), last_id))
+    rows = session.scalars(query.order_by(j.created_at.desc(), j.id.desc()).limit(limit + 1)).all()
+    page = rows[:limit]
+    next_cursor = encode_cursor(as_utc(page[-1].created_at), page[-1].id) if len(rows) > limit else None
+    return {"items": [describe_job(job) for job in page], "next_cursor": next_cursor}

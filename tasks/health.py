@@ -44,7 +44,7 @@ from tasks.base import project_task
 
 # One canary task per queue. Kept equal to ``workers.config.QUEUES`` (a test
 # checks it): ``tasks`` does not import ``workers``.
-CANARY_QUEUES = ("resets", "reset_batches", "notifications", "maintenance")
+CANARY_QUEUES = ("resets", "reset_batches", "notifications", "maintenance", "webhooks")
 REPLY_KEY_PREFIX = "progress_reset:health"
 REPLY_TTL_SECONDS = 300
 _NONCE = re.compile(r"^[0-9a-f]{8,64}$")

@@ -136,6 +136,9 @@ def sweep(session: Session, now: datetime | None = None, settings: Settings | No
         sweep_notifications = None
     if sweep_notifications is not None:
         report.notifications_requeued = sweep_notifications(session, now)
+    from tasks.webhooks import sweep_webhooks  # job events whose task message was lost
+
+    sweep_webhooks(session, now, settings)
     return report
 
 

@@ -43,7 +43,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 DB_PREFIX = f"pr_t{os.getpid()}"
 WORKER_READY_SECONDS = 30.0
 WORKER_READY_PATTERN = r"\bready\.\s*$"
-DEFAULT_QUEUES = "resets,reset_batches,notifications,maintenance"
+DEFAULT_QUEUES = "resets,reset_batches,notifications,webhooks,maintenance"
 
 _session_data_dir: str | None = None
 

@@ -722,3 +722,29 @@ class Recovery:
             lines.append(f"{name:66} {row.get('recovery_seconds', '-'):>10} {row.get('job_seconds', '-'):>7} "
                          f"{row['bound_seconds']:>8}  {details}")
         return "\n".join(lines)
+
+
+# --- Webhooks (scenario 11) ---------------------------------------------------------------------
+
+def subscribe_receiver(organization_id: int, receiver, events: list[str]) -> int:
+    """Register ``receiver`` (tests.webhook_support.Receiver) for ``events``; returns the endpoint id."""
+    from models.db import session_scope
+    from producer import webhooks
+
+    with session_scope() as session:
+        created = webhooks.create_endpoint(session, organization_id, receiver.url, events)
+    receiver.secrets = [created["secret"]]
+    return created["id"]
+
+
+def webhook_deliveries(endpoint_id: int) -> list:
+    """The endpoint's delivery rows with their event type, oldest first."""
+    from models.db import session_scope
+    from models.schema import WebhookDelivery, WebhookEvent
+
+    d, ev = WebhookDelivery.__table__.c, WebhookEvent.__table__.c
+    with session_scope() as session:
+        return session.execute(
+            select(d.id, d.event_id, ev.type, d.status, d.attempts, d.delivered_at)
+            .join(WebhookEvent.__table__, ev.id == d.event_id).where(d.endpoint_id == endpoint_id).order_by(d.id)
+        ).all()

@@ -18,10 +18,11 @@ import yaml
 REPO_ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = yaml.safe_load((REPO_ROOT / "docker-compose.yml").read_text())
 SERVICES = COMPOSE["services"]
-APP_SERVICES = ["migrate", "api", "worker-resets", "worker-batches", "worker-notifications", "worker-maintenance",
-                "beat", "flower"]
+APP_SERVICES = ["migrate", "api", "worker-resets", "worker-batches", "worker-notifications", "worker-webhooks",
+                "worker-maintenance", "beat", "flower"]
 WORKERS = {"worker-resets": "resets", "worker-batches": "reset_batches",
-           "worker-notifications": "notifications", "worker-maintenance": "maintenance"}
+           "worker-notifications": "notifications", "worker-webhooks": "webhooks",
+           "worker-maintenance": "maintenance"}
 
 
 def argv_of(command) -> list[str]:

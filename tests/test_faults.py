@@ -789,3 +789,53 @@ def _campaign_jobs(campaign_id: int) -> list[str]:
 
     with session_scope() as session:
         return [str(i) for i in session.scalars(select(ResetJob.id).where(ResetJob.campaign_id == campaign_id))]
+
+
+# --- 11. A webhooks worker killed while delivering an event ---------------------------------------
+
+def test_webhooks_worker_killed_while_delivering_an_event(stack_factory):
+    """The receiver holds the first request (``reset.confirmed``) open; the pool process sending it is
+    SIGKILLed mid-request. The message comes back (late ack), finds the delivery still leased, and
+    wakes when the lease ends: the receiver gets the same event id again and answers it, and the
+    ``reset.succeeded`` event, held back to keep the job's order, follows it."""
+    from tests.webhook_support import Receiver
+
+    stack = stack_factory(WEBHOOKS_ALLOW_HTTP_LOOPBACK="true", WEBHOOKS_TIMEOUT_SECONDS="3")
+    receiver = Receiver(hang=True, hang_seconds=60).start()
+    try:
+        org = seed_org(stack.learners)
+        course = org.course_ids[0]
+        endpoint_id = fs.subscribe_receiver(org.organization_id, receiver, ["reset.confirmed", "reset.succeeded"])
+        stack.workers()
+        hooks = stack.procs.worker(stack.env, "webhooks", concurrency=1, name="hooks")
+        job_id, before, wanted = confirm_course_reset(org, course)
+
+        assert receiver.arrived.wait(30), "the first delivery never reached the receiver"
+        held = receiver.got()[0]
+        assert held.event_type == "reset.confirmed" and held.attempt == 1
+        (pid,) = hooks.children()
+        fault_at = fs.utcnow()
+        hooks.kill_child(pid)  # inside the HTTP call: the receiver has not answered yet
+        fs.wait_until(lambda: fs.process_gone(pid), 5, interval=0.005, what=f"process {pid} to die")
+        receiver.release()  # from now on the receiver answers 200 at once
+
+        fs.wait_for_job(job_id, timeout=stack.bound(60))
+        fs.assert_outcome(before, job_id, course, wanted, stack.console)
+        rows = fs.wait_until(lambda: (r := fs.webhook_deliveries(endpoint_id)) and all(
+            x.status == "delivered" for x in r) and len(r) == 2 and r, stack.bound(60), interval=0.2,
+            what="both events delivered")
+        confirmed, succeeded = rows
+        assert (confirmed.type, succeeded.type) == ("reset.confirmed", "reset.succeeded")
+        assert str(confirmed.event_id) == held.event_id and confirmed.attempts == 2, confirmed
+        got = receiver.got()
+        assert [(r.event_id, r.attempt) for r in got] == [
+            (str(confirmed.event_id), 1), (str(confirmed.event_id), 2), (str(succeeded.event_id), 1)], \
+            "the same event id again, then the next event of the job"
+        assert all(r.signature_ok for r in got)
+        seconds = (confirmed.delivered_at - fault_at).total_seconds()
+        RECOVERY.rows["11. webhooks worker SIGKILLed while delivering an event"] = {
+            "recovery_seconds": round(seconds, 2), "bound_seconds": 30,
+            "requests_received": len(receiver.got()), "event_ids": len({r.event_id for r in receiver.got()})}
+        assert seconds <= 30, f"the event was delivered {seconds:.1f}s after the kill (lease 19s)"
+    finally:
+        receiver.stop()

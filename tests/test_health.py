@@ -11,7 +11,7 @@ from models.db import dispose_engine
 from tasks.health import CANARY_QUEUES, canary_task_name, judge_queue, record_canary, reply_store
 from tests.test_http_api import free_port, run_cli
 
-ALL_BUT_NOTIFICATIONS = "resets,reset_batches,maintenance"
+ALL_BUT_NOTIFICATIONS = "resets,reset_batches,webhooks,maintenance"
 
 
 # --- plain functions ------------------------------------------------------------------------------

@@ -10,9 +10,10 @@ from kombu import Queue
 
 from models.settings import Settings
 
-TASK_MODULES = ("tasks.resets", "tasks.notifications", "tasks.maintenance", "tasks.campaigns", "tasks.health")
+TASK_MODULES = ("tasks.resets", "tasks.notifications", "tasks.maintenance", "tasks.campaigns", "tasks.health",
+                "tasks.webhooks")
 
-QUEUES = ("resets", "reset_batches", "notifications", "maintenance")
+QUEUES = ("resets", "reset_batches", "notifications", "maintenance", "webhooks")
 
 # Routing by configuration, never at call sites (STYLE: route by task_routes + worker -Q).
 TASK_ROUTES = {
@@ -23,12 +24,14 @@ TASK_ROUTES = {
     "resets.run_batch": {"queue": "reset_batches"},
     "resets.purge": {"queue": "reset_batches"},
     "notifications.send": {"queue": "notifications"},
+    "webhooks.deliver": {"queue": "webhooks"},
     "maintenance.sweep": {"queue": "maintenance"},
     "campaigns.dispatch_due": {"queue": "maintenance"},
     "health.canary.resets": {"queue": "resets"},
     "health.canary.reset_batches": {"queue": "reset_batches"},
     "health.canary.notifications": {"queue": "notifications"},
     "health.canary.maintenance": {"queue": "maintenance"},
+    "health.canary.webhooks": {"queue": "webhooks"},
 }
 
 
