@@ -22,7 +22,8 @@ from producer import resets
 from producer.cli_resets import watch
 from workers.processes import start_worker
 
-ALL_QUEUES = "resets,reset_batches,notifications,webhooks,maintenance"
+RESET_QUEUES = "resets,reset_batches,webhooks,maintenance"
+NOTIFY_QUEUES = "notifications"
 
 
 def run_demo(learners: int = 20_000, concurrency: int = 2, as_json: bool = False) -> int:
@@ -50,11 +51,22 @@ def run_demo(learners: int = 20_000, concurrency: int = 2, as_json: bool = False
     if "NOTIFY_RATE_PER_SECOND" not in os.environ:
         # The console backend has no provider to protect: let the demo's notifications drain quickly.
         env["NOTIFY_RATE_PER_SECOND"] = "5000"
-    worker = start_worker(ALL_QUEUES, concurrency=concurrency, name=f"demo-{os.getpid()}", env=env,
-                          log_dir=settings.data_dir / "logs")
+    if settings.embedded and "RESET_BATCH_SIZE" not in os.environ:
+        # SQLite has one writer: fewer, larger batches spend less time taking turns for it.
+        env["RESET_BATCH_SIZE"] = "5000"
+    # SQLite serialises writers, so one reset process does the most; notifications get their own.
+    reset_concurrency = 1 if settings.embedded else concurrency
+    workers = [
+        start_worker(RESET_QUEUES, concurrency=reset_concurrency, name=f"demo-{os.getpid()}", env=env,
+                     log_dir=settings.data_dir / "logs"),
+        start_worker(NOTIFY_QUEUES, concurrency=1, name=f"demo-notify-{os.getpid()}", env=env,
+                     log_dir=settings.data_dir / "logs"),
+    ]
     try:
-        worker.wait_ready()
-        console.print(f"started worker pid {worker.pid} ({concurrency} processes) on queues {ALL_QUEUES}")
+        for worker in workers:
+            worker.wait_ready()
+        console.print(f"started workers: pid {workers[0].pid} ({reset_concurrency} processes) on {RESET_QUEUES}; "
+                      f"pid {workers[1].pid} (1 process) on {NOTIFY_QUEUES}")
         with session_scope() as session:
             req = resets.request(session, seeded.admin_id, course_id, reason="Procedure changed: retrain everyone",
                                  origin="demo")
@@ -73,7 +85,8 @@ def run_demo(learners: int = 20_000, concurrency: int = 2, as_json: bool = False
             time.sleep(0.5)
             final = _status(job.job_id)
     finally:
-        worker.stop()
+        for worker in workers:
+            worker.stop()
 
     with session_scope() as session:
         after = analytics.read_analytics(session, course_id)

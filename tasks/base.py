@@ -62,8 +62,8 @@ def _drop_pending(session: Session, previous_transaction) -> None:
 def project_task(name: str, **options) -> Callable:
     """Declare a task with an explicit, stable, dotted name; results are ignored.
 
-    The queue comes from ``task_routes`` in the configuration, not from here.
+    The queue comes from ``task_routes`` in the configuration, not from here, and so does the
+    acknowledgement policy (``task_acks_late``, which depends on the broker).
     """
     options.setdefault("ignore_result", True)
-    options.setdefault("acks_late", True)
     return shared_task(name=name, **options)

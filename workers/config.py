@@ -66,11 +66,17 @@ def celery_config(settings: Settings) -> dict:
         "broker_pool_limit": 4,
         "result_backend": None,
         "task_ignore_result": True,
-        # At-least-once: ack after the task body, requeue if the worker process dies.
-        "task_acks_late": True,
+        # At-least-once: ack after the task body, requeue if the worker process dies. The
+        # filesystem broker of the embedded default hands each message out once and never
+        # redelivers it, so a late ack buys nothing there (the sweep is its recovery) and only
+        # stalls the worker's polling loop, which acks between polls of up to 2 s.
+        "task_acks_late": not settings.broker_url.startswith("filesystem"),
         "task_reject_on_worker_lost": True,
         "task_acks_on_failure_or_timeout": True,
-        "worker_prefetch_multiplier": 1,
+        # One message per pool process in flight on Redis (a prefetched message waits behind a
+        # long task); the filesystem broker's polling loop only fetches between polls, so it
+        # keeps a few wake-ups at hand.
+        "worker_prefetch_multiplier": 4 if settings.broker_url.startswith("filesystem") else 1,
         "task_time_limit": settings.task_time_limit_seconds,
         "task_soft_time_limit": max(1, settings.task_time_limit_seconds - 30),
         "task_serializer": "json",
