@@ -32,8 +32,11 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 # PostgreSQL and INTEGER on SQLite.
 BigId = BigInteger().with_variant(Integer(), "sqlite")
 
-ACTIVE_JOB_STATES = ("queued", "running")
-JOB_STATES = ("awaiting_confirmation", "queued", "running", "succeeded", "failed", "expired", "cancelled")
+# A cancelled job is ``cancelling`` until the work in flight has ended and its clean-up ran;
+# it still holds its course (or learner-in-course) until then.
+ACTIVE_JOB_STATES = ("queued", "running", "cancelling")
+JOB_STATES = ("awaiting_confirmation", "queued", "running", "cancelling", "succeeded", "failed", "expired",
+              "cancelled")
 ASSIGNMENT_STATUSES = ("not_started", "in_progress", "completed")
 ITEM_KINDS = ("lesson", "practical_assessment", "discussion", "assignment")
 
@@ -271,16 +274,16 @@ class ResetJob(Base):
             "uq_reset_jobs_active_course",
             "course_id",
             unique=True,
-            postgresql_where=text("scope = 'course' AND state IN ('queued', 'running')"),
-            sqlite_where=text("scope = 'course' AND state IN ('queued', 'running')"),
+            postgresql_where=text("scope = 'course' AND state IN ('queued', 'running', 'cancelling')"),
+            sqlite_where=text("scope = 'course' AND state IN ('queued', 'running', 'cancelling')"),
         ),
         Index(
             "uq_reset_jobs_active_learner",
             "course_id",
             "learner_id",
             unique=True,
-            postgresql_where=text("scope = 'learner' AND state IN ('queued', 'running')"),
-            sqlite_where=text("scope = 'learner' AND state IN ('queued', 'running')"),
+            postgresql_where=text("scope = 'learner' AND state IN ('queued', 'running', 'cancelling')"),
+            sqlite_where=text("scope = 'learner' AND state IN ('queued', 'running', 'cancelling')"),
         ),
         Index(
             "uq_reset_jobs_idempotency",

@@ -19,7 +19,6 @@ from sqlalchemy import select, tuple_, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from models import analytics
 from models.errors import Conflict, NotFound, PermissionDenied, TokenExpired, TokenInvalid, ValidationFailed
 from models.jobs import (
     activate_job,
@@ -41,7 +40,6 @@ from models.schema import (
     PERMISSION_USERS,
     Course,
     CourseAssignment,
-    ResetBatch,
     ResetJob,
     User,
 )
@@ -235,28 +233,31 @@ def confirm(
 def cancel(session: Session, job_id: str, actor_id: int, now: datetime | None = None) -> dict:
     """Stop a queued or running job. Learners already reset stay reset and are counted.
 
-    Batches not yet run are marked cancelled; one in flight finishes and counts.
+    A queued job ends ``cancelled`` at once. A running one reads ``cancelling`` until the work in flight has ended: a batch already running
+    finishes and counts, none starts, and the clean-up (``resets.finalize``) then clears what
+    the purge did not reach, makes the analytics exact, ends the job ``cancelled`` and records
+    the ``reset.cancelled`` audit event with the true number of learners reset. Only the job
+    row is written here, so a cancel never waits on, or deadlocks with, a batch in flight.
     """
     now = now or utcnow()
     actor = _actor(session, actor_id)
     job = get_job(session, job_id, organization_id=actor.organization_id)
     _check_permission(actor, job.learner_id)
-    changed = session.execute(
-        update(ResetJob.__table__)
-        .where(ResetJob.id == job.id, ResetJob.state.in_(("queued", "running")))
-        .values(state="cancelled", cancelled_by=actor_id, finished_at=now)
-    ).rowcount
-    if changed != 1:
+    jobs = ResetJob.__table__
+    # A queued job has done nothing yet: it ends at once (its start message will find it gone).
+    if session.execute(update(jobs).where(jobs.c.id == job.id, jobs.c.state == "queued").values(
+            state="cancelled", cancelled_by=actor_id, heartbeat_at=now, finished_at=now,
+            finalized_at=now)).rowcount == 1:
+        action = "reset.cancelled"
+    elif session.execute(update(jobs).where(jobs.c.id == job.id, jobs.c.state == "running").values(
+            state="cancelling", cancelled_by=actor_id, heartbeat_at=now)).rowcount == 1:
+        action = "reset.cancel_requested"
+        publish_after_commit(session, "resets.finalize", [str(job.id)])
+    else:
         session.refresh(job)
         raise Conflict(f"job {job.id} is {job.state}; only queued or running jobs can be cancelled")
-    b = ResetBatch.__table__
-    session.execute(update(b).where(b.c.job_id == job.id, b.c.state.in_(("waiting", "pending")))
-                    .values(state="cancelled", finished_at=now))
-    analytics.recompute_course_analytics(session, job.course_id)
-    # The finalize clears what the purge did not reach for learners already reset.
-    publish_after_commit(session, "resets.finalize", [str(job.id)])
     session.refresh(job)
-    record_audit(session, "reset.cancelled", job.organization_id, actor_id=actor_id, course_id=job.course_id,
+    record_audit(session, action, job.organization_id, actor_id=actor_id, course_id=job.course_id,
                  learner_id=job.learner_id, job_id=job.id, learner_count=job.learners_done, reason=job.reason,
                  origin=job.origin)
     return status(session, str(job.id))

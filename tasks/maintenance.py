@@ -107,11 +107,12 @@ def resume_stalled_jobs(session: Session, now: datetime, settings: Settings) -> 
 
 
 def finish_cancelled_jobs(session: Session, now: datetime, settings: Settings) -> int:
-    """A cancelled job whose clean-up never ran (finalize lost) gets its finalize again."""
+    """A cancelling job whose clean-up did not run (finalize lost, or waiting for a batch whose
+    worker died: its lease runs out) gets its finalize again."""
     stale = now - timedelta(seconds=settings.publish_stale_seconds)
     ids = session.scalars(
         update(jobs)
-        .where(jobs.c.state == "cancelled", jobs.c.finalized_at.is_(None),
+        .where(jobs.c.state == "cancelling", jobs.c.finalized_at.is_(None),
                or_(jobs.c.heartbeat_at.is_(None), jobs.c.heartbeat_at < stale))
         .values(heartbeat_at=now)
         .returning(jobs.c.id)

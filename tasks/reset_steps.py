@@ -63,6 +63,7 @@ from models.schema import CourseAssignment, Notification, OrganizationTurn, Rese
 
 MAX_USER_ID = 2**31 - 1
 FINISHED_BATCH_STATES = ("done", "dead", "cancelled")
+CANCELLING = "cancelling"
 
 assignments = CourseAssignment.__table__
 batches = ResetBatch.__table__
@@ -603,7 +604,8 @@ def run_batch(session: Session, job_id: str | uuid.UUID, batch_no: int, now: dat
         return BatchResult("skipped")
     job = _running_job_or_cancel(session, batch, now)
     if job is None:
-        return BatchResult("cancelled")
+        # Cancelled meanwhile: hand on to the clean-up instead of waiting for the sweep.
+        return BatchResult("cancelled", job_state=CANCELLING)
     reset = (_reset_in_one_statement if _is_postgres(session) else _reset_statement_by_statement)(
         session, job, batch, now)
     if reset.learners:
@@ -801,12 +803,17 @@ def finalize_job(session: Session, job_id: str | uuid.UUID, now: datetime | None
     """
     now = now or utcnow()
     key = job_uuid(job_id)
+    if session.scalar(select(jobs.c.state).where(jobs.c.id == key)) == CANCELLING:
+        # One lock order everywhere: batch rows before the job row, as a batch or purge step
+        # takes them. Waiting here also lets a batch in flight commit (and count) first.
+        session.execute(select(batches.c.batch_no).where(batches.c.job_id == key)
+                        .order_by(batches.c.batch_no).with_for_update())
     job = session.execute(
         select(ResetJob).where(ResetJob.id == key).with_for_update().execution_options(populate_existing=True)
     ).scalar_one_or_none()
     if job is None:
         return FinalizeResult(False, "missing")
-    if job.state == "cancelled" and job.finalized_at is None:
+    if job.state == CANCELLING:
         return _finalize_cancelled(session, job, now)
     if job.state != "running":
         return FinalizeResult(False, job.state)
@@ -868,13 +875,20 @@ def _totals(session: Session, key: uuid.UUID) -> tuple[dict[str, int], int, list
 
 
 def _finalize_cancelled(session: Session, job: ResetJob, now: datetime) -> FinalizeResult:
-    """Once no batch is in flight: clear what the purge did not reach for reset learners, exact analytics."""
-    running = session.scalar(select(func.count()).select_from(batches).where(
-        batches.c.job_id == job.id, batches.c.state == "running", batches.c.kind == "learners"))
-    if running:
+    """Once no batch is in flight: clear what the purge did not reach for reset learners, exact
+    analytics, state ``cancelled``, and the audit event with the true number of learners reset.
+
+    A learner batch still ``running`` under a live lease is in flight (its own transaction holds
+    its row, or it is about to start and will find the job cancelling): wait for it. One whose
+    lease ran out lost its worker; its work rolled back with it, so it is cancelled here.
+    """
+    in_flight = session.scalar(select(func.count()).select_from(batches).where(
+        batches.c.job_id == job.id, batches.c.state == "running", batches.c.kind == "learners",
+        or_(batches.c.lease_expires_at.is_(None), batches.c.lease_expires_at >= now)))
+    if in_flight:
         return FinalizeResult(False, job.state)
     session.execute(update(batches).where(batches.c.job_id == job.id, batches.c.state.in_(
-        ("waiting", "pending", "running"))).values(state="cancelled", finished_at=now))
+        ("waiting", "pending", "running"))).values(state="cancelled", finished_at=now, lease_expires_at=None))
     extra = purge_reset_learners(session, job)
     analytics.recompute_course_analytics(session, job.course_id)
     cleared, learners_done, _dead = _totals(session, job.id)
@@ -882,7 +896,15 @@ def _finalize_cancelled(session: Session, job: ResetJob, now: datetime) -> Final
         cleared[name] = cleared.get(name, 0) + count
     job.cleared = cleared
     job.learners_done = learners_done
+    job.state = "cancelled"
+    job.finished_at = now
+    job.heartbeat_at = now
     job.finalized_at = now
+    record_audit(
+        session, "reset.cancelled", job.organization_id, actor_id=job.cancelled_by or job.actor_id,
+        course_id=job.course_id, learner_id=job.learner_id, job_id=job.id, campaign_id=job.campaign_id,
+        learner_count=learners_done, reason=job.reason, origin=job.origin,
+    )
     session.flush()
     log_event("reset.job.cancelled", job_id=str(job.id), learners=learners_done, cleared=cleared)
     return FinalizeResult(True, job.state)

@@ -139,7 +139,7 @@ def execute_batch(job_id: str, batch_no: int, claim: reset_steps.ClaimResult | N
             result = reset_steps.run_batch(session, job_id, batch_no)
             if result.notifications:
                 publish_after_commit(session, "notifications.send", [job_id])
-            finalize = result.job_complete or result.job_state == "cancelled"
+            finalize = result.job_complete or result.job_state == reset_steps.CANCELLING
             publish_follow_ups(session, job_id, finalize and not finalize_inline, result.purge)
     except Exception as exc:
         error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
@@ -153,7 +153,7 @@ def execute_batch(job_id: str, batch_no: int, claim: reset_steps.ClaimResult | N
         raise BatchFailed(claim.attempts) from exc
     log_event("reset.batch.done", job_id=job_id, batch=batch_no, status=result.status, learners=result.learners,
               duration_ms=round((time.perf_counter() - started) * 1000, 1))
-    if finalize_inline and (result.job_complete or result.job_state == "cancelled"):
+    if finalize_inline and (result.job_complete or result.job_state == reset_steps.CANCELLING):
         finalize_or_publish(job_id)
     return result
 

@@ -172,11 +172,13 @@ def test_cancel_stops_remaining_batches_and_counts_the_done(db_session, org):
     reset_steps.claim_batch(db_session, job_id, first, 5, 60)
     done = reset_steps.run_batch(db_session, job_id, first).learners
     st = resets.cancel(db_session, job_id, org.admin_id)
-    assert st["state"] == "cancelled" and st["learners_done"] == done
+    assert st["state"] == "cancelling" and st["learners_done"] == done and st["finished_at"] is None
     reset_ids = set(db_session.scalars(select(CourseAssignment.user_id).where(
         CourseAssignment.course_id == course, CourseAssignment.last_reset_job_id == uuid.UUID(job_id))).all())
     assert len(reset_ids) == done
     assert reset_steps.finalize_job(db_session, job_id).finished  # the clean-up of a cancelled job
+    st = resets.status(db_session, job_id)
+    assert st["state"] == "cancelled" and st["finished_at"] is not None
     # Learners already reset lost everything of the course (R5); the others kept theirs.
     left = dict(db_session.execute(select(LessonProgress.user_id, func.count()).where(
         LessonProgress.course_id == course).group_by(LessonProgress.user_id)).all())

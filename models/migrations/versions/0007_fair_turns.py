@@ -1,5 +1,5 @@
 """Fair turns: when each organization last had a unit of reset work claimed, and for which job;
-which wake-up message claimed each batch.
+which wake-up message claimed each batch; a cancelling job still holds its course.
 
 Revision ID: 0007
 Revises: 0006
@@ -14,7 +14,24 @@ branch_labels = None
 depends_on = None
 
 
+ACTIVE_BEFORE = "state IN ('queued', 'running')"
+ACTIVE_AFTER = "state IN ('queued', 'running', 'cancelling')"
+
+
+def _active_indexes(active: str) -> None:
+    with op.batch_alter_table('reset_jobs', schema=None) as batch_op:
+        batch_op.drop_index('uq_reset_jobs_active_course')
+        batch_op.drop_index('uq_reset_jobs_active_learner')
+        batch_op.create_index('uq_reset_jobs_active_course', ['course_id'], unique=True,
+                              postgresql_where=sa.text(f"scope = 'course' AND {active}"),
+                              sqlite_where=sa.text(f"scope = 'course' AND {active}"))
+        batch_op.create_index('uq_reset_jobs_active_learner', ['course_id', 'learner_id'], unique=True,
+                              postgresql_where=sa.text(f"scope = 'learner' AND {active}"),
+                              sqlite_where=sa.text(f"scope = 'learner' AND {active}"))
+
+
 def upgrade() -> None:
+    _active_indexes(ACTIVE_AFTER)
     op.create_table(
         'organization_turns',
         sa.Column('organization_id', sa.Integer(), nullable=False),
@@ -28,6 +45,7 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    _active_indexes(ACTIVE_BEFORE)
     with op.batch_alter_table('reset_batches', schema=None) as batch_op:
         batch_op.drop_column('claimed_by')
     op.drop_table('organization_turns')
