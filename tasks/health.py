@@ -218,6 +218,27 @@ def queue_lengths(settings: Settings | None = None, queues: tuple[str, ...] | li
     return None
 
 
+def redis_malformed(settings: Settings | None = None, queues: tuple[str, ...] | list[str] = CANARY_QUEUES
+                    ) -> tuple[dict[str, int], dict[str, int]] | None:
+    """Messages the workers could not decode, per queue: ``(set aside so far, still kept)``; Redis only.
+
+    See :mod:`workers.broker`: such a message is moved to ``<queue>.malformed``.
+    """
+    settings = settings or get_settings()
+    url = _first_url(settings.broker_url)
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        return None
+    import redis
+
+    from workers.broker import read_malformed
+
+    client = redis.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=3)
+    try:
+        return read_malformed(client, list(queues))
+    finally:
+        client.close()
+
+
 def redis_unacked(settings: Settings | None = None) -> int | None:
     """Messages delivered to workers and not yet acknowledged (in flight), Redis broker only."""
     settings = settings or get_settings()
