@@ -108,3 +108,165 @@ def test_item6_largest_id_is_accepted_and_simply_not_found(tenant_env):
     env, tenant = tenant_env
     refused_unchanged(env, ["request", "--actor", str(tenant.admin_id), "--course", "2147483647"],
                       "course 2147483647 not found")
+
+
+# --- item 4: text the database cannot store ------------------------------------------------
+
+def refused(session, error_type, fn, *args, match: str, **kwargs):
+    before = fingerprint(session)
+    with pytest.raises(error_type) as info:
+        with session.begin_nested():
+            fn(session, *args, **kwargs)
+    assert fingerprint(session) == before, "a refused call changed the database"
+    message = str(info.value)
+    assert "\n" not in message and match in message, message
+    return info.value
+
+
+@pytest.fixture
+def org(db_session):
+    return seed(db_session, learners=12, lessons=2, courses=2, completed_ratio=0.5, random_seed=4)
+
+
+def test_item4_nul_and_undecodable_text_is_refused_in_every_text_field(db_session, org):
+    from models.errors import ValidationFailed
+    from producer import apikeys, campaigns, resets
+
+    course = org.course_ids[0]
+    for bad in ("a\x00b", "caf\udce9"):
+        refused(db_session, ValidationFailed, resets.request, org.admin_id, course, reason=bad, match="reason contains")
+        refused(db_session, ValidationFailed, resets.request, org.admin_id, course, idempotency_key=bad,
+                match="idempotency key contains")
+        refused(db_session, ValidationFailed, campaigns.request_campaign, org.admin_id, course, cron="0 9 * * *",
+                reason=bad, match="reason contains")
+        refused(db_session, ValidationFailed, campaigns.request_campaign, org.admin_id, course, cron=bad,
+                match="cron contains")
+        refused(db_session, ValidationFailed, campaigns.request_campaign, org.admin_id, course, every_months=1,
+                start=bad, match="start contains")
+        refused(db_session, ValidationFailed, campaigns.request_campaign, org.admin_id, course, cron="0 9 * * *",
+                time_zone=bad, match="time zone contains")
+        refused(db_session, ValidationFailed, apikeys.create_api_key, org.organization_id, bad, match="name")
+        refused(db_session, ValidationFailed, apikeys.revoke_api_key, bad, match="prefix contains")
+    req = resets.request(db_session, org.admin_id, course)
+    error = refused(db_session, ValidationFailed, resets.confirm, req.request_id, org.admin_id, "x\udcff",
+                    match="token contains an unpaired surrogate")
+    assert error.http_status == 422
+    refused(db_session, ValidationFailed, resets.request, org.admin_id, course, learner_id=org.learner_id,
+            reason="a\x00b", match="the NUL character")
+
+
+def test_item4_cli_reason_that_is_not_utf8_is_one_error_line(tenant_env):
+    env, tenant = tenant_env
+    with session_scope() as session:
+        before = fingerprint(session)
+    argv = [sys.executable.encode(), b"-m", b"producer.cli", b"request", b"--actor", str(tenant.admin_id).encode(),
+            b"--course", str(tenant.course_ids[0]).encode(), b"--reason", b"caf\xe9"]
+    proc = subprocess.run(argv, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert_refused(proc, "reason contains an unpaired surrogate")
+    with session_scope() as session:
+        assert fingerprint(session) == before
+
+
+# --- item 5: a far-future campaign start ----------------------------------------------------
+
+@pytest.mark.parametrize("start, zone, needle", [
+    ("9999-12-31T23:59", "UTC", "years ahead"),
+    ("9999-12-31T23:59", "America/New_York", "out of range"),
+    ("9999-12-31", "Pacific/Kiritimati", "years ahead"),
+    ("2200-01-01", "UTC", "more than 100 years ahead"),
+])
+def test_item5_far_future_campaign_start_is_refused(db_session, org, start, zone, needle):
+    from models.errors import ValidationFailed
+    from producer import campaigns
+
+    refused(db_session, ValidationFailed, campaigns.request_campaign, org.admin_id, org.course_ids[0],
+            every_months=1, start=start, time_zone=zone, match=needle)
+
+
+def test_item5_far_future_campaign_start_through_the_cli(tenant_env):
+    env, tenant = tenant_env
+    for zone in ("UTC", "America/New_York"):
+        refused_unchanged(env, ["campaign", "create", "--actor", str(tenant.admin_id), "--course",
+                                str(tenant.course_ids[0]), "--every-months", "1", "--start", "9999-12-31T23:59",
+                                "--time-zone", zone], "start")
+    refused_unchanged(env, ["campaign", "run-due", "--at", "9999-12-31T23:59-05:00"], "--at", "out of range")
+
+
+# --- item 9: what an admin sees -------------------------------------------------------------
+
+def test_item9_reset_that_would_reset_nobody_is_refused(db_session, org):
+    from models.errors import NothingToReset
+    from models.training import assign_course, create_user
+    from producer import resets
+
+    newcomer = create_user(db_session, org.organization_id, "Nia Newcomer", "nia@example.com")
+    assign_course(db_session, org.course_ids[0], newcomer.id)
+    error = refused(db_session, NothingToReset, resets.request, org.admin_id, org.course_ids[0],
+                    learner_id=newcomer.id, match="nothing to reset: learner")
+    assert "Nia Newcomer" in str(error) and error.http_status == 422 and error.code == "nothing_to_reset"
+    from models.training import create_course
+
+    empty = create_course(db_session, org.organization_id, "Forklift basics", [("lesson", "Intro")])
+    assign_course(db_session, empty.id, newcomer.id)
+    refused(db_session, NothingToReset, resets.request, org.admin_id, empty.id,
+            match=f"nothing to reset: no learner assigned to course {empty.id} ('Forklift basics') has progress")
+
+
+def test_item9_summary_names_the_course_and_learner_and_says_what_stays(tenant_env):
+    env, tenant = tenant_env
+    course = str(tenant.course_ids[0])
+    one = cli(env, "request", "--actor", str(tenant.admin_id), "--course", course, "--learner",
+              str(tenant.learner_id), "--json")
+    assert one.returncode == 0, one.stderr
+    summary = json.loads(one.stdout)["summary"]
+    assert {"learners", "completions", "certificates", "learners_to_notify"} <= set(summary)
+    with session_scope() as session:
+        from models.schema import Course, User
+
+        title = session.get(Course, tenant.course_ids[0]).title
+        name = session.get(User, tenant.learner_id).name
+    assert (summary["learners"], summary["course_title"], summary["learner_name"]) == (1, title, name)
+    assert summary["assigned_learners"] == 10 and summary["learners_keeping_state"] == 9
+    assert summary["irreversible"] is True
+
+    human = cli(env, "request", "--actor", str(tenant.admin_id), "--course", str(tenant.course_ids[1]),
+                "--learner", str(tenant.learner_id))
+    assert human.returncode == 0, human.stderr
+    text = human.stdout
+    assert f"'{title.replace('1', '2')}'" in text and name in text, text
+    assert "1 completion " in text and "1 certificate " in text and "1 learners" not in text, text
+    assert "9 assigned learners keep their state" in text and "cannot be undone" in text, text
+
+    course_wide = cli(env, "request", "--actor", str(tenant.admin_id), "--course", course)
+    assert course_wide.returncode == 0, course_wide.stderr
+    assert "for 10 learners" in course_wide.stdout and "0 assigned learners keep their state" in course_wide.stdout
+
+
+def test_item9_course_wide_summary_counts_who_keeps_their_state(db_session, org):
+    from producer import resets
+
+    req = resets.request(db_session, org.admin_id, org.course_ids[0])
+    s = req.summary
+    assert s["learner_name"] is None and s["assigned_learners"] == 12
+    assert s["learners"] + s["learners_keeping_state"] == 12
+    assert f"for {s['learners']} learners" in s["description"] and "cannot be undone" in s["description"]
+
+
+def test_item9_campaign_more_often_than_once_a_day_is_refused(db_session, org, use_env):
+    from models.errors import ValidationFailed
+    from producer import campaigns
+
+    course = org.course_ids[0]
+    for cron, gap in (("* * * * *", "1 minute"), ("0 */6 * * *", "6 hours"), ("0 8,20 1 * *", "12 hours")):
+        refused(db_session, ValidationFailed, campaigns.request_campaign, org.admin_id, course, cron=cron,
+                match=f"occurrences would be {gap} apart")
+    error = refused(db_session, ValidationFailed, campaigns.request_campaign, org.admin_id, course, cron="* * * * *",
+                    match="at most once every 1 day (CAMPAIGN_MIN_INTERVAL_SECONDS)")
+    assert error.http_status == 422
+    # Daily is fine, also across a daylight-saving change (a 23-hour day in UTC).
+    campaigns.request_campaign(db_session, org.admin_id, course, cron="30 2 * * *", time_zone="Europe/Berlin")
+    campaigns.request_campaign(db_session, org.admin_id, course, cron="0 9 * * 1-5", time_zone="UTC")
+    use_env(CAMPAIGN_MIN_INTERVAL_SECONDS="3600")
+    campaigns.request_campaign(db_session, org.admin_id, course, cron="0 * * * *")
+    refused(db_session, ValidationFailed, campaigns.request_campaign, org.admin_id, course, cron="*/30 * * * *",
+            match="at most once every 1 hour")
