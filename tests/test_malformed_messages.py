@@ -7,6 +7,7 @@ in ``/metrics``, and the same worker process then completes a course-wide and a 
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 
@@ -29,11 +30,30 @@ _UNKNOWN_BODY_ENCODING = json.dumps({
     "properties": {"delivery_tag": "t-1", "body_encoding": "rot13",
                    "delivery_info": {"exchange": "", "routing_key": "notifications"}},
 })
+
+
+def envelope(queue: str, body: bytes, content_type: str = "application/json", headers: dict | None = None) -> str:
+    """A kombu envelope as Celery writes it, around ``body``."""
+    return json.dumps({
+        "body": base64.b64encode(body).decode(), "content-type": content_type, "content-encoding": "utf-8",
+        "headers": headers or {}, "properties": {"delivery_tag": f"t-{queue}-{len(body)}", "body_encoding": "base64",
+                                                 "delivery_info": {"exchange": "", "routing_key": queue}},
+    })
+
+
 MALFORMED = {
     "resets": ["this is not json", _ENVELOPE_WITHOUT_TAG],
     "reset_batches": ['{"json": true}', "[1, 2, 3]"],
-    "notifications": [_UNKNOWN_BODY_ENCODING, "\xff\xfe not utf-8"],
-    "maintenance": ['{"properties": {"delivery_tag": "x"}}'],
+    "notifications": [_UNKNOWN_BODY_ENCODING, "\xff\xfe not utf-8",
+                      envelope("notifications", b"not json", headers={"task": "notifications.send", "id": "n1"})],
+    "maintenance": ['{"properties": {"delivery_tag": "x"}}',
+                    envelope("maintenance", b"\x80\x04garbage", "application/x-python-serialize",
+                             headers={"task": "maintenance.sweep", "id": "m1"})],
+}
+# Decodable, but no task of ours: Celery itself logs and drops these; the worker must survive them too.
+FOREIGN = {
+    "resets": envelope("resets", b'[[], {}, {}]', headers={"task": "no.such.task", "id": "f1"}),
+    "reset_batches": envelope("reset_batches", b'{"not": "a task"}'),
 }
 
 
@@ -74,8 +94,12 @@ def test_item2_malformed_message_on_every_queue_is_set_aside_and_the_worker_keep
                          else b"\xff\xfe not utf-8")
             pushed += 1
 
+    for queue, raw in FOREIGN.items():
+        client.lpush(queue, raw)
+
     wait_until(lambda: sum(client.llen(malformed_key(q)) for q in MALFORMED) == pushed, 60,
                "every malformed message to be set aside")
+    wait_until(lambda: not any(client.llen(q) for q in FOREIGN), 30, "the foreign messages to be consumed")
     assert worker.alive(), worker.log_tail(60)
     for queue, messages in MALFORMED.items():
         kept = [item for item in client.lrange(malformed_key(queue), 0, -1)]

@@ -9,7 +9,8 @@ and Celery treats that as unrecoverable: the worker exits, and a restarted one
 dies again on the next such message.
 
 :class:`Channel` checks each popped message first. One that cannot be decoded
-is moved aside, untouched, to the Redis list ``<queue>.malformed`` (newest
+(or whose body is not the JSON every message of this system carries) is
+moved aside, untouched, to the Redis list ``<queue>.malformed`` (newest
 first, the last :data:`KEEP_PER_QUEUE` kept for inspection), counted in the
 hash :data:`COUNTS_KEY` (field: the queue) that ``/metrics`` reads, and logged
 as ``broker.message.malformed`` (queue, reason, size; never the content); the
@@ -66,9 +67,18 @@ class Channel(kombu_redis.Channel):
         if not isinstance(payload.get("headers", {}), dict):
             return "the message headers are not an object"
         try:
-            self.Message(payload, channel=self)  # decodes the body as the consumer will
+            message = self.Message(payload, channel=self)  # decodes the body's transfer encoding
         except Exception as exc:  # noqa: BLE001 - any failure here would have stopped the worker
             return f"the message cannot be decoded ({type(exc).__name__})"
+        content_type = message.content_type or ""
+        if content_type != "application/json":
+            # Every message of this system is JSON (task_serializer, accept_content); anything
+            # else would be refused by the worker and dropped. Never deserialised here (pickle).
+            return f"the message's content type {content_type[:64]!r} is not application/json"
+        try:
+            loads(bytes_to_str(message.body))
+        except (TypeError, ValueError, UnicodeDecodeError) as exc:
+            return f"the message body is not JSON ({type(exc).__name__})"
         return None
 
     def decode_or_set_aside(self, queue: str, item: bytes):
