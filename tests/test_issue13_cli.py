@@ -19,6 +19,7 @@ from models.jobs import hash_token, new_token
 from models.schema import ResetJob
 from models.seed import seed
 from tests.reset_checks import fingerprint
+from tests.test_producer_errors import refused
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -112,17 +113,6 @@ def test_item6_largest_id_is_accepted_and_simply_not_found(tenant_env):
 
 # --- item 4: text the database cannot store ------------------------------------------------
 
-def refused(session, error_type, fn, *args, match: str, **kwargs):
-    before = fingerprint(session)
-    with pytest.raises(error_type) as info:
-        with session.begin_nested():
-            fn(session, *args, **kwargs)
-    assert fingerprint(session) == before, "a refused call changed the database"
-    message = str(info.value)
-    assert "\n" not in message and match in message, message
-    return info.value
-
-
 @pytest.fixture
 def org(db_session):
     return seed(db_session, learners=12, lessons=2, courses=2, completed_ratio=0.5, random_seed=4)
@@ -148,9 +138,9 @@ def test_item4_nul_and_undecodable_text_is_refused_in_every_text_field(db_sessio
         refused(db_session, ValidationFailed, apikeys.create_api_key, org.organization_id, bad, match="name")
         refused(db_session, ValidationFailed, apikeys.revoke_api_key, bad, match="prefix contains")
     req = resets.request(db_session, org.admin_id, course)
-    error = refused(db_session, ValidationFailed, resets.confirm, req.request_id, org.admin_id, "x\udcff",
-                    match="token contains an unpaired surrogate")
-    assert error.http_status == 422
+    refused(db_session, ValidationFailed, resets.confirm, req.request_id, org.admin_id, "x\udcff",
+            match="token contains an unpaired surrogate")
+    assert ValidationFailed.http_status == 422
     refused(db_session, ValidationFailed, resets.request, org.admin_id, course, learner_id=org.learner_id,
             reason="a\x00b", match="the NUL character")
 
@@ -201,9 +191,10 @@ def test_item9_reset_that_would_reset_nobody_is_refused(db_session, org):
 
     newcomer = create_user(db_session, org.organization_id, "Nia Newcomer", "nia@example.com")
     assign_course(db_session, org.course_ids[0], newcomer.id)
-    error = refused(db_session, NothingToReset, resets.request, org.admin_id, org.course_ids[0],
-                    learner_id=newcomer.id, match="nothing to reset: learner")
-    assert "Nia Newcomer" in str(error) and error.http_status == 422 and error.code == "nothing_to_reset"
+    message = refused(db_session, NothingToReset, resets.request, org.admin_id, org.course_ids[0],
+                      learner_id=newcomer.id, match="nothing to reset: learner")
+    assert "Nia Newcomer" in message
+    assert (NothingToReset.http_status, NothingToReset.code) == (422, "nothing_to_reset")
     from models.training import create_course
 
     empty = create_course(db_session, org.organization_id, "Forklift basics", [("lesson", "Intro")])
@@ -260,9 +251,8 @@ def test_item9_campaign_more_often_than_once_a_day_is_refused(db_session, org, u
     for cron, gap in (("* * * * *", "1 minute"), ("0 */6 * * *", "6 hours"), ("0 8,20 1 * *", "12 hours")):
         refused(db_session, ValidationFailed, campaigns.request_campaign, org.admin_id, course, cron=cron,
                 match=f"occurrences would be {gap} apart")
-    error = refused(db_session, ValidationFailed, campaigns.request_campaign, org.admin_id, course, cron="* * * * *",
-                    match="at most once every 1 day (CAMPAIGN_MIN_INTERVAL_SECONDS)")
-    assert error.http_status == 422
+    refused(db_session, ValidationFailed, campaigns.request_campaign, org.admin_id, course, cron="* * * * *",
+            match="at most once every 1 day (CAMPAIGN_MIN_INTERVAL_SECONDS)")
     # Daily is fine, also across a daylight-saving change (a 23-hour day in UTC).
     campaigns.request_campaign(db_session, org.admin_id, course, cron="30 2 * * *", time_zone="Europe/Berlin")
     campaigns.request_campaign(db_session, org.admin_id, course, cron="0 9 * * 1-5", time_zone="UTC")

@@ -15,12 +15,12 @@ import pytest
 import redis
 from prometheus_client import CollectorRegistry, generate_latest
 
-from models.db import dispose_engine, session_scope
+from models.db import session_scope
 from models.seed import seed
 from producer import resets
 from producer.metrics import ResetSystemCollector
-from tests.test_resets_e2e import wait_for_job
-from workers.broker import COUNTS_KEY, malformed_key
+from tests.test_resets_e2e import env, wait_for_job  # noqa: F401 - env is a fixture
+from tasks.health import MALFORMED_COUNTS_KEY, malformed_key
 
 pytestmark = pytest.mark.e2e
 
@@ -57,14 +57,6 @@ FOREIGN = {
 }
 
 
-@pytest.fixture
-def env(fresh_db, use_env, redis_url, tmp_path):
-    yield use_env(DATABASE_URL=fresh_db(), CELERY_BROKER_URL=redis_url, RESET_BATCH_SIZE="100",
-                  NOTIFY_CONSOLE_PATH=str(tmp_path / "notifications.jsonl"), NOTIFY_RATE_PER_SECOND="5000",
-                  LOG_FORMAT="json")
-    dispose_engine()
-
-
 def wait_until(predicate, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -85,7 +77,7 @@ def test_item2_malformed_message_on_every_queue_is_set_aside_and_the_worker_keep
     with session_scope() as session:
         org = seed(session, learners=300, lessons=3, courses=2, completed_ratio=0.4, random_seed=2)
     client = redis.Redis.from_url(redis_url)
-    client.delete(COUNTS_KEY, *(malformed_key(q) for q in MALFORMED))
+    client.delete(MALFORMED_COUNTS_KEY, *(malformed_key(q) for q in MALFORMED))
     worker = celery_worker_proc(env, queues=",".join(MALFORMED), concurrency=1, name="poison")
     pushed = 0
     for queue, messages in MALFORMED.items():
@@ -138,7 +130,7 @@ def test_item2_a_worker_started_after_the_poison_was_pushed_starts_and_serves(en
     with session_scope() as session:
         org = seed(session, learners=50, lessons=2, courses=1, completed_ratio=0.5, random_seed=3)
     client = redis.Redis.from_url(redis_url)
-    client.delete(COUNTS_KEY, malformed_key("resets"), malformed_key("reset_batches"))
+    client.delete(MALFORMED_COUNTS_KEY, malformed_key("resets"), malformed_key("reset_batches"))
     client.lpush("resets", _ENVELOPE_WITHOUT_TAG)
     client.lpush("reset_batches", '{"json": true}')
     worker = celery_worker_proc(env, queues="resets,reset_batches,notifications", concurrency=1, name="late")

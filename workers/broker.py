@@ -12,7 +12,7 @@ dies again on the next such message.
 (or whose body is not the JSON every message of this system carries) is
 moved aside, untouched, to the Redis list ``<queue>.malformed`` (newest
 first, the last :data:`KEEP_PER_QUEUE` kept for inspection), counted in the
-hash :data:`COUNTS_KEY` (field: the queue) that ``/metrics`` reads, and logged
+hash ``progress_reset.malformed_total`` (field: the queue) that ``/metrics`` reads, and logged
 as ``broker.message.malformed`` (queue, reason, size; never the content); the
 worker goes on serving. Well-formed messages take kombu's own path unchanged.
 
@@ -30,10 +30,9 @@ from kombu.utils.json import loads
 
 from models.logs import log_event
 from models.settings import Settings
+from tasks.health import MALFORMED_COUNTS_KEY, malformed_key
 
 TRANSPORT = "workers.broker:Transport"
-MALFORMED_SUFFIX = ".malformed"
-COUNTS_KEY = "progress_reset.malformed_total"
 KEEP_PER_QUEUE = 1000
 _REDIS_SCHEMES = ("redis://", "rediss://")
 
@@ -42,10 +41,6 @@ def transport_config(settings: Settings) -> dict:
     """Celery settings that select this transport for a Redis broker (and kombu's default otherwise)."""
     url = settings.broker_url.split(";")[0].strip()
     return {"broker_transport": TRANSPORT if url.startswith(_REDIS_SCHEMES) else None}
-
-
-def malformed_key(queue: str) -> str:
-    return f"{queue}{MALFORMED_SUFFIX}"
 
 
 class Channel(kombu_redis.Channel):
@@ -100,7 +95,7 @@ class Channel(kombu_redis.Channel):
             with client.pipeline() as pipe:
                 pipe.lpush(key, item)
                 pipe.ltrim(key, 0, KEEP_PER_QUEUE - 1)
-                pipe.hincrby(COUNTS_KEY, queue, 1)
+                pipe.hincrby(MALFORMED_COUNTS_KEY, queue, 1)
                 pipe.execute()
         log_event("broker.message.malformed", logging.WARNING, queue=queue, reason=reason, bytes=len(item),
                   kept_in=key)
@@ -141,16 +136,3 @@ class Channel(kombu_redis.Channel):
 
 class Transport(kombu_redis.Transport):
     Channel = Channel
-
-
-def read_malformed(client, queues) -> tuple[dict[str, int], dict[str, int]]:
-    """``(set aside since counting began, still kept)`` per queue, read with a redis-py ``client``."""
-    pipe = client.pipeline(transaction=False)
-    pipe.hgetall(COUNTS_KEY)
-    for queue in queues:
-        pipe.llen(malformed_key(queue))
-    values = pipe.execute()
-    counts = {bytes_to_str(k): int(v) for k, v in (values[0] or {}).items()}
-    total = {queue: counts.get(queue, 0) for queue in queues}
-    kept = {queue: int(n) for queue, n in zip(queues, values[1:])}
-    return total, kept
