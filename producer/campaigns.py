@@ -226,7 +226,9 @@ def request_campaign(
     try:
         preview = _preview(schedule, kind, now)
     except (OverflowError, ValueError):  # occurrences past year 9999
-        raise ValidationFailed("the schedule's occurrences fall beyond the year 9999; choose an earlier start") from None
+        raise ValidationFailed(
+            "the schedule's occurrences fall beyond the year 9999; choose an earlier start"
+        ) from None
     _check_interval(schedule, preview[0])
 
     summary = summarize(session, course.id, None, completed_before_for(audience_days, now))

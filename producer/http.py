@@ -442,9 +442,10 @@ def create_app() -> FastAPI:
 
     # -- resets -----------------------------------------------------------------------------
 
-    @app.post("/v1/resets", dependencies=[JsonBody], status_code=201, response_model=ResetRequestOut, tags=["resets"],
+    @app.post("/v1/resets", status_code=201, response_model=ResetRequestOut, tags=["resets"],
               summary="Step 1: validate a reset and get a summary and a one-time confirmation token",
-              responses=_problem_responses(*COMMON_ERRORS, 403, 409))
+              responses=_problem_responses(*COMMON_ERRORS, 403, 409),
+              dependencies=[JsonBody])
     def request_reset(
         caller: Caller,
         body: ResetRequestIn,
@@ -457,9 +458,10 @@ def create_app() -> FastAPI:
                                     reason=body.reason, idempotency_key=idempotency_key, origin=caller.origin)
         return result.as_json()
 
-    @app.post("/v1/resets/{request_id}/confirm", dependencies=[JsonBody], status_code=202, response_model=ConfirmOut, tags=["resets"],
+    @app.post("/v1/resets/{request_id}/confirm", status_code=202, response_model=ConfirmOut, tags=["resets"],
               summary="Step 2: confirm a request with its token; the job is queued",
-              responses=_problem_responses(*COMMON_ERRORS, 403, 409, 410))
+              responses=_problem_responses(*COMMON_ERRORS, 403, 409, 410),
+              dependencies=[JsonBody])
     def confirm_reset(caller: Caller, request_id: str, body: ConfirmIn) -> dict:
         with session_scope() as session:
             caller.require_actor(session, body.actor_id)
@@ -473,9 +475,10 @@ def create_app() -> FastAPI:
         with session_scope() as session:
             return resets.status(session, job_id, organization_id=caller.organization_id)
 
-    @app.post("/v1/resets/{job_id}/cancel", dependencies=[JsonBody], response_model=StatusOut, tags=["resets"],
+    @app.post("/v1/resets/{job_id}/cancel", response_model=StatusOut, tags=["resets"],
               summary="Stop a queued or running job; learners already reset stay reset",
-              responses=_problem_responses(*COMMON_ERRORS, 403, 409))
+              responses=_problem_responses(*COMMON_ERRORS, 403, 409),
+              dependencies=[JsonBody])
     def cancel_reset(caller: Caller, job_id: str, body: ActorIn) -> dict:
         with session_scope() as session:
             caller.require_actor(session, body.actor_id)
@@ -483,9 +486,10 @@ def create_app() -> FastAPI:
 
     # -- campaigns --------------------------------------------------------------------------
 
-    @app.post("/v1/campaigns", dependencies=[JsonBody], status_code=201, response_model=CampaignRequestOut, tags=["campaigns"],
+    @app.post("/v1/campaigns", status_code=201, response_model=CampaignRequestOut, tags=["campaigns"],
               summary="Step 1: validate a retraining campaign and get a summary and a confirmation token",
-              responses=_problem_responses(*COMMON_ERRORS, 403))
+              responses=_problem_responses(*COMMON_ERRORS, 403),
+              dependencies=[JsonBody])
     def request_campaign(caller: Caller, body: CampaignRequestIn) -> dict:
         with session_scope() as session:
             caller.require_actor(session, body.actor_id)
@@ -495,9 +499,10 @@ def create_app() -> FastAPI:
                 reason=body.reason, origin=caller.origin)
         return result.as_json()
 
-    @app.post("/v1/campaigns/{campaign_id}/confirm", dependencies=[JsonBody], response_model=CampaignOut, tags=["campaigns"],
+    @app.post("/v1/campaigns/{campaign_id}/confirm", response_model=CampaignOut, tags=["campaigns"],
               summary="Step 2: confirm a campaign with its token; it becomes active",
-              responses=_problem_responses(*COMMON_ERRORS, 403, 409, 410))
+              responses=_problem_responses(*COMMON_ERRORS, 403, 409, 410),
+              dependencies=[JsonBody])
     def confirm_campaign(caller: Caller, campaign_id: CampaignId, body: ConfirmIn) -> dict:
         with session_scope() as session:
             caller.require_actor(session, body.actor_id)
@@ -529,17 +534,19 @@ def create_app() -> FastAPI:
                     return view
         raise NotFound(f"campaign {campaign_id} not found")
 
-    @app.post("/v1/campaigns/{campaign_id}/pause", dependencies=[JsonBody], response_model=CampaignOut, tags=["campaigns"],
+    @app.post("/v1/campaigns/{campaign_id}/pause", response_model=CampaignOut, tags=["campaigns"],
               summary="Stop a campaign's occurrences until it is resumed",
-              responses=_problem_responses(*COMMON_ERRORS, 403, 409))
+              responses=_problem_responses(*COMMON_ERRORS, 403, 409),
+              dependencies=[JsonBody])
     def pause_campaign(caller: Caller, campaign_id: CampaignId, body: ActorIn) -> dict:
         with session_scope() as session:
             caller.require_actor(session, body.actor_id)
             return campaigns.pause_campaign(session, body.actor_id, campaign_id, origin=caller.origin)
 
-    @app.post("/v1/campaigns/{campaign_id}/resume", dependencies=[JsonBody], response_model=CampaignOut, tags=["campaigns"],
+    @app.post("/v1/campaigns/{campaign_id}/resume", response_model=CampaignOut, tags=["campaigns"],
               summary="Re-activate a paused campaign from its next occurrence",
-              responses=_problem_responses(*COMMON_ERRORS, 403, 409))
+              responses=_problem_responses(*COMMON_ERRORS, 403, 409),
+              dependencies=[JsonBody])
     def resume_campaign(caller: Caller, campaign_id: CampaignId, body: ActorIn) -> dict:
         with session_scope() as session:
             caller.require_actor(session, body.actor_id)
