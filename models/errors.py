@@ -28,6 +28,12 @@ class ValidationFailed(ProgressResetError):
     code = "validation_failed"
 
 
+class NothingToReset(ValidationFailed):
+    """The reset would reset nobody: no targeted learner has progress in the course (R6)."""
+
+    code = "nothing_to_reset"
+
+
 class NotFound(ProgressResetError):
     """Unknown id, or an object of another organization (never told apart)."""
 
@@ -62,6 +68,13 @@ class TokenExpired(ProgressResetError):
 class Unauthenticated(ProgressResetError):
     http_status = 401
     code = "unauthenticated"
+
+
+class UnsupportedMediaType(ProgressResetError):
+    """A request body in a format other than JSON."""
+
+    http_status = 415
+    code = "unsupported_media_type"
 
 
 class ServiceUnavailable(ProgressResetError):

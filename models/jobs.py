@@ -48,8 +48,15 @@ def as_utc(value: datetime | None) -> datetime | None:
 # --- confirmation tokens -------------------------------------------------------------
 
 def new_token() -> tuple[str, str]:
-    """A one-time confirmation token and the hash that is stored in its place."""
+    """A one-time confirmation token and the hash that is stored in its place.
+
+    URL-safe base64 can start with ``-``, which a shell command line reads as an
+    option (``--token -x...``); such a draw is discarded, so every token is safe
+    to paste. Tokens issued before this rule still confirm: only the hash is compared.
+    """
     token = secrets.token_urlsafe(24)
+    while token.startswith("-"):
+        token = secrets.token_urlsafe(24)
     return token, hash_token(token)
 
 

@@ -78,6 +78,8 @@ class Settings:
     batch_max_attempts: int = 5
     batch_lease_seconds: int = 120
     token_ttl_seconds: int = 900
+    # Retraining campaigns: occurrences closer than this are refused.
+    campaign_min_interval_seconds: int = 86400
     job_stale_seconds: int = 300
     publish_stale_seconds: int = 60
     sweep_interval_seconds: float = 30.0
@@ -168,6 +170,7 @@ class Settings:
             batch_max_attempts=_int(env, "RESET_BATCH_MAX_ATTEMPTS", 5, minimum=1),
             batch_lease_seconds=_int(env, "RESET_BATCH_LEASE_SECONDS", 120, minimum=1),
             token_ttl_seconds=_int(env, "RESET_TOKEN_TTL_SECONDS", 900, minimum=1),
+            campaign_min_interval_seconds=_int(env, "CAMPAIGN_MIN_INTERVAL_SECONDS", 86400, minimum=60),
             job_stale_seconds=_int(env, "RESET_JOB_STALE_SECONDS", 300, minimum=1),
             publish_stale_seconds=_int(env, "PUBLISH_STALE_SECONDS", 60, minimum=1),
             sweep_interval_seconds=_float(env, "SWEEP_INTERVAL_SECONDS", 30.0, minimum=0.1),

@@ -26,6 +26,7 @@ from sqlalchemy.orm import Session
 from models.errors import NotFound, Unauthenticated, ValidationFailed
 from models.jobs import as_utc, record_audit, utcnow
 from models.schema import ApiKey, Organization, User
+from models.text import check_storable
 
 KEY_PREFIX = "prk_"
 # The name becomes the audit origin ``http:<name>`` (origin is 64 characters).
@@ -81,7 +82,7 @@ def _new_prefix() -> str:
 
 def create_api_key(session: Session, organization_id: int, name: str, origin: str = "cli") -> CreatedKey:
     """Create a key for ``organization_id`` named ``name`` (the calling service); returns the secret once."""
-    name = (name or "").strip()
+    name = check_storable("name", (name or "").strip())
     if not name:
         raise ValidationFailed("an API key needs a name (the service that will use it)")
     if len(name) > MAX_ORIGIN_NAME or not name.isprintable():
@@ -123,6 +124,7 @@ def verify_api_key(session: Session, presented: str | None) -> ApiIdentity:
 
 def revoke_api_key(session: Session, prefix: str, origin: str = "cli") -> dict:
     """Revoke the key with ``prefix``; requests with it are refused from the next one on. Safe to run twice."""
+    check_storable("prefix", prefix)
     row = session.scalars(select(ApiKey).where(ApiKey.prefix == prefix.strip()).with_for_update()).first()
     if row is None:
         raise NotFound(f"API key {prefix} not found")

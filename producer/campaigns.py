@@ -33,13 +33,16 @@ from models.schema import (
     User,
 )
 from models.settings import get_settings
+from models.text import check_storable
 from tasks.schedule import (
     Schedule,
     build_schedule,
     check_start_not_stale,
+    check_start_not_too_far,
     completed_before_for,
     describe,
     first_occurrence,
+    gap_shorter_than,
     parse_cron,
     parse_every_months,
     parse_start,
@@ -140,6 +143,31 @@ def _audience(completed_before_days: int | None) -> tuple[str, int | None]:
     return "completed_before_days", completed_before_days
 
 
+def _human_interval(seconds: float) -> str:
+    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
+        if seconds >= size and seconds % size == 0:
+            n = int(seconds // size)
+            return f"{n} {unit}" + ("" if n == 1 else "s")
+    return f"{int(seconds)} seconds"
+
+
+def _check_interval(schedule: Schedule, first: datetime) -> None:
+    """Refuse a schedule whose occurrences come closer than ``CAMPAIGN_MIN_INTERVAL_SECONDS`` (one day)."""
+    minimum = timedelta(seconds=get_settings().campaign_min_interval_seconds)
+    try:
+        close = gap_shorter_than(schedule, first - timedelta(microseconds=1), minimum)
+    except (OverflowError, ValueError):  # pragma: no cover - bounded by the start checks
+        return
+    if close is not None:
+        a, b = close
+        raise ValidationFailed(
+            f"occurrences would be {_human_interval((b - a).total_seconds())} apart "
+            f"({a.isoformat(timespec='minutes')} and {b.isoformat(timespec='minutes')} {schedule.zone.key}); "
+            f"a campaign resets the course at most once every "
+            f"{_human_interval(minimum.total_seconds())} (CAMPAIGN_MIN_INTERVAL_SECONDS)"
+        )
+
+
 # --- step 1: request -----------------------------------------------------------------------
 
 def request_campaign(
@@ -167,7 +195,9 @@ def request_campaign(
     would reset if it ran now. Writes nothing when it refuses.
     """
     now = now or utcnow()
-    reason = (reason or "").strip()
+    reason = check_storable("reason", (reason or "").strip())
+    for field, value in (("cron", cron), ("start", start), ("time zone", time_zone)):
+        check_storable(field, value)
     if len(reason) > MAX_REASON:
         raise ValidationFailed(f"reason is {len(reason)} characters; at most {MAX_REASON} are allowed")
     actor = _actor(session, actor_id)
@@ -189,10 +219,17 @@ def request_campaign(
         kind, every_months = "months", parse_every_months(every_months)
         start_at = parse_start(start, zone)
         check_start_not_stale(start_at, now)
+        check_start_not_too_far(start_at, now)
     audience, audience_days = _audience(completed_before_days)
     schedule = build_schedule(kind, time_zone=zone.key, cron_expression=cron, every_months=every_months,
                               start_at=start_at)
-    preview = _preview(schedule, kind, now)
+    try:
+        preview = _preview(schedule, kind, now)
+    except (OverflowError, ValueError):  # occurrences past year 9999
+        raise ValidationFailed(
+            "the schedule's occurrences fall beyond the year 9999; choose an earlier start"
+        ) from None
+    _check_interval(schedule, preview[0])
 
     summary = summarize(session, course.id, None, completed_before_for(audience_days, now))
     token, token_hash = new_token()
@@ -232,6 +269,7 @@ def confirm_campaign(
         )
     if campaign.state != "awaiting_confirmation":
         raise TokenInvalid(f"campaign {campaign.id} was already confirmed (it is {campaign.state}); a token works once")
+    check_storable("token", token)
     if not token_matches(token or "", campaign.token_hash):
         raise TokenInvalid(f"wrong confirmation token for campaign {campaign.id}")
     if as_utc(campaign.token_expires_at) <= now:

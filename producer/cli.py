@@ -20,6 +20,14 @@ from models.settings import SettingsError
 EXIT_REFUSED = 1
 EXIT_UNAVAILABLE = 3
 
+# Ids are PostgreSQL ``integer`` columns (the HTTP API has the same bound).
+MAX_ID = 2**31 - 1
+
+# Options whose value is free text that may begin with "-" (a token issued before tokens
+# were drawn without a leading "-", a reason like "-fixed typo"). argparse reads such a
+# value as an option; ``--token=-abc`` always worked, and ``--token -abc`` now does too.
+FREE_TEXT_OPTIONS = ("--token", "--reason", "--idempotency-key", "--name")
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
 
 
@@ -61,6 +69,8 @@ def id_arg(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a numeric id, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"ids are positive, got {value}")
+    if value > MAX_ID:
+        raise argparse.ArgumentTypeError(f"ids are at most {MAX_ID}, got {value}")
     return value
 
 
@@ -139,9 +149,37 @@ def _one_line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
+def _option_strings(parser: argparse.ArgumentParser) -> set[str]:
+    """Every option string of the parser and its sub-commands."""
+    found: set[str] = set()
+    for action in parser._actions:
+        found.update(action.option_strings)
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                found |= _option_strings(sub)
+    return found
+
+
+def join_free_text_values(argv: list[str], options: set[str]) -> list[str]:
+    """``--token -abc`` -> ``--token=-abc`` for the free-text options, unless ``-abc`` is itself an option."""
+    joined: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if (arg in FREE_TEXT_OPTIONS and i + 1 < len(argv) and argv[i + 1].startswith("-")
+                and argv[i + 1].split("=", 1)[0] not in options):
+            joined.append(f"{arg}={argv[i + 1]}")
+            i += 2
+            continue
+        joined.append(arg)
+        i += 1
+    return joined
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(join_free_text_values(argv, _option_strings(parser)))
     from models.logs import configure_logging
 
     try:

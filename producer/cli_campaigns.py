@@ -63,7 +63,10 @@ def parse_instant(text: str) -> datetime:
         raise ValidationFailed(f"--at {text!r} is not an ISO-8601 date-time (e.g. 2025-03-31T01:00:00Z)") from None
     if value.tzinfo is None:
         value = value.replace(tzinfo=timezone.utc)
-    return value.astimezone(timezone.utc)
+    try:
+        return value.astimezone(timezone.utc)
+    except OverflowError:  # e.g. 9999-12-31T23:59-05:00 is in year 10000 in UTC
+        raise ValidationFailed(f"--at {text!r} is out of range") from None
 
 
 def _describe(view: dict) -> str:
@@ -86,6 +89,7 @@ def cmd_campaign(args: argparse.Namespace) -> int:
 def _create(args: argparse.Namespace) -> int:
     from models.db import session_scope
     from producer import campaigns
+    from producer.resets import plural
 
     with session_scope() as session:
         result = campaigns.request_campaign(
@@ -97,8 +101,9 @@ def _create(args: argparse.Namespace) -> int:
     human = (
         f"campaign {result.campaign_id}: {result.schedule}\n"
         f"  first occurrences (UTC): {', '.join(o.isoformat() for o in result.first_occurrences)}\n"
-        f"  if it ran now it would reset {s['learners']} learners ({s['completions']} completions, "
-        f"{s['certificates']} certificates); {s['learners_to_notify']} would be notified\n"
+        f"  if it ran now it would reset {plural(s['learners'], 'learner')} ({plural(s['completions'], 'completion')}, "
+        f"{plural(s['certificates'], 'certificate')}); {s['learners_to_notify']:,} would be notified; "
+        "each reset cannot be undone\n"
         f"  confirm before {result.expires_at.isoformat()} with:\n"
         f"  progress-reset campaign confirm {result.campaign_id} --actor {args.actor} --token {result.token}"
     )

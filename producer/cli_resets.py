@@ -48,11 +48,7 @@ def cmd_request(args: argparse.Namespace) -> int:
     with session_scope() as session:
         result = resets.request(session, args.actor, args.course, learner_id=args.learner, reason=args.reason,
                                 idempotency_key=args.idempotency_key, origin="cli")
-    s = result.summary
-    who = f"learner {args.learner} in course {args.course}" if args.learner else f"every learner of course {args.course}"
-    human = (f"request {result.request_id}: reset {who}\n"
-             f"  will clear: {s['learners']} learners, {s['completions']} completions, "
-             f"{s['certificates']} certificates; {s['learners_to_notify']} will be notified\n")
+    human = f"request {result.request_id}: {result.summary['description']}\n"
     if result.token:
         human += (f"  confirm before {result.expires_at.isoformat()} with:\n"
                   f"  progress-reset confirm {result.request_id} --actor {args.actor} --token {result.token}")

@@ -45,7 +45,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from models.db import session_scope
-from models.errors import NotFound, ProgressResetError, Unauthenticated
+from models.errors import NotFound, ProgressResetError, Unauthenticated, UnsupportedMediaType
 from models.logs import log_event
 from models.webhooks import EVENT_TYPES
 from producer import audit, campaigns, resets, webhooks
@@ -114,12 +114,24 @@ class Summary(_Out):
     learners_to_notify: int
 
 
+class ResetSummary(Summary):
+    course_id: int
+    course_title: str = Field(description="The course's title, to recognise it before confirming.")
+    learner_id: int | None = Field(description="The learner of a one-learner reset; null for a whole course.")
+    learner_name: str | None = Field(description="That learner's name; null for a whole course.")
+    assigned_learners: int = Field(description="Learners assigned to the course.")
+    learners_keeping_state: int = Field(description="Assigned learners this reset leaves as they are.")
+    irreversible: bool = Field(description="Always true: cleared progress, completions and certificates are "
+                                           "deleted, not hidden.")
+    description: str = Field(description="One sentence saying all of the above, for a confirmation dialog.")
+
+
 class ResetRequestOut(_Out):
     request_id: str
     token: str | None = Field(description="One-time confirmation token; null when an idempotent replay finds "
                                           "the request already confirmed.")
     expires_at: datetime | None
-    summary: Summary
+    summary: ResetSummary
     state: str
 
 
@@ -335,6 +347,12 @@ def _problem_responses(*statuses: int) -> dict:
 
 
 COMMON_ERRORS = (400, 401, 404, 422)
+# Every body is JSON (415 otherwise); any endpoint may meet an internal error (500) or an
+# unreachable database (503). Added to every operation by _openapi.
+BODY_ERRORS = (415,)
+SERVER_ERRORS = (500, 503)
+INTEGER_NOTE = ("A JSON integer literal: a number with a fraction or an exponent (2.0, 2e0) is refused "
+                "even when its value is whole; no coercion from strings either.")
 
 
 # --- problem details ---------------------------------------------------------------------------
@@ -368,12 +386,18 @@ async def _on_validation(_request: Request, exc: RequestValidationError) -> JSON
     return problem(422, "validation_failed", f"invalid request: {fields}", errors=shown)
 
 
-async def _on_http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+async def _on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     code = {400: "bad_request", 404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
     detail = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).phrase
     response = problem(exc.status_code, code, detail)
     for name, value in (exc.headers or {}).items():
         response.headers[name] = value
+    if exc.status_code == 405:
+        # Starlette names only the first route that matched the path; a path such as
+        # /v1/campaigns/{id} has one route per method.
+        methods = allowed_methods(request.app, request.scope)
+        if methods:
+            response.headers["Allow"] = ", ".join(methods)
     return response
 
 
@@ -385,6 +409,39 @@ async def _on_database_down(_request: Request, exc: OperationalError) -> JSONRes
 async def _on_database_error(_request: Request, exc: SQLAlchemyError) -> JSONResponse:
     log_event("http.database.error", logging.ERROR, error=type(exc).__name__)
     return problem(500, "internal_error", "internal error")
+
+
+# --- request bodies are JSON -------------------------------------------------------------------------
+
+def _is_json(content_type: str) -> bool:
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
+
+
+def require_json_body(request: Request) -> None:
+    """A body sent as anything but JSON (``text/plain``, a form) is refused with 415, not parsed as JSON."""
+    content_type = request.headers.get("content-type")
+    if content_type is not None and not _is_json(content_type):
+        media = content_type.split(";", 1)[0].strip() or "(empty)"
+        raise UnsupportedMediaType(f"the request body must be application/json, not {media}")
+
+
+JsonBody = Depends(require_json_body)
+
+
+def allowed_methods(app, scope) -> list[str]:
+    """Every method some route of ``scope``'s path answers (a path can have one route per method)."""
+    methods: set[str] = set()
+    for route in getattr(app, "routes", []):
+        route_methods = getattr(route, "methods", None)
+        if not route_methods:
+            continue
+        match, _ = route.matches({**scope, "type": "http", "method": next(iter(route_methods))})
+        if match is Match.FULL:
+            methods |= set(route_methods)
+    if methods:
+        methods.add("OPTIONS")
+    return sorted(methods)
 
 
 # --- authentication, logs, request metrics --------------------------------------------------------
@@ -449,6 +506,15 @@ class RequestContextMiddleware:
             await send(message)
 
         try:
+            if scope["method"] == "OPTIONS":
+                # Which methods the path has (no key needed: the OpenAPI document says as much).
+                methods = allowed_methods(scope.get("app") or self.app, scope)
+                if methods:
+                    response = Response(status_code=204, headers={"Allow": ", ".join(methods)})
+                else:
+                    response = problem(404, "not_found", "Not Found")
+                await response(scope, receive, capture)
+                return
             if scope["path"].startswith("/v1/"):
                 response = await self._authenticate(scope, state)
                 if response is not None:
@@ -525,7 +591,8 @@ def create_app() -> FastAPI:
 
     @app.post("/v1/resets", status_code=201, response_model=ResetRequestOut, tags=["resets"],
               summary="Step 1: validate a reset and get a summary and a one-time confirmation token",
-              responses=_problem_responses(*COMMON_ERRORS, 403, 409))
+              responses=_problem_responses(*COMMON_ERRORS, 403, 409),
+              dependencies=[JsonBody])
     def request_reset(
         caller: Caller,
         body: ResetRequestIn,
@@ -540,7 +607,8 @@ def create_app() -> FastAPI:
 
     @app.post("/v1/resets/{request_id}/confirm", status_code=202, response_model=ConfirmOut, tags=["resets"],
               summary="Step 2: confirm a request with its token; the job is queued",
-              responses=_problem_responses(*COMMON_ERRORS, 403, 409, 410))
+              responses=_problem_responses(*COMMON_ERRORS, 403, 409, 410),
+              dependencies=[JsonBody])
     def confirm_reset(caller: Caller, request_id: str, body: ConfirmIn) -> dict:
         with session_scope() as session:
             caller.require_actor(session, body.actor_id)
@@ -579,7 +647,8 @@ def create_app() -> FastAPI:
 
     @app.post("/v1/resets/{job_id}/cancel", response_model=StatusOut, tags=["resets"],
               summary="Stop a queued or running job; learners already reset stay reset",
-              responses=_problem_responses(*COMMON_ERRORS, 403, 409))
+              responses=_problem_responses(*COMMON_ERRORS, 403, 409),
+              dependencies=[JsonBody])
     def cancel_reset(caller: Caller, job_id: str, body: ActorIn) -> dict:
         with session_scope() as session:
             caller.require_actor(session, body.actor_id)
@@ -589,7 +658,8 @@ def create_app() -> FastAPI:
 
     @app.post("/v1/campaigns", status_code=201, response_model=CampaignRequestOut, tags=["campaigns"],
               summary="Step 1: validate a retraining campaign and get a summary and a confirmation token",
-              responses=_problem_responses(*COMMON_ERRORS, 403))
+              responses=_problem_responses(*COMMON_ERRORS, 403),
+              dependencies=[JsonBody])
     def request_campaign(caller: Caller, body: CampaignRequestIn) -> dict:
         with session_scope() as session:
             caller.require_actor(session, body.actor_id)
@@ -601,7 +671,8 @@ def create_app() -> FastAPI:
 
     @app.post("/v1/campaigns/{campaign_id}/confirm", response_model=CampaignOut, tags=["campaigns"],
               summary="Step 2: confirm a campaign with its token; it becomes active",
-              responses=_problem_responses(*COMMON_ERRORS, 403, 409, 410))
+              responses=_problem_responses(*COMMON_ERRORS, 403, 409, 410),
+              dependencies=[JsonBody])
     def confirm_campaign(caller: Caller, campaign_id: CampaignId, body: ConfirmIn) -> dict:
         with session_scope() as session:
             caller.require_actor(session, body.actor_id)
@@ -635,7 +706,8 @@ def create_app() -> FastAPI:
 
     @app.post("/v1/campaigns/{campaign_id}/pause", response_model=CampaignOut, tags=["campaigns"],
               summary="Stop a campaign's occurrences until it is resumed",
-              responses=_problem_responses(*COMMON_ERRORS, 403, 409))
+              responses=_problem_responses(*COMMON_ERRORS, 403, 409),
+              dependencies=[JsonBody])
     def pause_campaign(caller: Caller, campaign_id: CampaignId, body: ActorIn) -> dict:
         with session_scope() as session:
             caller.require_actor(session, body.actor_id)
@@ -643,7 +715,8 @@ def create_app() -> FastAPI:
 
     @app.post("/v1/campaigns/{campaign_id}/resume", response_model=CampaignOut, tags=["campaigns"],
               summary="Re-activate a paused campaign from its next occurrence",
-              responses=_problem_responses(*COMMON_ERRORS, 403, 409))
+              responses=_problem_responses(*COMMON_ERRORS, 403, 409),
+              dependencies=[JsonBody])
     def resume_campaign(caller: Caller, campaign_id: CampaignId, body: ActorIn) -> dict:
         with session_scope() as session:
             caller.require_actor(session, body.actor_id)
@@ -785,14 +858,45 @@ def _openapi(app: FastAPI) -> dict:
 
         schema = get_openapi(title=app.title, version=app.version, summary=app.summary,
                              description=app.description, routes=app.routes, webhooks=app.webhooks.routes)
-        for operations in schema.get("paths", {}).values():
-            for operation in operations.values():
-                for status, response in operation.get("responses", {}).items():
+        problem_ref = {"$ref": "#/components/schemas/Problem"}
+        for path, operations in schema.get("paths", {}).items():
+            for method, operation in operations.items():
+                responses = operation.setdefault("responses", {})
+                declared = list(SERVER_ERRORS)
+                if "requestBody" in operation:
+                    declared += BODY_ERRORS
+                for status in declared:
+                    responses.setdefault(str(status), {"description": HTTPStatus(status).phrase,
+                                                       "content": {PROBLEM_JSON: {"schema": problem_ref}}})
+                for status, response in responses.items():
                     content = response.get("content", {})
                     if status[0] in "45" and PROBLEM_JSON in content:
                         content.pop("application/json", None)
+                for parameter in operation.get("parameters", []):
+                    _note_integer(parameter.get("schema", {}), parameter)
+        for name, component in schema.get("components", {}).get("schemas", {}).items():
+            if name.endswith("In"):  # request bodies; responses are ours and always whole numbers
+                for prop in component.get("properties", {}).values():
+                    _note_integer(prop, prop)
         app.openapi_schema = schema
     return app.openapi_schema
+
+
+def _note_integer(schema: dict, described: dict) -> None:
+    """Say in the document what strict validation does: an integer must be written as one (2, not 2.0).
+
+    JSON Schema counts 2.0 as an integer; the API does not. ``format: int32``
+    where the range fits (ids), and a note in the description.
+    """
+    variants = schema.get("anyOf", [schema])
+    integers = [v for v in variants if v.get("type") == "integer"]
+    if not integers:
+        return
+    for variant in integers:
+        if variant.get("maximum", 2**31) <= 2**31 - 1 and variant.get("minimum", 0) >= -(2**31):
+            variant.setdefault("format", "int32")
+    if INTEGER_NOTE not in described.get("description", ""):
+        described["description"] = (described.get("description", "") + " " + INTEGER_NOTE).strip()
 
 
 def openapi_document() -> dict:
@@ -808,7 +912,9 @@ PROBLEM_CODES = {
     404: ("not_found",),
     409: ("conflict", "token_invalid"),
     410: ("token_expired",),
-    422: ("validation_failed",),
+    415: ("unsupported_media_type",),
+    422: ("validation_failed", "nothing_to_reset"),
+    500: ("internal_error",),
     503: ("unavailable",),
 }
 

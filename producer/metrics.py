@@ -126,7 +126,7 @@ class ResetSystemCollector(Collector):
 
     def collect(self):
         from models.db import session_scope
-        from tasks.health import CANARY_QUEUES, queue_lengths, redis_unacked
+        from tasks.health import CANARY_QUEUES, queue_lengths, redis_malformed, redis_unacked
 
         started = time.perf_counter()
         settings = get_settings()
@@ -146,8 +146,9 @@ class ResetSystemCollector(Collector):
         try:
             lengths = queue_lengths(settings, CANARY_QUEUES)
             unacked = redis_unacked(settings)
+            malformed = redis_malformed(settings, CANARY_QUEUES)
         except Exception as exc:
-            broker_up, lengths, unacked = 0, None, None
+            broker_up, lengths, unacked, malformed = 0, None, None, None
             log_event("metrics.broker.failed", logging.WARNING, error=type(exc).__name__)
         if lengths is not None:
             yield _gauge_by("queue_length", "Messages waiting in each broker queue (not yet delivered).", "queue",
@@ -155,6 +156,16 @@ class ResetSystemCollector(Collector):
         if unacked is not None:
             yield _gauge("broker_unacked", "Messages delivered to workers and not acknowledged yet (in flight).",
                          unacked)
+        if malformed is not None:
+            total, kept = malformed
+            family = CounterMetricFamily(f"{PREFIX}_broker_malformed_messages",
+                                         "Messages a worker could not decode and moved to <queue>.malformed.",
+                                         labels=["queue"])
+            for queue, value in total.items():
+                family.add_metric([queue], value)
+            yield family
+            yield _gauge_by("broker_malformed_kept", "Undecodable messages kept in <queue>.malformed for inspection.",
+                            "queue", kept)
         yield _gauge("broker_up", "1 when the metrics scrape could read the broker's queue lengths.", broker_up)
         yield _gauge("scrape_duration_seconds", "Time this scrape took to read the database and the broker.",
                      time.perf_counter() - started)

@@ -19,7 +19,15 @@ from sqlalchemy import select, tuple_, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from models.errors import Conflict, NotFound, PermissionDenied, TokenExpired, TokenInvalid, ValidationFailed
+from models.errors import (
+    Conflict,
+    NotFound,
+    NothingToReset,
+    PermissionDenied,
+    TokenExpired,
+    TokenInvalid,
+    ValidationFailed,
+)
 from models.jobs import (
     activate_job,
     already_active_error,
@@ -44,6 +52,7 @@ from models.schema import (
     User,
 )
 from models.settings import get_settings
+from models.text import check_storable
 from producer.pages import check_limit, cursor_datetime, decode_cursor, encode_cursor, parse_instant
 from tasks.base import publish_after_commit
 import workers  # noqa: F401,E402 - configures the Celery app that publish_after_commit sends through
@@ -125,7 +134,8 @@ def request(
     other parameters it is refused.
     """
     now = now or utcnow()
-    reason = (reason or "").strip()
+    reason = check_storable("reason", (reason or "").strip())
+    check_storable("idempotency key", idempotency_key)
     if len(reason) > MAX_REASON:
         raise ValidationFailed(f"reason is {len(reason)} characters; at most {MAX_REASON} are allowed")
     if idempotency_key is not None and not (0 < len(idempotency_key) <= MAX_IDEMPOTENCY_KEY):
@@ -148,13 +158,15 @@ def request(
             .with_for_update()
         ).first()
         if existing is not None:
-            return _replay(existing, params_hash, idempotency_key, now, ttl)
+            return _replay(session, existing, params_hash, idempotency_key, now, ttl)
 
     active = find_active_job(session, course_id, learner_id)
     if active is not None:
         raise already_active_error(active, course_id, learner_id)
 
     summary = summarize(session, course_id, learner_id)
+    if summary["learners"] == 0:
+        raise nothing_to_reset(session, course, learner_id)
     token, token_hash = new_token()
     job = ResetJob(
         id=uuid.uuid4(), organization_id=actor.organization_id, course_id=course.id, learner_id=learner_id,
@@ -174,14 +186,71 @@ def request(
         ).first()
         if existing is None:
             raise
-        return _replay(existing, params_hash, idempotency_key, now, ttl)
+        return _replay(session, existing, params_hash, idempotency_key, now, ttl)
     record_audit(session, "reset.requested", actor.organization_id, actor_id=actor_id, course_id=course_id,
                  learner_id=learner_id, job_id=job.id, learner_count=summary["learners"], reason=reason,
                  origin=origin)
-    return RequestResult(str(job.id), token, job.token_expires_at, summary, job.state)
+    return RequestResult(str(job.id), token, job.token_expires_at, present_summary(session, job), job.state)
 
 
-def _replay(existing: ResetJob, params_hash: str, key: str, now: datetime, ttl: timedelta) -> RequestResult:
+def plural(n: int, noun: str, many: str | None = None) -> str:
+    """``1 learner``, ``2 learners``, ``0 certificates``."""
+    return f"{n:,} {noun if n == 1 else (many or noun + 's')}"
+
+
+def _learner_label(learner: User | None, learner_id: int) -> str:
+    return f"learner {learner_id} ({learner.name})" if learner is not None and learner.name else f"learner {learner_id}"
+
+
+def nothing_to_reset(session: Session, course: Course, learner_id: int | None) -> NothingToReset:
+    if learner_id is not None:
+        who = _learner_label(session.get(User, learner_id), learner_id)
+        return NothingToReset(f"nothing to reset: {who} has no progress in course {course.id} "
+                              f"({course.title!r}); nothing would change")
+    return NothingToReset(f"nothing to reset: no learner assigned to course {course.id} ({course.title!r}) "
+                          "has progress in it; nothing would change")
+
+
+def present_summary(session: Session, job: ResetJob) -> dict:
+    """The stored summary counts plus what a person needs to recognise the target before confirming.
+
+    The contract's keys (``learners``, ``completions``, ``certificates``,
+    ``learners_to_notify``) stay as they are; added: the course title, the
+    learner's name (one-learner reset), how many assigned learners keep their
+    state, that the reset cannot be undone, and one sentence saying it all.
+    Names are shown, never stored in the ledger (it keeps the counts only).
+    """
+    counts = {k: int(job.summary.get(k, 0)) for k in ("learners", "completions", "certificates",
+                                                       "learners_to_notify")}
+    course = session.get(Course, job.course_id)
+    a = CourseAssignment.__table__.c
+    assigned = int(session.scalar(select(func.count()).select_from(CourseAssignment.__table__)
+                                  .where(a.course_id == job.course_id)) or 0)
+    keeping = max(0, assigned - counts["learners"])
+    learner = session.get(User, job.learner_id) if job.learner_id is not None else None
+    target = (_learner_label(learner, job.learner_id) if job.learner_id is not None
+              else plural(counts["learners"], "learner"))
+    sentence = (
+        f"Reset course {job.course_id} ({course.title!r}) for {target}: clears "
+        f"{plural(counts['completions'], 'completion')} and {plural(counts['certificates'], 'certificate')}"
+        f" with all their progress in this course; {plural(counts['learners_to_notify'], 'learner')} will be "
+        f"notified; {plural(keeping, 'assigned learner')} keep{'s' if keeping == 1 else ''} their state. "
+        "This cannot be undone."
+    )
+    return counts | {
+        "course_id": job.course_id,
+        "course_title": course.title,
+        "learner_id": job.learner_id,
+        "learner_name": learner.name if learner is not None else None,
+        "assigned_learners": assigned,
+        "learners_keeping_state": keeping,
+        "irreversible": True,
+        "description": sentence,
+    }
+
+
+def _replay(session: Session, existing: ResetJob, params_hash: str, key: str, now: datetime, ttl: timedelta
+            ) -> RequestResult:
     if existing.params_hash != params_hash:
         raise Conflict(
             f"idempotency key {key!r} was already used for request {existing.id} with other parameters; "
@@ -191,8 +260,9 @@ def _replay(existing: ResetJob, params_hash: str, key: str, now: datetime, ttl: 
         token, token_hash = new_token()
         existing.token_hash = token_hash
         existing.token_expires_at = now + ttl
-        return RequestResult(str(existing.id), token, existing.token_expires_at, existing.summary, existing.state)
-    return RequestResult(str(existing.id), None, None, existing.summary, existing.state)
+        return RequestResult(str(existing.id), token, existing.token_expires_at, present_summary(session, existing),
+                             existing.state)
+    return RequestResult(str(existing.id), None, None, present_summary(session, existing), existing.state)
 
 
 def confirm(
@@ -204,6 +274,7 @@ def confirm(
     job's id if the course or learner is already being reset (R11).
     """
     now = now or utcnow()
+    check_storable("token", token)
     actor = _actor(session, actor_id)
     job = get_job(session, request_id, organization_id=actor.organization_id)
     session.refresh(job, with_for_update=True)

@@ -218,8 +218,18 @@ def queue_lengths(settings: Settings | None = None, queues: tuple[str, ...] | li
     return None
 
 
-def redis_unacked(settings: Settings | None = None) -> int | None:
-    """Messages delivered to workers and not yet acknowledged (in flight), Redis broker only."""
+# Messages a worker could not decode (workers/broker.py) are moved to ``<queue>.malformed``
+# and counted per queue in this hash.
+MALFORMED_SUFFIX = ".malformed"
+MALFORMED_COUNTS_KEY = "progress_reset.malformed_total"
+
+
+def malformed_key(queue: str) -> str:
+    return f"{queue}{MALFORMED_SUFFIX}"
+
+
+def _redis_broker_read(settings: Settings | None, read):
+    """``read(client)`` on the Redis broker, or None when the broker is not Redis."""
     settings = settings or get_settings()
     url = _first_url(settings.broker_url)
     if not url.startswith(("redis://", "rediss://", "unix://")):
@@ -228,9 +238,31 @@ def redis_unacked(settings: Settings | None = None) -> int | None:
 
     client = redis.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=3)
     try:
-        return int(client.hlen("unacked"))
+        return read(client)
     finally:
         client.close()
+
+
+def redis_malformed(settings: Settings | None = None, queues: tuple[str, ...] | list[str] = CANARY_QUEUES
+                    ) -> tuple[dict[str, int], dict[str, int]] | None:
+    """Messages the workers could not decode, per queue: ``(set aside so far, still kept)``; Redis only."""
+    def read(client) -> tuple[dict[str, int], dict[str, int]]:
+        pipe = client.pipeline(transaction=False)
+        pipe.hgetall(MALFORMED_COUNTS_KEY)
+        for queue in queues:
+            pipe.llen(malformed_key(queue))
+        values = pipe.execute()
+        counts = {k.decode() if isinstance(k, bytes) else str(k): int(v) for k, v in (values[0] or {}).items()}
+        total = {queue: counts.get(queue, 0) for queue in queues}
+        kept = {queue: int(n) for queue, n in zip(queues, values[1:])}
+        return total, kept
+
+    return _redis_broker_read(settings, read)
+
+
+def redis_unacked(settings: Settings | None = None) -> int | None:
+    """Messages delivered to workers and not yet acknowledged (in flight), Redis broker only."""
+    return _redis_broker_read(settings, lambda client: int(client.hlen("unacked")))
 
 
 # --- the checks (command side) --------------------------------------------------------------------

@@ -187,12 +187,27 @@ class ConsoleBackend(NotificationBackend):
 _EMAIL_POLICY = email.policy.SMTP.clone(max_line_length=998)
 
 
+# Line breaks (CR, LF, and what Unicode also counts as one) and other control characters:
+# a header value may not hold them, and a course title or a learner's name can.
+_UNSAFE_IN_HEADER = re.compile(r"[\x00-\x1f\x7f\x85\u2028\u2029]+")
+
+
+def header_safe(text: str) -> str:
+    """``text`` on one line: each run of line breaks or control characters becomes one space.
+
+    A course title with CR/LF between "Forklift" and "safety" gives the subject
+    "Course assigned: Forklift safety": the mail still goes out (the email package
+    refuses a header value with a line break), and no header can be injected through it.
+    """
+    return " ".join(_UNSAFE_IN_HEADER.sub(" ", text).split())
+
+
 def build_email(message: OutgoingMessage, sender: str) -> EmailMessage:
-    """The RFC 5322 message; its Message-ID is the same on every attempt."""
+    """The RFC 5322 message; its Message-ID is the same on every attempt. Header values are made one line."""
     mail = EmailMessage(policy=_EMAIL_POLICY)
     mail["From"] = sender
-    mail["To"] = Address(display_name=message.recipient_name, addr_spec=message.recipient_email)
-    mail["Subject"] = message.subject
+    mail["To"] = Address(display_name=header_safe(message.recipient_name), addr_spec=message.recipient_email)
+    mail["Subject"] = header_safe(message.subject)
     mail["Date"] = email.utils.format_datetime(datetime.now(timezone.utc))
     mail["Message-ID"] = message.message_id
     mail["X-Notification-Id"] = str(message.notification_id)

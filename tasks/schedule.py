@@ -46,6 +46,9 @@ MAX_EVERY_MONTHS = 120
 # midnight is already past) is fine, and its first occurrence runs on the next
 # tick; an older one would fire an overdue reset the moment it is confirmed.
 START_PAST_BOUND = timedelta(days=1)
+# ... and start at most this far ahead: near year 9999 a schedule has no further
+# date a datetime can hold, and a start a century out is a typo, not a plan.
+START_FUTURE_BOUND = timedelta(days=36525)
 # No time zone's offset changes by more than this at once.
 _MAX_OFFSET_SHIFT = timedelta(hours=26)
 
@@ -126,9 +129,15 @@ def parse_start(value: datetime | date | str | None, zone: ZoneInfo) -> datetime
             ) from None
     if not isinstance(value, datetime):
         value = datetime.combine(value, time(0, 0))
-    if value.tzinfo is None:
-        return resolve_local(value, zone)
-    return value.astimezone(UTC)
+    try:
+        if value.tzinfo is None:
+            return resolve_local(value, zone)
+        return value.astimezone(UTC)
+    except (OverflowError, ValueError):  # year 1 or 9999 moved across an offset
+        raise ValidationFailed(
+            f"start {value.isoformat()} is out of range; choose a start within {START_FUTURE_BOUND.days // 365} "
+            "years from now"
+        ) from None
 
 
 def check_start_not_stale(start: datetime, now: datetime) -> None:
@@ -137,6 +146,15 @@ def check_start_not_stale(start: datetime, now: datetime) -> None:
         raise ValidationFailed(
             f"start {start.isoformat()} is more than {START_PAST_BOUND.days} day in the past; "
             "choose a start from yesterday on (the schedule repeats from the start, so pick its next date)"
+        )
+
+
+def check_start_not_too_far(start: datetime, now: datetime) -> None:
+    """Refuse a start more than :data:`START_FUTURE_BOUND` after ``now``."""
+    if start > now + START_FUTURE_BOUND:
+        raise ValidationFailed(
+            f"start {start.isoformat()} is more than {START_FUTURE_BOUND.days // 365} years ahead; "
+            "choose a start within that"
         )
 
 
@@ -330,6 +348,32 @@ def build_schedule(
             raise ValidationFailed("a months schedule needs a start date")
         return MonthlySchedule(to_utc(start_at), parse_every_months(every_months), zone)
     raise ValidationFailed(f"unknown schedule kind {kind!r}; expected 'cron' or 'months'")
+
+
+def gap_shorter_than(schedule: Schedule, after: datetime, minimum: timedelta,
+                     span: timedelta = timedelta(days=400), limit: int = 1000) -> tuple[datetime, datetime] | None:
+    """Two consecutive occurrences closer than ``minimum``, looking ``span`` (or ``limit`` occurrences) ahead.
+
+    Gaps are measured on the schedule's own local wall clock (the times the
+    cron expression names), so a daily schedule is one day apart even on the
+    day a daylight-saving change moves one of its instants by an hour. A year
+    and a month covers every pattern a five-field cron can make (day-of-week
+    against day-of-month repeats yearly). Returns the pair as local wall
+    times, or None when every gap is at least ``minimum``.
+    """
+    start_wall = local_wall_time(after, schedule.zone)
+    if isinstance(schedule, CronSchedule):
+        walls: Iterator[datetime] = schedule._walls(start_wall)
+    else:
+        walls = (local_wall_time(instant, schedule.zone) for instant in schedule.occurrences_after(after))
+    previous: datetime | None = None
+    for count, wall in enumerate(walls):
+        if previous is not None and wall - previous < minimum:
+            return previous, wall
+        if wall > start_wall + span or count >= limit:
+            return None
+        previous = wall
+    return None
 
 
 def describe(schedule: Schedule) -> str:

@@ -204,7 +204,7 @@ def test_bad_confirmation_changes_nothing(db_session, org, case, error, message)
 
 
 def test_unconfirmed_campaign_is_listed_as_expired_and_never_dispatched(db_session, org):
-    req = campaigns.request_campaign(db_session, org.admin_id, org.course_ids[0], cron="* * * * *", now=NOW)
+    req = campaigns.request_campaign(db_session, org.admin_id, org.course_ids[0], cron="0 9 * * *", now=NOW)
     [view] = campaigns.list_campaigns(db_session, org.admin_id, now=NOW + timedelta(hours=1))
     assert (view["campaign_id"], view["state"]) == (req.campaign_id, "expired")
     assert dispatch_due(db_session, NOW + timedelta(days=1)).outcomes == []

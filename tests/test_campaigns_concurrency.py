@@ -161,7 +161,7 @@ def test_the_beat_task_dispatches_and_publishes_after_commit(fresh_db, use_env, 
     from models.settings import get_settings
 
     url = fresh_db()
-    use_env(DATABASE_URL=url)
+    use_env(DATABASE_URL=url, CAMPAIGN_MIN_INTERVAL_SECONDS="600")  # occurrences every 10 minutes
     now = utcnow()
     engine = make_engine(url)
     with Session(engine) as session, session.begin():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import socket
 import time
 import uuid
 from pathlib import Path
@@ -138,3 +139,25 @@ def test_flower_refuses_to_listen_beyond_loopback_without_credentials(flower_env
     process, _base = start_flower(env, address="0.0.0.0", wait=False)
     assert process.wait(30) not in (None, 0)
     assert "refusing to listen on 0.0.0.0 without authentication" in process.log_text()
+
+
+def test_item9_flower_without_credentials_on_loopback_refuses_every_page(flower_env, start_flower,
+                                                                         celery_worker_proc):
+    env = {**flower_env, "FLOWER_USER": "", "FLOWER_PASSWORD": ""}
+    celery_worker_proc(env, queues="resets", concurrency=1, name="locked")
+    _process, base = start_flower(env)
+    with httpx.Client(base_url=base, timeout=30.0) as flower:
+        for path in ("/", "/workers", "/tasks", "/broker", "/tasks/datatable", "/api/workers", "/api/tasks",
+                     "/api/task/info/00000000-0000-0000-0000-000000000000"):
+            response = flower.get(path, follow_redirects=True)
+            assert response.status_code == 401, (path, response.status_code, response.text[:200])
+            assert "redis://" not in response.text
+        # The worker's page (it shows the broker URL) is refused all the same.
+        worker_name = f"locked@{socket.gethostname()}"
+        page = flower.get(f"/worker/{worker_name}")
+        assert page.status_code == 401 and "redis://" not in page.text
+        # A guess at the user and password of the lock is no way in either.
+        assert flower.get("/workers", auth=("locked", "")).status_code == 401
+        # The health check and Flower's own metrics stay open (no broker URL, no task arguments).
+        assert flower.get("/healthcheck").status_code == 200
+        assert flower.get("/metrics").status_code == 200

@@ -10,10 +10,17 @@ from celery.signals import after_setup_logger, worker_process_init
 from models.db import dispose_engine
 from models.logs import configure_logging
 from models.settings import get_settings
+from workers.broker import transport_config
 from workers.config import TASK_MODULES, celery_config
 
+
+def _configuration(settings) -> dict:
+    # The Redis transport that sets undecodable messages aside (workers/broker.py).
+    return celery_config(settings) | transport_config(settings)
+
+
 app = Celery("progress_reset", include=list(TASK_MODULES))
-app.config_from_object(celery_config(get_settings()))
+app.config_from_object(_configuration(get_settings()))
 app.set_default()
 
 
@@ -30,7 +37,7 @@ def reconfigure() -> None:
 
     reset_settings_cache()
     dispose_engine()
-    app.conf.update(celery_config(get_settings()))
+    app.conf.update(_configuration(get_settings()))
     # Pools are registered globally per connection: a closed one must not be handed out again.
     pools.reset()
     app._pool = None

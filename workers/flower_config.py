@@ -6,9 +6,10 @@ options; command-line flags given after ``--conf`` still win (compose passes
 to the host's loopback).
 
 - **Basic auth** from ``FLOWER_USER`` / ``FLOWER_PASSWORD`` (through the
-  settings object, like every other setting). Without them Flower's HTTP API
-  answers 401 to everyone, and Flower refuses to start on a non-loopback
-  address, so an unauthenticated dashboard is never exposed.
+  settings object, like every other setting). Without them every page and
+  the HTTP API answer 401 to everyone (Flower runs locked on loopback), and
+  Flower refuses to start on a non-loopback address, so an unauthenticated
+  dashboard is never exposed.
 - **Bound to 127.0.0.1** by default.
 - **Bounded memory**: Flower keeps the last ``max_tasks`` task events in
   memory (a million-learner reset is ~500 batch tasks plus notification
@@ -19,6 +20,8 @@ to the host's loopback).
 Task arguments are ids only (job UUIDs, batch numbers, canary nonces), so the
 task list shows no names or e-mails.
 """
+
+import secrets as _secrets
 
 from tornado.options import options as _cli
 
@@ -54,7 +57,13 @@ if _app.conf.broker_pool_limit is not None and _app.conf.broker_pool_limit < _FL
 
 if _settings.flower_user and _settings.flower_password:
     basic_auth = [f"{_settings.flower_user}:{_settings.flower_password}"]
-elif not _cli.basic_auth and address not in _LOOPBACK:  # FLOWER_BASIC_AUTH / --basic_auth also count
-    raise SystemExit(
-        f"flower: refusing to listen on {address} without authentication; set FLOWER_USER and FLOWER_PASSWORD"
-    )
+elif not _cli.basic_auth and not _cli.auth:  # FLOWER_BASIC_AUTH / --basic_auth / OAuth --auth also count
+    if address not in _LOOPBACK:
+        raise SystemExit(
+            f"flower: refusing to listen on {address} without authentication; set FLOWER_USER and FLOWER_PASSWORD"
+        )
+    # On loopback without credentials Flower would serve its pages (workers with the broker
+    # URL, tasks) to anyone on the host; only its /api/* asked for a login. A credential
+    # nobody knows makes every page answer 401 until FLOWER_USER/FLOWER_PASSWORD are set.
+    # /healthcheck and /metrics stay open: Flower serves them without authentication.
+    basic_auth = [f"locked-{_secrets.token_hex(16)}:{_secrets.token_urlsafe(32)}"]
