@@ -36,7 +36,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
-from sqlalchemy import and_, bindparam, func, or_, select, text, update
+from sqlalchemy import and_, bindparam, func, or_, select, update
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
@@ -122,7 +122,8 @@ def _due(now: datetime):
 
 
 def claim_notifications(
-    session: Session, job_id: str | uuid.UUID | None = None, limit: int = 50, now: datetime | None = None
+    session: Session, job_id: str | uuid.UUID | None = None, limit: int = 50, now: datetime | None = None,
+    owner: str | None = None,
 ) -> list[ClaimedNotification]:
     """Claim up to ``limit`` due ``pending`` rows (of ``job_id``, or of any job): ``sending``,
     ``claimed_at = now``, one more attempt. Rows another transaction is claiming are skipped
@@ -130,10 +131,17 @@ def claim_notifications(
     and the ``status = 'pending'`` condition makes the claim conditional all the same.
 
     Safe to run concurrently: no row is claimed twice. The claim holds once committed.
+
+    ``owner`` (the claiming message's id) is written on the rows; the same message delivered
+    again because its worker died first takes back the ``sending`` rows it still holds, as a
+    new attempt, instead of leaving them to the sweep for ``NOTIFY_STALE_SECONDS``.
     """
     now = now or utcnow()
     n = Notification
-    picked = select(n.id).where(_due(now))
+    due = _due(now)
+    if owner is not None:
+        due = or_(due, and_(n.status == "sending", n.claimed_by == owner))
+    picked = select(n.id).where(due)
     job = _job_uuid(job_id)
     if job is not None:
         picked = picked.where(n.reset_job_id == job)
@@ -143,8 +151,9 @@ def claim_notifications(
     picked_cte = picked.cte("picked")
     stmt = (
         update(n)
-        .where(n.id == picked_cte.c.id, n.status == "pending")
-        .values(status="sending", claimed_at=now, attempts=n.attempts + 1)
+        .where(n.id == picked_cte.c.id,
+               n.status == "pending" if owner is None else or_(n.status == "pending", n.claimed_by == owner))
+        .values(status="sending", claimed_at=now, claimed_by=owner, attempts=n.attempts + 1)
         .returning(n.id, n.user_id, n.course_id, n.reset_job_id, n.kind, n.attempts)
     )
     rows = session.execute(stmt).all()
@@ -374,15 +383,12 @@ def sweep_notifications(session: Session, now: datetime | None = None, settings:
 def _transaction() -> Iterator[Session]:
     """One short transaction of the sending loop.
 
-    On PostgreSQL it commits without waiting for the WAL flush (``synchronous_commit``
-    off for this transaction only). What it records, a claim or an outcome, can then be
-    lost only if PostgreSQL itself crashes within a fraction of a second; the row is then
-    sent again with the same Message-ID / Idempotency-Key, which is the case of a worker
-    crash that the design already makes harmless. It roughly halves the cost per message.
+    Committed durably (no asynchronous commit): a claim or a sent mark that PostgreSQL
+    acknowledged survives its restart, so a restart never makes rows look unsent that were
+    sent. What a crash can still send twice is bounded by the marks' grouping
+    (:class:`_SentMarks`; docs/reliability.md).
     """
     with session_scope() as session:
-        if session.get_bind().dialect.name == "postgresql":
-            session.execute(text("SET LOCAL synchronous_commit TO OFF"))
         yield session
 
 
@@ -406,6 +412,7 @@ def send_due_notifications(
     backend: NotificationBackend | None = None,
     limiter: RateLimiter | None = None,
     budget_seconds: float | None = None,
+    owner: str | None = None,
 ) -> SendRunResult:
     """Send the due notifications of ``job_id`` (or of any job), chunk by chunk, until none is
     due or ``budget_seconds`` have passed; then publish a follow-up if work remains.
@@ -436,7 +443,7 @@ def send_due_notifications(
                 result.stopped_by = "budget"
                 break
             with _transaction() as session:
-                claims = claim_notifications(session, job_id, settings.notify_chunk_size, utcnow())
+                claims = claim_notifications(session, job_id, settings.notify_chunk_size, utcnow(), owner=owner)
                 ready, broken = render_notifications(session, claims, settings)
                 for claim, reason in broken:
                     mark_failed(session, claim, reason)
@@ -648,8 +655,8 @@ def _publish_followup(job_id: str | None, settings: Settings, result: SendRunRes
 
 # --- the task ---------------------------------------------------------------------------------
 
-@project_task(TASK_NAME)
-def send_notifications(job_id: str | None = None) -> None:
+@project_task(TASK_NAME, bind=True)
+def send_notifications(self, job_id: str | None = None) -> None:
     """``notifications.send(job_id=None)``: send the job's due notifications (any job's when None)."""
     if job_id is not None:
         try:
@@ -657,4 +664,4 @@ def send_notifications(job_id: str | None = None) -> None:
         except ValueError:
             log_event("notification.bad_task_args", logging.ERROR, job_id=str(job_id)[:64])
             return
-    send_due_notifications(job_id)
+    send_due_notifications(job_id, owner=self.request.id)

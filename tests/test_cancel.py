@@ -14,7 +14,7 @@ from sqlalchemy import func, select
 from models.components import RESET_COMPONENTS
 from models.db import dispose_engine, session_scope
 from models.jobs import utcnow
-from models.schema import AuditEvent, CourseAssignment, ResetBatch, ResetJob
+from models.schema import AuditEvent, CourseAssignment, ResetBatch
 from models.seed import seed
 from producer import resets
 from tasks import maintenance, reset_steps

@@ -428,3 +428,16 @@ def test_redis_limiter_buckets_are_per_backend(redis_url):
     assert isinstance(webhook, RedisRateLimiter) and webhook.key != smtp.key
     assert webhook.reserve(0).granted and smtp.reserve(0).granted  # separate buckets
     assert not webhook.reserve(0).granted
+
+
+def test_item13_a_redelivered_send_takes_back_the_rows_its_dead_worker_claimed(db_session, outbox):
+    """The run of message m1 died holding claimed rows: m1 delivered again sends them at once
+    (one more attempt each), while another message never takes them before the stale time."""
+    _org, job_id, _users = outbox
+    held = n.claim_notifications(db_session, job_id, limit=4, owner="m1")
+    assert len(held) == 4
+    others = n.claim_notifications(db_session, job_id, limit=100, owner="m2")
+    assert {c.id for c in others}.isdisjoint(c.id for c in held)
+    again = n.claim_notifications(db_session, job_id, limit=100, owner="m1")
+    assert sorted(c.id for c in again) == sorted(c.id for c in held)
+    assert all(c.attempts == 2 for c in again)

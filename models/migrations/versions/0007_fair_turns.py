@@ -1,5 +1,5 @@
 """Fair turns: when each organization last had a unit of reset work claimed, and for which job;
-which wake-up message claimed each batch; a cancelling job still holds its course.
+which message claimed each batch and each notification; a cancelling job still holds its course.
 
 Revision ID: 0007
 Revises: 0006
@@ -42,10 +42,14 @@ def upgrade() -> None:
     )
     with op.batch_alter_table('reset_batches', schema=None) as batch_op:
         batch_op.add_column(sa.Column('claimed_by', sa.String(length=64), nullable=True))
+    with op.batch_alter_table('notifications', schema=None) as batch_op:
+        batch_op.add_column(sa.Column('claimed_by', sa.String(length=64), nullable=True))
 
 
 def downgrade() -> None:
     _active_indexes(ACTIVE_BEFORE)
+    with op.batch_alter_table('notifications', schema=None) as batch_op:
+        batch_op.drop_column('claimed_by')
     with op.batch_alter_table('reset_batches', schema=None) as batch_op:
         batch_op.drop_column('claimed_by')
     op.drop_table('organization_turns')
