@@ -886,7 +886,8 @@ def _note_integer(schema: dict, described: dict) -> None:
     """Say in the document what strict validation does: an integer must be written as one (2, not 2.0).
 
     JSON Schema counts 2.0 as an integer; the API does not. ``format: int32``
-    where the range fits (ids), and a note in the description.
+    where the range fits (ids), ``int64`` for the 64-bit ones (delivery ids), and a note in
+    the description.
     """
     variants = schema.get("anyOf", [schema])
     integers = [v for v in variants if v.get("type") == "integer"]
@@ -895,6 +896,8 @@ def _note_integer(schema: dict, described: dict) -> None:
     for variant in integers:
         if variant.get("maximum", 2**31) <= 2**31 - 1 and variant.get("minimum", 0) >= -(2**31):
             variant.setdefault("format", "int32")
+        elif variant.get("maximum", 2**63) <= 2**63 - 1 and variant.get("minimum", 0) >= -(2**63):
+            variant.setdefault("format", "int64")
     if INTEGER_NOTE not in described.get("description", ""):
         described["description"] = (described.get("description", "") + " " + INTEGER_NOTE).strip()
 
