@@ -152,7 +152,13 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
     with session_scope() as session:
         st = resets.cancel(session, args.job_id, args.actor)
-    emit(args, st, f"job {st['job_id']} cancelled; {st['learners_done']} learners already reset stay reset")
+    done = resets.plural(st["learners_done"], "learner")
+    if st["state"] == "cancelling":
+        text = (f"job {st['job_id']} cancelling: the batch in flight finishes, then it ends cancelled; "
+                f"{done} already reset stay reset")
+    else:
+        text = f"job {st['job_id']} cancelled; {done} already reset stay reset"
+    emit(args, st, text)
     return 0
 
 

@@ -839,3 +839,41 @@ def test_webhooks_worker_killed_while_delivering_an_event(stack_factory):
         assert seconds <= 30, f"the event was delivered {seconds:.1f}s after the kill (lease 19s)"
     finally:
         receiver.stop()
+
+
+# --- 12. Cancel while a killed worker held a batch, and Redis lost its message ---------------------
+
+def test_cancel_after_the_worker_holding_a_batch_was_killed_and_redis_lost_its_message(stack):
+    """Issue 13, item 11: the whole worker group is SIGKILLed inside a learner batch, the job is
+    cancelled, Redis restarts empty, and a new worker starts (with beat). The job must still end
+    ``cancelled``, its final audit event must count exactly the learners whose attempt it moved,
+    and none of them may keep a row of an earlier attempt."""
+    from tests.test_cancel import _earlier_attempt_rows, _final_audit, _reset_learners
+
+    org = seed_org(stack.learners)
+    course = org.course_ids[0]
+    fs.install_batch_slowdown(stack.db_url, BATCH_SLEEP)
+    batches, side = stack.workers()
+    job_id, _before, _wanted = confirm_course_reset(org, course)
+    fs.wait_for_progress(job_id, 3)
+    wait_inside_batch(stack, batches)
+    batches.kill_all()
+    side.kill_all()
+    fault_at = fs.utcnow()
+    with session_scope() as session:
+        st = resets.cancel(session, job_id, org.admin_id)
+    assert st["state"] == "cancelling", st
+    stack.redis.kill()  # no persistence: the dead worker's message and the finalize are gone
+    stack.redis.start()
+    stack.workers()
+    stack.beat()
+
+    st = fs.wait_for_job(job_id, timeout=stack.bound(90), states=("cancelled",))
+    with session_scope() as session:
+        reset_ids = _reset_learners(session, job_id, course)
+        final = _final_audit(session, job_id)
+        assert (final.action, final.learner_count) == ("reset.cancelled", len(reset_ids)), final.learner_count
+        assert st["learners_done"] == len(reset_ids) > 0
+        assert _earlier_attempt_rows(session, course, reset_ids) == 0
+    RECOVERY.record(stack.label("12. cancel after SIGKILL inside a batch, Redis wiped"), fault_at, job_id,
+                    bound=stack.bound(60), learners_reset=len(reset_ids))
