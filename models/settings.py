@@ -65,12 +65,12 @@ class Settings:
     database_url: str
     broker_url: str
     # Reset pipeline
-    batch_size: int = 2000
+    batch_size: int = 5000
     purge_chunk_rows: int = 50000
     purge_partitions: int = 4
     # A component of a course with fewer earlier rows than this is cleared inside the learner
     # batches; from this many on, by the deferred purge in id order (decision record 0005).
-    purge_min_rows: int = 50000
+    purge_min_rows: int = 250000
     # Units of one job that may run at once (wake-up messages published per job).
     work_tokens: int = 4
     # How long one task's loop may hold a worker slot before it hands the rest back to the queue.
@@ -161,10 +161,10 @@ class Settings:
             data_dir=data_dir,
             database_url=database_url,
             broker_url=broker_url,
-            batch_size=_int(env, "RESET_BATCH_SIZE", 2000, minimum=1),
+            batch_size=_int(env, "RESET_BATCH_SIZE", 5000, minimum=1),
             purge_chunk_rows=_int(env, "RESET_PURGE_CHUNK_ROWS", 50000, minimum=1),
             purge_partitions=_int(env, "RESET_PURGE_PARTITIONS", 4, minimum=1),
-            purge_min_rows=_int(env, "RESET_PURGE_MIN_ROWS", 50000, minimum=0),
+            purge_min_rows=_int(env, "RESET_PURGE_MIN_ROWS", 250000, minimum=0),
             work_tokens=_int(env, "RESET_WORK_TOKENS", 4, minimum=1),
             task_slice_seconds=_float(env, "TASK_SLICE_SECONDS", 1.0, minimum=0.05),
             batch_max_attempts=_int(env, "RESET_BATCH_MAX_ATTEMPTS", 5, minimum=1),

@@ -51,9 +51,6 @@ def run_demo(learners: int = 20_000, concurrency: int = 2, as_json: bool = False
     if "NOTIFY_RATE_PER_SECOND" not in os.environ:
         # The console backend has no provider to protect: let the demo's notifications drain quickly.
         env["NOTIFY_RATE_PER_SECOND"] = "5000"
-    if settings.embedded and "RESET_BATCH_SIZE" not in os.environ:
-        # SQLite has one writer: fewer, larger batches spend less time taking turns for it.
-        env["RESET_BATCH_SIZE"] = "5000"
     # SQLite serialises writers, so one reset process does the most; notifications get their own.
     reset_concurrency = 1 if settings.embedded else concurrency
     workers = [

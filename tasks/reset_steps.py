@@ -105,13 +105,17 @@ class StartResult:
 def plan_batches(session: Session, job: ResetJob, batch_size: int) -> list[int]:
     """Write every batch row of ``job`` (keyset ranges of learner ids, no OFFSET); return their numbers.
 
-    Boundaries are every ``batch_size``-th targeted learner id, read in one
+    As few batches as ``batch_size`` allows, of equal size (7,000 learners with
+    batches of 5,000 make two of 3,500, which run side by side in the time of
+    one). Boundaries are every n-th targeted learner id, read in one
     streaming window query, so a million learners never sit in memory. All
     rows are written before any batch is published.
     """
     a = assignments.c
     where = target_filter(job.course_id, job.learner_id, as_utc(job.completed_before))
     learners_total = session.scalar(select(func.count()).select_from(assignments).where(where)) or 0
+    batch_count = max(1, -(-learners_total // batch_size))
+    batch_size = max(1, -(-learners_total // batch_count))  # per batch, balanced
     ranked = select(a.user_id, func.row_number().over(order_by=a.user_id).label("rn")).where(where).subquery()
     boundaries = session.scalars(
         select(ranked.c.user_id).where(ranked.c.rn % batch_size == 0).order_by(ranked.c.user_id)

@@ -18,7 +18,7 @@ def test_nothing_set_is_the_embedded_default(tmp_path, monkeypatch):
     assert s.embedded and not s.is_postgres
     assert s.broker_folder == tmp_path / "data" / "broker"
     assert s.redis_url == ""
-    assert (s.batch_size, s.token_ttl_seconds, s.notify_backend, s.log_format) == (2000, 900, "console", "json")
+    assert (s.batch_size, s.token_ttl_seconds, s.notify_backend, s.log_format) == (5000, 900, "console", "json")
 
 
 def test_data_dir_moves_the_embedded_database_and_broker(tmp_path):
@@ -29,7 +29,7 @@ def test_data_dir_moves_the_embedded_database_and_broker(tmp_path):
 
 def test_empty_values_mean_the_default():
     s = Settings.from_env({"DATABASE_URL": "", "CELERY_BROKER_URL": "", "RESET_BATCH_SIZE": "", "SMTP_STARTTLS": ""})
-    assert s.embedded and s.broker_url == "filesystem://" and s.batch_size == 2000 and s.smtp_starttls is False
+    assert s.embedded and s.broker_url == "filesystem://" and s.batch_size == 5000 and s.smtp_starttls is False
 
 
 @pytest.mark.parametrize(
