@@ -23,8 +23,13 @@ Where the bucket lives:
   (Windows) the bucket is per process, and N worker processes may together
   send N times the rate; docs/notifications.md gives the arithmetic.
 
-A slot that is reserved and then not used (the worker dies while waiting) is
-simply lost: the limiter may run below the rate, never above it.
+A caller may reserve ``count`` consecutive slots at once (one Redis round trip
+for a group of messages instead of one per message); it then sends the k-th
+message ``(k - 1) * interval`` after the first slot.
+
+A slot that is reserved and then not used (the worker dies while waiting, or a
+run stops before the end of its group) is simply lost: the limiter may run
+below the rate, never above it.
 """
 
 from __future__ import annotations
@@ -44,7 +49,8 @@ from models.settings import Settings
 
 KEY_PREFIX = "progress_reset:ratelimit"
 
-# KEYS[1]: bucket; ARGV: interval (us), burst, max wait (us). Returns {granted, wait_us}.
+# KEYS[1]: bucket; ARGV: interval (us), burst, max wait (us), slots. Returns {granted, wait_us}
+# (the wait for the first of the slots).
 # Uses the server's clock (TIME), so hosts with skewed clocks still share one rate;
 # Redis 5+ replicates the script's effects, so TIME before a write is allowed.
 _GCRA_LUA = """
@@ -58,7 +64,7 @@ if tat < now then tat = now end
 local wait = tat - tolerance - now
 if wait < 0 then wait = 0 end
 if wait > max_wait then return {0, wait} end
-local new_tat = tat + interval
+local new_tat = tat + interval * tonumber(ARGV[4])
 redis.call('SET', KEYS[1], string.format('%d', new_tat), 'PX', math.ceil((new_tat - now) / 1000) + 1000)
 return {1, wait}
 """
@@ -87,7 +93,8 @@ class RateLimiter:
     def interval(self) -> float:
         return 1.0 / self.rate_per_second
 
-    def reserve(self, max_wait: float) -> Reservation:  # pragma: no cover - abstract
+    def reserve(self, max_wait: float, count: int = 1) -> Reservation:  # pragma: no cover - abstract
+        """Reserve ``count`` consecutive slots if the first is at most ``max_wait`` away."""
         raise NotImplementedError
 
     def acquire(self, max_wait: float = 30.0) -> Reservation:
@@ -101,13 +108,14 @@ class RateLimiter:
         return reservation
 
 
-def _gcra_step(tat: float, now: float, interval: float, burst: int, max_wait: float) -> tuple[float, Reservation]:
+def _gcra_step(tat: float, now: float, interval: float, burst: int, max_wait: float,
+               count: int = 1) -> tuple[float, Reservation]:
     """The arithmetic shared by the local limiters (the Lua script is the same in microseconds)."""
     tat = max(tat, now)
     wait = max(0.0, tat - (burst - 1) * interval - now)
     if wait > max_wait:
         return tat, Reservation(False, wait)
-    return tat + interval, Reservation(True, wait)
+    return tat + interval * count, Reservation(True, wait)
 
 
 class RedisRateLimiter(RateLimiter):
@@ -122,13 +130,14 @@ class RedisRateLimiter(RateLimiter):
         self._client = redis.Redis.from_url(redis_url, socket_timeout=5, socket_connect_timeout=5)
         self._script = self._client.register_script(_GCRA_LUA)
 
-    def reserve(self, max_wait: float) -> Reservation:
+    def reserve(self, max_wait: float, count: int = 1) -> Reservation:
         import redis
 
         try:
             granted, wait_us = self._script(
                 keys=[self.key],
-                args=[max(1, round(self.interval * 1_000_000)), self.burst, round(max_wait * 1_000_000)],
+                args=[max(1, round(self.interval * 1_000_000)), self.burst, round(max_wait * 1_000_000),
+                      max(1, int(count))],
             )
         except redis.RedisError as exc:
             raise RateLimiterUnavailable(f"rate limiter at Redis unavailable: {type(exc).__name__}") from exc
@@ -155,7 +164,7 @@ class FileRateLimiter(RateLimiter):
             self._pid = os.getpid()
         return self._fd
 
-    def reserve(self, max_wait: float) -> Reservation:
+    def reserve(self, max_wait: float, count: int = 1) -> Reservation:
         with self._lock:
             try:
                 fd = self._open()
@@ -168,7 +177,8 @@ class FileRateLimiter(RateLimiter):
                     tat = float(raw) if raw else 0.0
                 except ValueError:
                     tat = 0.0
-                new_tat, reservation = _gcra_step(tat, time.time(), self.interval, self.burst, max_wait)
+                new_tat, reservation = _gcra_step(tat, time.time(), self.interval, self.burst, max_wait,
+                                                  max(1, int(count)))
                 if reservation.granted:
                     data = f"{new_tat:.6f}".encode().ljust(32)
                     os.pwrite(fd, data, 0)
@@ -186,9 +196,10 @@ class ProcessRateLimiter(RateLimiter):
         self._tat = 0.0
         self._lock = threading.Lock()
 
-    def reserve(self, max_wait: float) -> Reservation:
+    def reserve(self, max_wait: float, count: int = 1) -> Reservation:
         with self._lock:
-            self._tat, reservation = _gcra_step(self._tat, time.monotonic(), self.interval, self.burst, max_wait)
+            self._tat, reservation = _gcra_step(self._tat, time.monotonic(), self.interval, self.burst, max_wait,
+                                                max(1, int(count)))
             return reservation
 
 

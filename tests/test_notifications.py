@@ -418,6 +418,23 @@ def test_limiter_refuses_to_reserve_beyond_max_wait():
     assert not later.granted and 1.5 <= later.wait <= 2.0
 
 
+@pytest.mark.parametrize("kind", ["redis", "file", "process"])
+def test_a_group_of_slots_is_reserved_in_one_call_and_counts_in_full(kind, redis_url, tmp_path):
+    """Reserving 5 slots at 10/s takes half a second of the bucket: the next caller waits for it."""
+    import uuid as _uuid
+
+    if kind == "redis":
+        limiter = RedisRateLimiter(redis_url, f"test:group:{_uuid.uuid4()}", rate_per_second=10.0)
+    elif kind == "file":
+        limiter = FileRateLimiter(tmp_path / "bucket.tat", rate_per_second=10.0)
+    else:
+        limiter = ProcessRateLimiter(rate_per_second=10.0)
+    first = limiter.reserve(max_wait=1.0, count=5)
+    assert first.granted and first.wait < 0.05
+    after = limiter.reserve(max_wait=0.1)
+    assert not after.granted and 0.4 <= after.wait <= 0.55, after
+
+
 def test_redis_limiter_buckets_are_per_backend(redis_url):
     from tasks.ratelimit import notification_rate_limiter
 
