@@ -138,25 +138,30 @@ def claim_notifications(
     """
     now = now or utcnow()
     n = Notification
-    due = _due(now)
-    if owner is not None:
-        due = or_(due, and_(n.status == "sending", n.claimed_by == owner))
-    picked = select(n.id).where(due)
     job = _job_uuid(job_id)
-    if job is not None:
-        picked = picked.where(n.reset_job_id == job)
-    picked = picked.order_by(n.id).limit(limit)
-    if session.get_bind().dialect.name == "postgresql":
-        picked = picked.with_for_update(skip_locked=True)
-    picked_cte = picked.cte("picked")
-    stmt = (
-        update(n)
-        .where(n.id == picked_cte.c.id,
-               n.status == "pending" if owner is None else or_(n.status == "pending", n.claimed_by == owner))
-        .values(status="sending", claimed_at=now, claimed_by=owner, attempts=n.attempts + 1)
-        .returning(n.id, n.user_id, n.course_id, n.reset_job_id, n.kind, n.attempts)
-    )
-    rows = session.execute(stmt).all()
+    returned = (n.id, n.user_id, n.course_id, n.reset_job_id, n.kind, n.attempts)
+    rows = []
+    if owner is not None:
+        # Its own rows first, in a statement of their own: an OR with the pending rows would
+        # keep the claim off the partial index of pending rows per job.
+        mine = [n.status == "sending", n.claimed_by == owner]
+        if job is not None:
+            mine.append(n.reset_job_id == job)
+        rows = session.execute(update(n).where(*mine).values(claimed_at=now, attempts=n.attempts + 1)
+                               .returning(*returned)).all()
+    if len(rows) < limit:
+        picked = select(n.id).where(_due(now))
+        if job is not None:
+            picked = picked.where(n.reset_job_id == job)
+        picked = picked.order_by(n.id).limit(limit - len(rows))
+        if session.get_bind().dialect.name == "postgresql":
+            picked = picked.with_for_update(skip_locked=True)
+        picked_cte = picked.cte("picked")
+        rows += session.execute(
+            update(n).where(n.id == picked_cte.c.id, n.status == "pending")
+            .values(status="sending", claimed_at=now, claimed_by=owner, attempts=n.attempts + 1)
+            .returning(*returned)
+        ).all()
     claimed = sorted((ClaimedNotification(*row) for row in rows), key=lambda c: c.id)
     if claimed:
         log_event("notification.claimed", job_id=str(job) if job else None, count=len(claimed))
