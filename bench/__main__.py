@@ -74,21 +74,6 @@ def seed_base(n: int) -> tuple[str, dict]:
     return name, info
 
 
-def run_floor_once(base: str, course_id: int) -> float:
-    from models.db import dispose_engine, session_scope
-
-    url = copy_db(base, f"{PREFIX}_run")
-    configure(url)
-    from bench.floor import run_floor
-
-    started = time.perf_counter()
-    with session_scope() as session:
-        run_floor(session, course_id)
-    seconds = time.perf_counter() - started
-    dispose_engine()
-    return seconds
-
-
 class Workers:
     """The benchmark's worker processes, with peak RSS read from /proc (VmHWM) before they stop."""
 
@@ -313,7 +298,7 @@ def run(argv: list[str] | None = None) -> int:
         base, info = seed_base(n)
         floors, systems = [], []
         for run in range(args.runs):
-            floors.append(run_floor_once(base, info["big"]["course_ids"][0]))
+            floors.append(common.time_floor(base, info["big"]["course_ids"][:1]))
             log(f"N={n:,} run {run + 1}: floor {floors[-1]:.2f}s")
             systems.append(run_system_once(base, info, log_dir))
             log(f"N={n:,} run {run + 1}: system {systems[-1]['seconds']:.2f}s ({systems[-1]['state']}) "

@@ -75,22 +75,6 @@ def seed_base() -> tuple[str, dict]:
     return name, {"a": a.as_json(), "b": b.as_json(), "key_a": key_a, "key_b": key_b}
 
 
-def floor(base: str, courses: list[int]) -> float:
-    """One set-based transaction per course, one after another, on a fresh copy."""
-    from bench.floor import run_floor
-    from models.db import dispose_engine, session_scope
-
-    url = common.copy_db(base, f"{common.PREFIX}_run")
-    common.configure(url)
-    started = time.perf_counter()
-    for course in courses:
-        with session_scope() as session:
-            run_floor(session, course)
-    seconds = time.perf_counter() - started
-    dispose_engine()
-    return seconds
-
-
 class Api:
     """``progress-reset serve`` on a free loopback port, with the run's environment."""
 
@@ -307,8 +291,8 @@ def run(runs: int, log_dir: Path) -> dict:
     base, info = seed_base()
     a_courses = info["a"]["course_ids"]
     result: dict = {"a_courses": A_COURSES, "a_learners": A_LEARNERS, "b_learners": B_LEARNERS}
-    floors = [floor(base, a_courses) for _ in range(runs)]
-    small_floors = [floor(base, a_courses[:1]) for _ in range(runs)]
+    floors = [common.time_floor(base, a_courses) for _ in range(runs)]
+    small_floors = [common.time_floor(base, a_courses[:1]) for _ in range(runs)]
     result["burst_floor_s"] = statistics.median(floors)
     result["small_300_floor_ms"] = statistics.median(small_floors) * 1000
     common.log(f"burst floor {result['burst_floor_s']:.2f}s (60 resets, one transaction each); "

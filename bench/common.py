@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from datetime import datetime
 
 from sqlalchemy import create_engine, text
@@ -53,6 +54,22 @@ def configure(database_url: str, extra: dict[str, str] | None = None) -> dict[st
 
     reconfigure()
     return env
+
+
+def time_floor(base: str, courses: list[int]) -> float:
+    """Seconds for the floor of each course (one set-based transaction each, one after another),
+    on a fresh copy of ``base``."""
+    from bench.floor import run_floor
+    from models.db import dispose_engine, session_scope
+
+    configure(copy_db(base, f"{PREFIX}_run"))
+    started = time.perf_counter()
+    for course in courses:
+        with session_scope() as session:
+            run_floor(session, course)
+    seconds = time.perf_counter() - started
+    dispose_engine()
+    return seconds
 
 
 def percentile(values: list[float], q: float) -> float | None:
