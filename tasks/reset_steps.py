@@ -320,10 +320,17 @@ def defer_unit(session: Session, job_id: str | uuid.UUID, batch_no: int, seconds
     )
 
 
-def runnable_units(session: Session, job_id: str | uuid.UUID | None = None, now: datetime | None = None) -> int:
-    """How many units of running course-wide jobs could be claimed now (all jobs, or one)."""
+def runnable_units(session: Session, job_id: str | uuid.UUID | None = None, now: datetime | None = None,
+                   owner: str | None = None) -> int:
+    """How many units of running course-wide jobs could be claimed now (all jobs, or one).
+
+    A plain read: rows locked by another transaction count too. With ``owner``, the running
+    units that message claimed count as well (its redelivery would take them back).
+    """
     now = now or utcnow()
     runnable = or_(batches.c.state == "pending", and_(batches.c.state == "running", batches.c.lease_expires_at < now))
+    if owner is not None:
+        runnable = or_(runnable, and_(batches.c.state == "running", batches.c.claimed_by == owner))
     stmt = (select(func.count()).select_from(batches.join(jobs, jobs.c.id == batches.c.job_id))
             .where(runnable, jobs.c.state == "running", jobs.c.scope == "course"))
     if job_id is not None:

@@ -44,6 +44,10 @@ from tasks.base import project_task, publish_after_commit, send_now
 # SQLAlchemy wraps a dead pooled connection as InterfaceError or OperationalError).
 DATABASE_UNAVAILABLE = (OperationalError, InterfaceError)
 
+# How soon a wake-up that found only locked units looks again (a dead worker's transaction is
+# rolled back as soon as PostgreSQL notices the closed connection: well under a second).
+LOCKED_UNIT_RETRY_SECONDS = 0.5
+
 
 def retry_later(task, job_id: str, exc: BaseException, attempts: int | None = None):
     """Retry ``task`` with backoff after a database error outside a batch's own transaction."""
@@ -282,8 +286,15 @@ def work(self, *_hint) -> None:
                                                owner=self.request.id)
             if unit is not None and unit.claim.dead:
                 publish_follow_ups(session, unit.job_id, unit.claim.job_complete, unit.claim.purge)
+            # Nothing claimable, yet units are waiting: their rows are locked, typically by the
+            # open transaction of a worker killed a moment ago (PostgreSQL rolls it back when it
+            # notices). Come back shortly under the same message id, which takes such a unit back;
+            # ending here could leave the job's last units with no wake-up at all.
+            locked = unit is None and reset_steps.runnable_units(session, owner=self.request.id) > 0
     except DATABASE_UNAVAILABLE as exc:
         raise retry_later(self, "-", exc) from None
+    if locked:
+        raise self.retry(countdown=LOCKED_UNIT_RETRY_SECONDS, exc=None)
     if unit is None:
         return
     if unit.kind == "purge":

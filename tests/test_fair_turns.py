@@ -145,3 +145,31 @@ def test_a_redelivered_wake_up_takes_back_the_unit_its_dead_worker_held(db_sessi
     # message-1 comes back (its worker was killed): same batch, lease or not, one more attempt.
     again = reset_steps.claim_next_unit(db_session, max_attempts=5, lease_seconds=60, owner="message-1")
     assert (again.batch_no, again.claim.attempts) == (held.batch_no, 2)
+
+
+def test_a_wake_up_that_finds_only_locked_units_comes_back_instead_of_ending(fresh_db, use_env, redis_url):
+    """A worker killed inside a unit leaves its row locked until PostgreSQL notices the closed
+    connection. The redelivered wake-up must not read that as "no work" (nothing would wake the
+    job's last units again): it sees the unit waiting and retries under its own id."""
+    use_env(DATABASE_URL=fresh_db(), CELERY_BROKER_URL=redis_url)
+    with session_scope() as session:
+        org = seed(session, learners=12, lessons=2, courses=1, random_seed=4)
+        (job_id,) = _confirm_all(session, org, org.course_ids)
+        (batch_no,) = reset_steps.start_job(session, job_id, batch_size=50).batch_nos
+    with session_scope() as session:
+        held = reset_steps.claim_next_unit(session, max_attempts=5, lease_seconds=60, owner="message-1")
+    assert held.batch_no == batch_no
+    from models.db import get_engine
+    from models.schema import ResetBatch
+
+    with get_engine().connect() as dead_worker:  # its transaction still holds the batch row
+        dead_worker.execute(select(ResetBatch.batch_no).where(ResetBatch.batch_no == batch_no)
+                            .with_for_update())
+        with session_scope() as session:
+            assert reset_steps.claim_next_unit(session, 5, 60, owner="message-1") is None
+            assert reset_steps.runnable_units(session, owner="message-1") == 1
+            assert reset_steps.runnable_units(session, owner="message-2") == 0  # another's lease is live
+        dead_worker.rollback()
+    with session_scope() as session:
+        again = reset_steps.claim_next_unit(session, 5, 60, owner="message-1")
+    assert (again.batch_no, again.claim.attempts) == (batch_no, 2)
