@@ -54,7 +54,7 @@ from models.schema import (
 from models.settings import get_settings
 from models.text import check_storable
 from producer.pages import check_limit, cursor_datetime, decode_cursor, encode_cursor, parse_instant
-from tasks.base import publish_after_commit
+from models.messaging import publish_after_commit
 import workers  # noqa: F401,E402 - configures the Celery app that publish_after_commit sends through
 import tasks.webhooks  # noqa: F401,E402 - publishes the webhook deliveries a confirm or cancel writes
 

@@ -21,7 +21,7 @@ from models.settings import get_settings
 from models.webhooks import EVENT_TYPES, check_url, new_secret
 from producer.pages import check_limit, decode_cursor, encode_cursor
 from tasks import webhooks as delivery  # registers the publish-after-commit hook of new deliveries
-from tasks.base import publish_after_commit
+from models.messaging import publish_after_commit
 
 MAX_ENDPOINTS_PER_ORGANIZATION = 20
 MAX_OVERLAP_SECONDS = 7 * 24 * 3600

@@ -37,7 +37,8 @@ from models.errors import Conflict, ValidationFailed
 from models.jobs import activate_job, as_utc, find_active_job, record_audit, summarize, utcnow
 from models.logs import log_event
 from models.schema import PERMISSION_TRAINING, CampaignOccurrence, Course, ResetJob, RetrainingCampaign, User
-from tasks.base import project_task, publish_after_commit
+from models.messaging import publish_after_commit
+from tasks.base import project_task
 from tasks.schedule import completed_before_for, schedule_of, to_utc
 
 # Due campaigns are locked and handled this many at a time; a second dispatcher
@@ -308,7 +309,7 @@ def _why_not_runnable(session: Session, campaign: RetrainingCampaign) -> str | N
     return None
 
 
-@project_task("campaigns.dispatch_due")
+@project_task("campaigns.dispatch_due", autoretry_for=())  # beat runs it again at the next tick
 def dispatch_due_task() -> int:
     """Beat, every minute: dispatch what is due now. Returns how many jobs were queued."""
     with session_scope() as session:

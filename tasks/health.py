@@ -167,7 +167,7 @@ def _make_canary(queue: str):
     canary.__name__ = f"canary_{queue}"
     canary.__qualname__ = canary.__name__
     canary.__doc__ = f"Prove that a worker consumes the {queue!r} queue (``progress-reset health``)."
-    return project_task(canary_task_name(queue), bind=True, max_retries=0)(canary)
+    return project_task(canary_task_name(queue), bind=True, autoretry_for=(), max_retries=0)(canary)
 
 
 CANARIES = {queue: _make_canary(queue) for queue in CANARY_QUEUES}
@@ -387,7 +387,7 @@ def judge_queue(queue: str, reply: dict | None, waited: float, lengths: list[int
 def check_queues(settings: Settings | None = None, queues: tuple[str, ...] | list[str] = CANARY_QUEUES,
                  timeout: float = 10.0, poll: float = 0.1) -> list[QueueHealth]:
     """Publish one canary per queue and wait up to ``timeout`` for each to be consumed."""
-    from tasks.base import send_now
+    from models.messaging import send_now
 
     settings = settings or get_settings()
     nonce = secrets.token_hex(8)

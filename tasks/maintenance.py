@@ -21,7 +21,8 @@ from models.jobs import utcnow
 from models.logs import log_event
 from models.schema import ResetBatch, ResetJob
 from models.settings import Settings, get_settings
-from tasks.base import project_task, publish_after_commit
+from models.messaging import publish_after_commit
+from tasks.base import project_task
 from tasks.reset_steps import FINISHED_BATCH_STATES
 
 jobs = ResetJob.__table__
@@ -143,7 +144,7 @@ def sweep(session: Session, now: datetime | None = None, settings: Settings | No
     return report
 
 
-@project_task("maintenance.sweep")
+@project_task("maintenance.sweep", autoretry_for=())  # beat runs it again at the next tick
 def run_sweep() -> None:
     with session_scope() as session:
         report = sweep(session)

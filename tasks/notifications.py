@@ -45,7 +45,8 @@ from models.jobs import as_utc, utcnow
 from models.logs import log_event, logger
 from models.schema import Course, Notification, User
 from models.settings import Settings, get_settings
-from tasks.base import project_task, publish_after_commit
+from models.messaging import publish_after_commit
+from tasks.base import project_task
 from tasks.notify_backends import (
     BackendConfigError,
     NotificationBackend,

@@ -37,7 +37,8 @@ from models.logs import log_event
 from models.schema import ResetBatch
 from models.settings import get_settings
 from tasks import reset_steps
-from tasks.base import project_task, publish_after_commit, send_now
+from models.messaging import publish_after_commit, send_now
+from tasks.base import project_task
 
 
 # Connection refused / terminated / lost (psycopg reports them as OperationalError,

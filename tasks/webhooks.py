@@ -52,7 +52,8 @@ from models.jobs import as_utc, utcnow
 from models.logs import log_event
 from models.schema import WebhookDelivery, WebhookEndpoint, WebhookEvent
 from models.settings import Settings, get_settings
-from tasks.base import project_task, publish_after_commit, send_now
+from models.messaging import publish_after_commit, send_now
+from tasks.base import project_task
 from tasks.notify_backends import parse_retry_after
 
 TASK_NAME = "webhooks.deliver"

@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-import tasks.base
+import models.messaging
 from models.db import make_engine
 from models.jobs import utcnow
 from models.schema import CampaignOccurrence, ResetJob
@@ -37,7 +37,7 @@ def published(monkeypatch):
             sent.append((task_name, list(args)))
         return True
 
-    monkeypatch.setattr(tasks.base, "send_now", record)
+    monkeypatch.setattr(models.messaging, "send_now", record)
     return sent
 
 

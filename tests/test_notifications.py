@@ -20,7 +20,7 @@ from models.schema import Course, Notification, User
 from models.seed import seed
 from models.settings import Settings
 from tasks import notifications as n
-from tasks.base import _PENDING_KEY
+from models.messaging import pending_publishes
 from tasks.notify_backends import (
     BackendConfigError,
     ConsoleBackend,
@@ -207,7 +207,7 @@ def test_sweep_requeues_stale_claims_and_publishes_per_job(db_session, outbox):
     claims = n.claim_notifications(db_session, job_id, limit=5, now=t0)
     # Fresh rows, nothing stale: nothing to do yet (the batch's own publish is on its way).
     assert n.sweep_notifications(db_session, t0, settings) == 0
-    assert not db_session.info.get(_PENDING_KEY)
+    assert not pending_publishes(db_session)
 
     # One claim has used up its attempts: it fails instead of looping forever.
     db_session.execute(update(Notification).where(Notification.id == claims[0].id).values(attempts=3))
@@ -219,7 +219,7 @@ def test_sweep_requeues_stale_claims_and_publishes_per_job(db_session, outbox):
     assert state[claims[0].id].status == "failed" and "worker lost" in state[claims[0].id].error
     for c in claims[1:]:
         assert state[c.id].status == "pending" and state[c.id].claimed_at is None
-    assert db_session.info[_PENDING_KEY] == [("notifications.send", [str(job_id)], {})]
+    assert pending_publishes(db_session) == [("notifications.send", [str(job_id)], {})]
     # The re-queued rows are claimable again, and keep their attempt count.
     again = {c.id: c for c in n.claim_notifications(db_session, job_id, limit=10_000, now=later)}
     assert all(again[c.id].attempts == 2 for c in claims[1:])

@@ -26,7 +26,7 @@ from models.schema import Course, CourseAssignment, Notification, User
 from models.seed import seed
 from producer import resets
 from tasks import notifications as n
-from tasks.base import send_now
+from models.messaging import send_now
 from tests.notify_support import SmtpSink, WebhookSink, insert_outbox, measured_rate, wait_until
 
 pytestmark = pytest.mark.e2e

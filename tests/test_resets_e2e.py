@@ -10,7 +10,7 @@ import redis
 from models.db import dispose_engine, session_scope
 from models.seed import seed
 from producer import resets
-from tasks.base import send_now
+from models.messaging import send_now
 from tests.reset_checks import assert_reset_exact, snapshot, targeted
 
 pytestmark = pytest.mark.e2e

@@ -138,7 +138,7 @@ def test_use_env_can_switch_the_broker_away_and_back(use_env, redis_url):
     """Publishing still works after the broker URL changed and came back (pools are rebuilt)."""
     import redis
 
-    from tasks.base import send_now
+    from models.messaging import send_now
 
     client = redis.Redis.from_url(redis_url)
     try:

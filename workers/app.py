@@ -9,6 +9,7 @@ from celery.signals import after_setup_logger, worker_process_init
 
 from models.db import dispose_engine
 from models.logs import configure_logging
+from models.messaging import use_app
 from models.settings import get_settings
 from workers.broker import transport_config
 from workers.config import TASK_MODULES, celery_config
@@ -22,6 +23,7 @@ def _configuration(settings) -> dict:
 app = Celery("progress_reset", include=list(TASK_MODULES))
 app.config_from_object(_configuration(get_settings()))
 app.set_default()
+use_app(app)  # models.messaging publishes through this app, for the workers and the producer
 
 
 def reconfigure() -> None:
