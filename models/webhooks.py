@@ -6,9 +6,8 @@ event is written in the very transaction of the state change it reports
 transaction rolls back there is no event, and if it commits the event is in
 the outbox. One ``webhook_deliveries`` row per subscribed endpoint of the
 organization is the delivery's outbox row and its log. Sending is the
-``webhooks.deliver`` task's business (``tasks/webhooks.py``), which registers
-an after-record hook here so each new delivery is published after commit;
-``models`` itself never imports ``tasks``.
+``webhooks.deliver`` task's business (``tasks/webhooks.py``); each new delivery
+publishes that task by name after the commit (:mod:`models.messaging`).
 
 Payloads hold ids and counts only: never cleared data, never names or e-mails.
 Functions take a ``Session`` and never commit.
@@ -23,7 +22,6 @@ import json
 import secrets
 import socket
 import uuid
-from collections.abc import Callable
 from datetime import datetime
 from urllib.parse import urlsplit
 
@@ -31,7 +29,9 @@ from sqlalchemy import insert, select
 from sqlalchemy.orm import Session
 
 from models.errors import ValidationFailed
+from models.messaging import publish_after_commit
 from models.schema import ResetJob, WebhookDelivery, WebhookEndpoint, WebhookEvent
+from models.states import DeliveryStatus
 
 EVENT_TYPES = ("reset.confirmed", "reset.succeeded", "reset.failed", "reset.cancelled")
 
@@ -49,17 +49,7 @@ SIGNATURE_HEADER = "X-Signature"
 EVENT_ID_HEADER = "X-Event-Id"
 MAX_URL = 2000
 SECRET_PREFIX = "whsec_"
-
-# Called as hook(session, endpoint_ids) after deliveries were written; tasks.webhooks registers
-# one that publishes ``webhooks.deliver`` after the transaction commits.
-_after_record: list[Callable[[Session, list[int]], None]] = []
-
-
-def on_deliveries_recorded(hook: Callable[[Session, list[int]], None]) -> None:
-    """Register ``hook(session, endpoint_ids)``, called in the transaction that wrote new deliveries."""
-    if hook not in _after_record:
-        _after_record.append(hook)
-
+DELIVER_TASK = "webhooks.deliver"
 
 def new_secret() -> str:
     return SECRET_PREFIX + secrets.token_urlsafe(32)
@@ -104,13 +94,12 @@ def record_job_event(session: Session, action: str, organization_id: int, job_id
                          created_at=now)
     session.add(event)
     session.flush([event])
-    published_at = now if _after_record else None  # unpublished rows are the sweep's to publish
     session.execute(insert(WebhookDelivery.__table__), [
-        {"event_id": event_id, "endpoint_id": endpoint_id, "job_id": job.id, "status": "pending", "attempts": 0,
-         "next_attempt_at": now, "published_at": published_at, "created_at": now}
+        {"event_id": event_id, "endpoint_id": endpoint_id, "job_id": job.id, "status": DeliveryStatus.PENDING,
+         "attempts": 0, "next_attempt_at": now, "published_at": now, "created_at": now}
         for endpoint_id in endpoints])
-    for hook in _after_record:
-        hook(session, endpoints)
+    for endpoint_id in endpoints:
+        publish_after_commit(session, DELIVER_TASK, [endpoint_id])
     return event
 
 

@@ -34,7 +34,7 @@ from models.schema import (
 )
 from models.settings import get_settings
 from models.text import check_storable
-from tasks.schedule import (
+from models.schedule import (
     Schedule,
     build_schedule,
     check_start_not_stale,

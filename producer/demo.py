@@ -13,7 +13,7 @@ import time
 from rich.console import Console
 from rich.table import Table
 
-from models import analytics
+from models import analytics, queues
 from models.db import dispose_engine, session_scope
 from models.migrate import upgrade
 from models.seed import seed
@@ -22,8 +22,8 @@ from producer import resets
 from producer.cli_resets import watch
 from workers.processes import start_worker
 
-RESET_QUEUES = "resets,reset_batches,webhooks,maintenance"
-NOTIFY_QUEUES = "notifications"
+NOTIFY_QUEUES = queues.NOTIFICATIONS
+RESET_QUEUES = ",".join(q for q in queues.QUEUES if q != NOTIFY_QUEUES)
 
 
 def run_demo(learners: int = 20_000, concurrency: int = 2, as_json: bool = False) -> int:

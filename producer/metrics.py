@@ -25,6 +25,7 @@ from sqlalchemy.orm import Session
 from models.jobs import as_utc, utcnow
 from models.logs import log_event
 from models.schema import JOB_STATES, Notification, ResetBatch, ResetJob, RetrainingCampaign
+from models.queues import QUEUES
 from models.settings import get_settings
 
 PREFIX = "progress_reset"
@@ -126,7 +127,7 @@ class ResetSystemCollector(Collector):
 
     def collect(self):
         from models.db import session_scope
-        from tasks.health import CANARY_QUEUES, queue_lengths, redis_malformed, redis_unacked
+        from workers.health import queue_lengths, redis_malformed, redis_unacked
 
         started = time.perf_counter()
         settings = get_settings()
@@ -144,9 +145,9 @@ class ResetSystemCollector(Collector):
 
         broker_up = 1
         try:
-            lengths = queue_lengths(settings, CANARY_QUEUES)
+            lengths = queue_lengths(settings, QUEUES)
             unacked = redis_unacked(settings)
-            malformed = redis_malformed(settings, CANARY_QUEUES)
+            malformed = redis_malformed(settings, QUEUES)
         except Exception as exc:
             broker_up, lengths, unacked, malformed = 0, None, None, None
             log_event("metrics.broker.failed", logging.WARNING, error=type(exc).__name__)

@@ -42,6 +42,7 @@ from models.jobs import (
     token_matches,
     utcnow,
 )
+from models.messaging import publish_after_commit
 from models.schema import (
     JOB_STATES,
     PERMISSION_TRAINING,
@@ -54,9 +55,6 @@ from models.schema import (
 from models.settings import get_settings
 from models.text import check_storable
 from producer.pages import check_limit, cursor_datetime, decode_cursor, encode_cursor, parse_instant
-from models.messaging import publish_after_commit
-import workers  # noqa: F401,E402 - configures the Celery app that publish_after_commit sends through
-import tasks.webhooks  # noqa: F401,E402 - publishes the webhook deliveries a confirm or cancel writes
 
 MAX_REASON = 2000
 MAX_IDEMPOTENCY_KEY = 200

@@ -16,12 +16,11 @@ from sqlalchemy.orm import Session
 
 from models.errors import Conflict, NotFound, ValidationFailed
 from models.jobs import as_utc, record_audit, utcnow
+from models.messaging import publish_after_commit
 from models.schema import Organization, WebhookDelivery, WebhookEndpoint, WebhookEvent
 from models.settings import get_settings
-from models.webhooks import EVENT_TYPES, check_url, new_secret
+from models.webhooks import DELIVER_TASK, EVENT_TYPES, check_url, new_secret
 from producer.pages import check_limit, decode_cursor, encode_cursor
-from tasks import webhooks as delivery  # registers the publish-after-commit hook of new deliveries
-from models.messaging import publish_after_commit
 
 MAX_ENDPOINTS_PER_ORGANIZATION = 20
 MAX_OVERLAP_SECONDS = 7 * 24 * 3600
@@ -176,6 +175,6 @@ def redeliver(session: Session, organization_id: int, endpoint_id: int, delivery
         raise Conflict(f"delivery {delivery_id} is {row.status}; it is still being delivered")
     record_audit(session, "webhook.redelivered", organization_id, origin=origin,
                  details={"endpoint_id": endpoint_id, "delivery_id": delivery_id})
-    publish_after_commit(session, delivery.TASK_NAME, [endpoint_id])
+    publish_after_commit(session, DELIVER_TASK, [endpoint_id])
     row = session.execute(_delivery_query(endpoint_id).where(d.id == delivery_id)).one()
     return describe_delivery(row)

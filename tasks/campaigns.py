@@ -39,7 +39,7 @@ from models.logs import log_event
 from models.schema import PERMISSION_TRAINING, CampaignOccurrence, Course, ResetJob, RetrainingCampaign, User
 from models.messaging import publish_after_commit
 from tasks.base import project_task
-from tasks.schedule import completed_before_for, schedule_of, to_utc
+from models.schedule import completed_before_for, schedule_of, to_utc
 
 # Due campaigns are locked and handled this many at a time; a second dispatcher
 # skips the locked ones and takes the next chunk.

@@ -56,7 +56,7 @@ from models.messaging import publish_after_commit, send_now
 from tasks.base import project_task
 from tasks.notify_backends import parse_retry_after
 
-TASK_NAME = "webhooks.deliver"
+TASK_NAME = outbox.DELIVER_TASK
 # A run stops claiming after this long and re-publishes itself.
 RUN_BUDGET_SECONDS = 1.0
 # A claimed delivery is the claimer's for the HTTP timeout plus this margin; then anyone may retry it.
@@ -314,12 +314,6 @@ def deliver(endpoint_id: int) -> None:
 
 # --- publishing, and the sweep --------------------------------------------------------------------
 
-def _publish_new_deliveries(session: Session, endpoint_ids: list[int]) -> None:
-    for endpoint_id in endpoint_ids:
-        publish_after_commit(session, TASK_NAME, [endpoint_id])
-
-
-outbox.on_deliveries_recorded(_publish_new_deliveries)
 
 
 def sweep_webhooks(session: Session, now: datetime | None = None, settings: Settings | None = None) -> int:

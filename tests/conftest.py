@@ -31,19 +31,16 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import NullPool
 
-from tests.services import (
-    CeleryProcess,
-    ServicesUnavailable,
-    ensure_services,
-    refresh_configuration,
-    start_celery,
-)
+from models.queues import QUEUES
+
+from tests.services import ServicesUnavailable, ensure_services, refresh_configuration
+from workers.processes import CeleryProcess, start_celery
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DB_PREFIX = f"pr_t{os.getpid()}"
 WORKER_READY_SECONDS = 30.0
 WORKER_READY_PATTERN = r"\bready\.\s*$"
-DEFAULT_QUEUES = "resets,reset_batches,notifications,webhooks,maintenance"
+DEFAULT_QUEUES = ",".join(QUEUES)
 
 _session_data_dir: str | None = None
 

@@ -42,7 +42,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 
 from tests.notify_support import free_port, wait_until  # noqa: E402,F401 - shared test helpers
-from tests.services import CeleryProcess as BaseCeleryProcess  # noqa: E402
+from workers.processes import CeleryProcess as BaseCeleryProcess  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PG_BIN = Path(os.environ.get("FAULT_PG_BIN", "/usr/lib/postgresql/15/bin"))

@@ -11,9 +11,9 @@ For each service, in order:
    ``postgresql`` and ``redis-server`` and start them;
 4. otherwise stop with one message that says exactly what is missing.
 
-It also holds what tests use to run Celery processes of their own
-(:func:`start_celery`, :class:`CeleryProcess`) and to point this process at
-another database or broker (:func:`refresh_configuration`).
+It also points this process at another database or broker
+(:func:`refresh_configuration`); Celery processes are started with
+:mod:`workers.processes`, the launcher the demo and the benchmark use too.
 
 Only local URLs (127.0.0.1 / localhost) are started or installed; a remote
 server that does not answer is reported, never worked around.
@@ -22,9 +22,7 @@ server that does not answer is reported, never worked around.
 from __future__ import annotations
 
 import os
-import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -38,7 +36,6 @@ DEFAULT_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379"
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
 WAIT_SECONDS = 30.0
-STOP_SECONDS = 15.0
 APT_PACKAGES = {"postgresql": "postgresql", "redis": "redis-server"}
 
 
@@ -252,129 +249,6 @@ def ensure_services(allow_install: bool = True) -> tuple[str, str]:
 
 
 # -- Celery processes started by tests ----------------------------------------------------------
-
-def _children_of(pid: int) -> list[int]:
-    pids: list[int] = []
-    for children in Path(f"/proc/{pid}/task").glob("*/children"):
-        try:
-            pids.extend(int(p) for p in children.read_text().split())
-        except OSError:
-            continue
-    return sorted(set(pids))
-
-
-class CeleryProcess:
-    """A real ``celery -A workers ...`` subprocess (worker, beat, flower) started by a test.
-
-    It runs in a process group of its own, so stopping it reaches its pool
-    children, even orphaned ones, and nothing else.
-    """
-
-    def __init__(self, popen: subprocess.Popen, log_path: Path, name: str):
-        self.popen = popen
-        self.log_path = log_path
-        self.name = name
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    def alive(self) -> bool:
-        return self.popen.poll() is None
-
-    def children(self) -> list[int]:
-        """The pool process ids (direct children of the main process)."""
-        return _children_of(self.pid) if self.alive() else []
-
-    def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def log_tail(self, lines: int = 40) -> str:
-        return "\n".join(self.log_text().splitlines()[-lines:])
-
-    def wait_for_log(self, pattern: str, timeout: float = 30.0) -> re.Match:
-        """Wait until the log matches the regular expression ``pattern``; fails on timeout or exit."""
-        regex = re.compile(pattern, re.MULTILINE)
-        deadline = time.monotonic() + timeout
-        while True:
-            match = regex.search(self.log_text())
-            if match:
-                return match
-            if not self.alive():
-                raise AssertionError(f"{self.name} exited with {self.popen.returncode} before "
-                                     f"{pattern!r} appeared; log tail:\n{self.log_tail()}")
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{self.name}: {pattern!r} not in its log after {timeout:.0f}s; "
-                                     f"log tail:\n{self.log_tail()}")
-            time.sleep(0.1)
-
-    def _signal_group(self, sig: int) -> None:
-        try:
-            os.killpg(self.pid, sig)  # the group start_celery created (start_new_session)
-        except (ProcessLookupError, PermissionError):
-            pass
-
-    def terminate(self) -> None:
-        """Warm shutdown (SIGTERM to the main process): running tasks finish first."""
-        if self.alive():
-            self.popen.send_signal(signal.SIGTERM)
-
-    def kill(self, whole_group: bool = True) -> None:
-        """``kill -9``: the main process and, by default, its pool children too."""
-        if whole_group:
-            self._signal_group(signal.SIGKILL)
-        elif self.alive():
-            self.popen.kill()
-        self.wait(10)
-
-    def wait(self, timeout: float | None = None) -> int | None:
-        try:
-            return self.popen.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            return None
-
-    def stop(self, timeout: float = STOP_SECONDS) -> None:
-        """SIGTERM, then SIGKILL for the whole group after ``timeout`` seconds."""
-        self.terminate()
-        if self.wait(timeout) is None:
-            self._signal_group(signal.SIGKILL)
-            self.wait(10)
-        # Pool children orphaned by a killed main process share its group.
-        self._signal_group(signal.SIGKILL)
-
-
-def start_celery(
-    args: list[str],
-    *,
-    env: dict[str, str] | None,
-    log_path: Path,
-    name: str,
-    cwd: Path,
-    ready_pattern: str | None = None,
-    ready_timeout: float = 30.0,
-) -> CeleryProcess:
-    """Start ``python -m celery -A workers <args>`` with ``env`` over ``os.environ``, logging to ``log_path``.
-
-    With ``ready_pattern``, waits until the log matches it (and stops the
-    process if it does not). The caller stops the returned process.
-    """
-    argv = [sys.executable, "-m", "celery", "-A", "workers", *args]
-    full_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
-    with open(log_path, "ab") as log:
-        popen = subprocess.Popen(argv, cwd=cwd, env=full_env, stdout=log, stderr=subprocess.STDOUT,
-                                 stdin=subprocess.DEVNULL, start_new_session=True)
-    process = CeleryProcess(popen, log_path, name)
-    if ready_pattern is not None:
-        try:
-            process.wait_for_log(ready_pattern, timeout=ready_timeout)
-        except AssertionError:
-            process.stop(timeout=5)
-            raise
-    return process
-
 
 def refresh_configuration() -> None:
     """Re-read the settings in this process and rebuild what was built from them (engine, Celery app)."""

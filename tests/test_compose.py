@@ -60,7 +60,7 @@ def check_progress_reset(argv: list[str]) -> None:
 
 
 def check_celery(argv: list[str]) -> None:
-    from workers.config import QUEUES
+    from models.queues import QUEUES
 
     assert argv[1:3] == ["-A", "workers"], f"{argv}: the Celery app is 'workers'"
     module = importlib.import_module("workers")

@@ -729,7 +729,7 @@ def test_assign_unassign_and_activity_during_reset(stack):
 def test_two_beats_do_no_work_twice(stack):
     from models.schema import CampaignOccurrence, ResetJob, RetrainingCampaign
     from producer import campaigns
-    from tasks.schedule import schedule_of
+    from models.schedule import schedule_of
 
     org = seed_org(stack.learners)
     manual_course, campaign_course = org.course_ids

@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from models.db import dispose_engine, session_scope
 from models.seed import seed
 from producer import resets
-from tests.services import start_celery
+from workers.processes import start_celery
 from tests.test_http_api import free_port
 
 pytestmark = pytest.mark.e2e

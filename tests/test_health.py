@@ -8,7 +8,10 @@ import pytest
 import redis
 
 from models.db import dispose_engine
-from tasks.health import CANARY_QUEUES, canary_task_name, judge_queue, record_canary, reply_store
+from models.canary import reply_store
+from models.queues import QUEUES, canary_task_name
+from tasks.health import record_canary
+from workers.health import judge_queue
 from tests.test_http_api import free_port, run_cli
 
 ALL_BUT_NOTIFICATIONS = "resets,reset_batches,webhooks,maintenance"
@@ -18,10 +21,10 @@ ALL_BUT_NOTIFICATIONS = "resets,reset_batches,webhooks,maintenance"
 
 def test_one_canary_per_queue_routed_by_the_worker_configuration():
     from workers.app import app
-    from workers.config import QUEUES, TASK_ROUTES
+    from workers.config import TASK_ROUTES
 
-    assert set(CANARY_QUEUES) == set(QUEUES)
-    for queue in CANARY_QUEUES:
+    assert {route["queue"] for route in TASK_ROUTES.values()} == set(QUEUES)
+    for queue in QUEUES:
         assert TASK_ROUTES[canary_task_name(queue)] == {"queue": queue}
         assert canary_task_name(queue) in app.tasks
 
@@ -83,7 +86,7 @@ def test_health_passes_with_every_queue_consumed_and_names_the_queue_whose_worke
     assert healthy.returncode == 0, healthy.stdout + healthy.stderr
     report = json.loads(healthy.stdout)
     assert report["ok"] and report["database"]["ok"] and report["broker"]["ok"]
-    assert {q: r["state"] for q, r in report["queues"].items()} == dict.fromkeys(CANARY_QUEUES, "ok")
+    assert {q: r["state"] for q, r in report["queues"].items()} == dict.fromkeys(QUEUES, "ok")
     assert report["queues"]["notifications"]["worker"].startswith("notify@")
     assert report["queues"]["resets"]["worker"].startswith("main@")
 

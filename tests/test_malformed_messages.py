@@ -20,7 +20,7 @@ from models.seed import seed
 from producer import resets
 from producer.metrics import ResetSystemCollector
 from tests.test_resets_e2e import env, wait_for_job  # noqa: F401 - env is a fixture
-from tasks.health import MALFORMED_COUNTS_KEY, malformed_key
+from models.queues import MALFORMED_COUNTS_KEY, malformed_key
 
 pytestmark = pytest.mark.e2e
 

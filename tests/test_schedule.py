@@ -14,7 +14,7 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from models.errors import ValidationFailed
-from tasks.schedule import (
+from models.schedule import (
     START_PAST_BOUND,
     CronSchedule,
     MonthlySchedule,

@@ -10,7 +10,7 @@ import pytest
 from models.db import dispose_engine, session_scope
 from models.seed import seed
 from producer import resets
-from tests.services import start_celery
+from workers.processes import start_celery
 from tests.test_resets_e2e import wait_for_job
 
 pytestmark = pytest.mark.e2e

@@ -30,7 +30,7 @@ from kombu.utils.json import loads
 
 from models.logs import log_event
 from models.settings import Settings
-from tasks.health import MALFORMED_COUNTS_KEY, malformed_key
+from models.queues import MALFORMED_COUNTS_KEY, malformed_key
 
 TRANSPORT = "workers.broker:Transport"
 KEEP_PER_QUEUE = 1000

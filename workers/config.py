@@ -8,31 +8,25 @@ from __future__ import annotations
 
 from kombu import Queue
 
+from models import queues
 from models.settings import Settings
 
 TASK_MODULES = ("tasks.resets", "tasks.notifications", "tasks.maintenance", "tasks.campaigns", "tasks.health",
                 "tasks.webhooks")
 
-QUEUES = ("resets", "reset_batches", "notifications", "maintenance", "webhooks")
-
 # Routing by configuration, never at call sites (STYLE: route by task_routes + worker -Q).
 TASK_ROUTES = {
-    "resets.start": {"queue": "resets"},
-    "resets.finalize": {"queue": "resets"},
-    "resets.run_single": {"queue": "resets"},
-    "resets.work": {"queue": "reset_batches"},
-    "resets.run_batch": {"queue": "reset_batches"},
-    "resets.purge": {"queue": "reset_batches"},
-    "notifications.send": {"queue": "notifications"},
-    "webhooks.deliver": {"queue": "webhooks"},
-    "maintenance.sweep": {"queue": "maintenance"},
-    "campaigns.dispatch_due": {"queue": "maintenance"},
-    "health.canary.resets": {"queue": "resets"},
-    "health.canary.reset_batches": {"queue": "reset_batches"},
-    "health.canary.notifications": {"queue": "notifications"},
-    "health.canary.maintenance": {"queue": "maintenance"},
-    "health.canary.webhooks": {"queue": "webhooks"},
-}
+    "resets.start": {"queue": queues.RESETS},
+    "resets.finalize": {"queue": queues.RESETS},
+    "resets.run_single": {"queue": queues.RESETS},
+    "resets.work": {"queue": queues.RESET_BATCHES},
+    "resets.run_batch": {"queue": queues.RESET_BATCHES},
+    "resets.purge": {"queue": queues.RESET_BATCHES},
+    "notifications.send": {"queue": queues.NOTIFICATIONS},
+    "webhooks.deliver": {"queue": queues.WEBHOOKS},
+    "maintenance.sweep": {"queue": queues.MAINTENANCE},
+    "campaigns.dispatch_due": {"queue": queues.MAINTENANCE},
+} | {queues.canary_task_name(queue): {"queue": queue} for queue in queues.QUEUES}
 
 
 def broker_transport_options(settings: Settings) -> dict:
@@ -82,7 +76,7 @@ def celery_config(settings: Settings) -> dict:
         "task_serializer": "json",
         "accept_content": ["json"],
         "task_default_queue": "resets",
-        "task_queues": [Queue(name, routing_key=name) for name in QUEUES],
+        "task_queues": [Queue(name, routing_key=name) for name in queues.QUEUES],
         "task_routes": TASK_ROUTES,
         "task_create_missing_queues": False,
         # Publishing when the broker is down fails fast; the sweep re-publishes.
