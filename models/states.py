@@ -75,7 +75,7 @@ class CampaignState(StrEnum):
     EXPIRED = "expired"
 
 
-class OccurrenceOutcome(StrEnum):
+class OccurrenceState(StrEnum):
     """What one due occurrence of a campaign became (``campaign_occurrences.outcome``)."""
 
     QUEUED = "queued"

@@ -6,7 +6,7 @@ reset: :func:`request_campaign` validates everything, writes the campaign in
 would reset right now plus a one-time token; :func:`confirm_campaign` (same
 actor, right token, in time) makes it ``active`` with its first occurrence
 computed. Each occurrence then needs no further confirmation: the dispatcher
-(:mod:`tasks.campaigns`) turns it into exactly one reset job.
+(:mod:`models.campaign_dispatch`) turns it into exactly one reset job.
 
 Every function takes a ``Session`` and the acting user's id, never commits,
 requires ``training.manage`` in the campaign's organization (another

@@ -16,7 +16,7 @@ from models.errors import Conflict, NotFound, PermissionDenied, TokenExpired, To
 from models.jobs import summarize
 from models.schema import AuditEvent, ResetJob, RetrainingCampaign, User
 from producer import campaigns, resets
-from tasks.campaigns import dispatch_due
+from models.campaign_dispatch import dispatch_due
 from tests.test_campaigns_support import (
     add_learner,
     campaign_jobs,

@@ -15,7 +15,7 @@ from sqlalchemy import select
 
 from models.jobs import summarize
 from models.schema import CourseAssignment, Notification
-from tasks.campaigns import dispatch_due
+from models.campaign_dispatch import dispatch_due
 from tests.reset_checks import assert_reset_exact, run_job_in_process, snapshot
 from tests.test_campaigns_support import add_learner, campaign_jobs, confirmed_campaign, make_org
 

@@ -16,8 +16,8 @@ import models.messaging
 from models.db import make_engine
 from models.jobs import utcnow
 from models.schema import CampaignOccurrence, ResetJob
-from tasks import campaigns as dispatcher
-from tasks.campaigns import dispatch_due
+from models import campaign_dispatch as dispatcher
+from models.campaign_dispatch import dispatch_due
 from tests.test_campaigns_support import confirmed_campaign, finish_active_jobs, make_org
 
 UTC = timezone.utc
@@ -157,6 +157,7 @@ def test_a_dispatcher_dying_half_way_leaves_nothing_and_the_next_tick_does_every
 
 def test_the_beat_task_dispatches_and_publishes_after_commit(fresh_db, use_env, published):
     from workers.app import app
+    import tasks.campaigns  # registers the beat task on the app
     from workers.config import celery_config
     from models.settings import get_settings
 
@@ -170,7 +171,7 @@ def test_the_beat_task_dispatches_and_publishes_after_commit(fresh_db, use_env, 
                                          cron="*/10 * * * *", time_zone="UTC")
 
     task = app.tasks["campaigns.dispatch_due"]
-    assert dispatcher.dispatch_due_task.name == task.name == "campaigns.dispatch_due"
+    assert tasks.campaigns.dispatch_due_task.name == task.name == "campaigns.dispatch_due"
     assert task() == 1  # runs the task body in this process, like a worker would
     assert task() == 0  # a second tick (or a redelivered message) finds nothing due
     with Session(engine) as session:

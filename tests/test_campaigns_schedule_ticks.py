@@ -18,8 +18,8 @@ from sqlalchemy import select
 
 from models.jobs import utcnow
 from models.schema import AuditEvent, RetrainingCampaign
-from tasks import campaigns as dispatcher
-from tasks.campaigns import dispatch_due
+from models import campaign_dispatch as dispatcher
+from models.campaign_dispatch import dispatch_due
 from tests.test_campaigns_support import (
     add_learner,
     campaign_jobs,

@@ -306,7 +306,7 @@ def test_sweep_republishes_due_deliveries_once_and_wake_ups_do_not_multiply(db_s
 def test_a_campaign_occurrence_is_the_reset_confirmed_event_of_its_job(db_session, loopback):
     from datetime import datetime, timezone
 
-    from tasks.campaigns import dispatch_due
+    from models.campaign_dispatch import dispatch_due
     from tests.test_campaigns_support import add_learner, confirmed_campaign, make_org
 
     now = datetime(2025, 3, 3, 10, 0, tzinfo=timezone.utc)
