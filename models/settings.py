@@ -8,117 +8,155 @@ filesystem Celery broker under ``PROGRESS_RESET_DATA_DIR`` (``./data``), so the
 demo runs on a bare machine with real worker processes. Point
 ``DATABASE_URL`` at PostgreSQL and ``CELERY_BROKER_URL`` at Redis for
 production.
+
+Each field states its environment variable (``validation_alias``), default and
+bounds on one line, so the check and the message that names the variable
+cannot drift apart. Names are matched exactly and an empty value means the
+default, for every variable. A malformed value raises :class:`SettingsError`
+naming the variable, which the CLI prints as one line.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, fields, replace
+from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError, ValidationInfo, field_validator
+from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
+from pydantic_settings.sources.utils import parse_env_vars
 
 
 class SettingsError(ValueError):
     """A configuration value is malformed."""
 
 
-def _int(env: dict[str, str], name: str, default: int, minimum: int = 0) -> int:
-    raw = env.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise SettingsError(f"{name} must be a whole number, got {raw!r}") from None
-    if value < minimum:
-        raise SettingsError(f"{name} must be at least {minimum}, got {value}")
-    return value
+class _Environ(EnvSettingsSource):
+    """The environment source, over a given mapping instead of the process environment.
+
+    Tests and tools build settings from a dict without touching ``os.environ``;
+    everything else (exact names, empty means unset) is the library's.
+    """
+
+    def __init__(self, settings_cls: type[BaseSettings], environ: Mapping[str, str]) -> None:
+        self._environ = environ
+        super().__init__(settings_cls)
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        return parse_env_vars(self._environ, self.case_sensitive, self.env_ignore_empty, self.env_parse_none_str)
 
 
-def _float(env: dict[str, str], name: str, default: float, minimum: float = 0.0) -> float:
-    raw = env.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise SettingsError(f"{name} must be a number, got {raw!r}") from None
-    if value < minimum:
-        raise SettingsError(f"{name} must be at least {minimum}, got {value}")
-    return value
+class Settings(BaseSettings):
+    """Build with :meth:`from_env` (or :func:`get_settings`), which report malformed values by variable."""
 
+    model_config = SettingsConfigDict(
+        frozen=True,
+        case_sensitive=True,
+        env_ignore_empty=True,
+        # Derived values (database URL, Redis URL) are computed by validators, also from defaults.
+        validate_default=True,
+        # "inf" or "nan" as a timeout or a rate is a typo, not a wish.
+        allow_inf_nan=False,
+    )
 
-def _bool(env: dict[str, str], name: str, default: bool) -> bool:
-    raw = env.get(name)
-    if raw is None or raw == "":
-        return default
-    if raw.lower() in {"1", "true", "yes", "on"}:
-        return True
-    if raw.lower() in {"0", "false", "no", "off"}:
-        return False
-    raise SettingsError(f"{name} must be true or false, got {raw!r}")
-
-
-@dataclass(frozen=True)
-class Settings:
-    data_dir: Path
-    database_url: str
-    broker_url: str
+    data_dir: Path = Field(Path("data"), validation_alias="PROGRESS_RESET_DATA_DIR")
+    # Empty: the embedded SQLite file under data_dir.
+    database_url: str = Field("", validation_alias="DATABASE_URL")
+    broker_url: str = Field("filesystem://", validation_alias="CELERY_BROKER_URL")
     # Reset pipeline
-    batch_size: int = 5000
-    purge_chunk_rows: int = 50000
-    purge_partitions: int = 4
+    batch_size: int = Field(5000, ge=1, validation_alias="RESET_BATCH_SIZE")
+    purge_chunk_rows: int = Field(50000, ge=1, validation_alias="RESET_PURGE_CHUNK_ROWS")
+    purge_partitions: int = Field(4, ge=1, validation_alias="RESET_PURGE_PARTITIONS")
     # A component of a course with fewer earlier rows than this is cleared inside the learner
     # batches; from this many on, by the deferred purge in id order (decision record 0005).
-    purge_min_rows: int = 250000
+    purge_min_rows: int = Field(250000, ge=0, validation_alias="RESET_PURGE_MIN_ROWS")
     # Units of one job that may run at once (wake-up messages published per job).
-    work_tokens: int = 4
+    work_tokens: int = Field(4, ge=1, validation_alias="RESET_WORK_TOKENS")
     # How long one task's loop may hold a worker slot before it hands the rest back to the queue.
-    task_slice_seconds: float = 1.0
-    batch_max_attempts: int = 5
-    batch_lease_seconds: int = 120
-    token_ttl_seconds: int = 900
+    task_slice_seconds: float = Field(1.0, ge=0.05, validation_alias="TASK_SLICE_SECONDS")
+    batch_max_attempts: int = Field(5, ge=1, validation_alias="RESET_BATCH_MAX_ATTEMPTS")
+    batch_lease_seconds: int = Field(120, ge=1, validation_alias="RESET_BATCH_LEASE_SECONDS")
+    token_ttl_seconds: int = Field(900, ge=1, validation_alias="RESET_TOKEN_TTL_SECONDS")
     # Retraining campaigns: occurrences closer than this are refused.
-    campaign_min_interval_seconds: int = 86400
-    job_stale_seconds: int = 300
-    publish_stale_seconds: int = 60
-    sweep_interval_seconds: float = 30.0
+    campaign_min_interval_seconds: int = Field(86400, ge=60, validation_alias="CAMPAIGN_MIN_INTERVAL_SECONDS")
+    job_stale_seconds: int = Field(300, ge=1, validation_alias="RESET_JOB_STALE_SECONDS")
+    publish_stale_seconds: int = Field(60, ge=1, validation_alias="PUBLISH_STALE_SECONDS")
+    sweep_interval_seconds: float = Field(30.0, ge=0.1, validation_alias="SWEEP_INTERVAL_SECONDS")
     # Broker: a Redis message unacked this long is delivered again. It must be
     # longer than any task's time limit and any retry countdown.
-    visibility_timeout_seconds: int = 3600
-    task_time_limit_seconds: int = 900
+    visibility_timeout_seconds: int = Field(3600, ge=10, validation_alias="BROKER_VISIBILITY_TIMEOUT_SECONDS")
+    task_time_limit_seconds: int = Field(900, ge=1, validation_alias="TASK_TIME_LIMIT_SECONDS")
     # Notifications
-    notify_backend: str = "console"
-    notify_console_path: str = ""
-    notify_rate_per_second: float = 50.0
-    notify_max_attempts: int = 8
-    notify_chunk_size: int = 50
-    notify_stale_seconds: int = 300
-    course_base_url: str = "https://training.example.com/courses"
-    smtp_host: str = "127.0.0.1"
-    smtp_port: int = 25
-    smtp_starttls: bool = False
-    smtp_username: str = ""
-    smtp_password: str = ""
-    smtp_from: str = "training@example.com"
-    smtp_timeout_seconds: float = 10.0
-    webhook_url: str = ""
-    webhook_secret: str = ""
-    webhook_timeout_seconds: float = 10.0
+    notify_backend: Literal["console", "smtp", "webhook"] = Field("console", validation_alias="NOTIFY_BACKEND")
+    notify_console_path: str = Field("", validation_alias="NOTIFY_CONSOLE_PATH")
+    notify_rate_per_second: float = Field(50.0, ge=0.01, validation_alias="NOTIFY_RATE_PER_SECOND")
+    notify_max_attempts: int = Field(8, ge=1, validation_alias="NOTIFY_MAX_ATTEMPTS")
+    notify_chunk_size: int = Field(50, ge=1, validation_alias="NOTIFY_CHUNK_SIZE")
+    notify_stale_seconds: int = Field(300, ge=1, validation_alias="NOTIFY_STALE_SECONDS")
+    course_base_url: str = Field("https://training.example.com/courses", validation_alias="COURSE_BASE_URL")
+    smtp_host: str = Field("127.0.0.1", validation_alias="SMTP_HOST")
+    smtp_port: int = Field(25, ge=1, validation_alias="SMTP_PORT")
+    smtp_starttls: bool = Field(False, validation_alias="SMTP_STARTTLS")
+    smtp_username: str = Field("", validation_alias="SMTP_USERNAME")
+    # Passwords and secrets (repr=False) stay out of a logged or printed Settings.
+    smtp_password: str = Field("", validation_alias="SMTP_PASSWORD", repr=False)
+    smtp_from: str = Field("training@example.com", validation_alias="SMTP_FROM")
+    smtp_timeout_seconds: float = Field(10.0, ge=0.1, validation_alias="SMTP_TIMEOUT_SECONDS")
+    webhook_url: str = Field("", validation_alias="WEBHOOK_URL")
+    webhook_secret: str = Field("", validation_alias="WEBHOOK_SECRET", repr=False)
+    webhook_timeout_seconds: float = Field(10.0, ge=0.1, validation_alias="WEBHOOK_TIMEOUT_SECONDS")
     # Job events for subscribing services (webhook endpoints, queue ``webhooks``)
-    webhooks_allow_http_loopback: bool = False
-    webhooks_timeout_seconds: float = 5.0
-    webhooks_max_attempts: int = 10
-    webhooks_retry_base_seconds: float = 10.0
-    webhooks_retry_max_seconds: float = 21600.0
-    # Operations
-    redis_url: str = ""
-    flower_user: str = ""
-    flower_password: str = ""
-    http_host: str = "127.0.0.1"
-    http_port: int = 8080
-    log_format: str = "json"
-    extra: dict[str, str] = field(default_factory=dict)
+    webhooks_allow_http_loopback: bool = Field(False, validation_alias="WEBHOOKS_ALLOW_HTTP_LOOPBACK")
+    webhooks_timeout_seconds: float = Field(5.0, ge=0.1, validation_alias="WEBHOOKS_TIMEOUT_SECONDS")
+    webhooks_max_attempts: int = Field(10, ge=1, validation_alias="WEBHOOKS_MAX_ATTEMPTS")
+    webhooks_retry_base_seconds: float = Field(10.0, ge=0.01, validation_alias="WEBHOOKS_RETRY_BASE_SECONDS")
+    webhooks_retry_max_seconds: float = Field(21600.0, ge=1.0, validation_alias="WEBHOOKS_RETRY_MAX_SECONDS")
+    # Operations. Empty redis_url: the broker's, when the broker is Redis.
+    redis_url: str = Field("", validation_alias="REDIS_URL")
+    flower_user: str = Field("", validation_alias="FLOWER_USER")
+    flower_password: str = Field("", validation_alias="FLOWER_PASSWORD", repr=False)
+    http_host: str = Field("127.0.0.1", validation_alias="HTTP_HOST")
+    http_port: int = Field(8080, ge=1, validation_alias="HTTP_PORT")
+    log_format: Literal["json", "text"] = Field("json", validation_alias="LOG_FORMAT")
+
+    @field_validator("data_dir")
+    @classmethod
+    def _absolute_data_dir(cls, value: Path) -> Path:
+        # Relative to where the program started, so a later chdir moves nothing.
+        return value.resolve()
+
+    @field_validator("database_url")
+    @classmethod
+    def _psycopg_url(cls, value: str, info: ValidationInfo) -> str:
+        # psycopg 3 is the driver installed; SQLAlchemy's bare postgresql:// would ask for psycopg2.
+        if not value:
+            value = f"sqlite:///{info.data.get('data_dir', Path('data')) / 'progress_reset.db'}"
+        for scheme in ("postgres://", "postgresql://"):
+            if value.startswith(scheme):
+                value = "postgresql+psycopg://" + value[len(scheme):]
+        if not (value.startswith("sqlite") or value.startswith("postgresql")):
+            raise ValueError(f"must be a postgresql:// or sqlite:/// URL, got {value.split(':')[0]!r}")
+        return value
+
+    @field_validator("notify_backend", "log_format", mode="before")
+    @classmethod
+    def _lowercase(cls, value: Any) -> Any:
+        # NOTIFY_BACKEND=SMTP and LOG_FORMAT=TEXT are meant, not malformed.
+        return value.lower() if isinstance(value, str) else value
+
+    @field_validator("course_base_url")
+    @classmethod
+    def _no_trailing_slash(cls, value: str) -> str:
+        # Notifications append "/<course id>".
+        return value.rstrip("/")
+
+    @field_validator("redis_url")
+    @classmethod
+    def _broker_redis_by_default(cls, value: str, info: ValidationInfo) -> str:
+        broker_url = info.data.get("broker_url", "")
+        return value or (broker_url if broker_url.startswith("redis") else "")
 
     @property
     def embedded(self) -> bool:
@@ -133,78 +171,43 @@ class Settings:
     def broker_folder(self) -> Path:
         return self.data_dir / "broker"
 
-    def with_overrides(self, **changes: object) -> "Settings":
-        return replace(self, **changes)
+    def with_overrides(self, **changes: Any) -> "Settings":
+        """A copy with some attributes replaced, unchecked (tests and tools build these)."""
+        unknown = sorted(set(changes) - set(type(self).model_fields))
+        if unknown:
+            raise TypeError(f"Settings has no attribute {', '.join(unknown)}")
+        return self.model_copy(update=changes)
 
     @classmethod
-    def from_env(cls, env: dict[str, str] | None = None) -> "Settings":
-        env = dict(os.environ if env is None else env)
-        data_dir = Path(env.get("PROGRESS_RESET_DATA_DIR") or "data").resolve()
-        database_url = env.get("DATABASE_URL") or f"sqlite:///{data_dir / 'progress_reset.db'}"
-        if database_url.startswith("postgres://"):
-            database_url = "postgresql+psycopg://" + database_url[len("postgres://"):]
-        elif database_url.startswith("postgresql://"):
-            database_url = "postgresql+psycopg://" + database_url[len("postgresql://"):]
-        if not (database_url.startswith("sqlite") or database_url.startswith("postgresql")):
-            raise SettingsError(
-                f"DATABASE_URL must be a postgresql:// or sqlite:/// URL, got {database_url.split(':')[0]!r}"
-            )
-        broker_url = env.get("CELERY_BROKER_URL") or "filesystem://"
-        backend = (env.get("NOTIFY_BACKEND") or "console").lower()
-        if backend not in {"console", "smtp", "webhook"}:
-            raise SettingsError(f"NOTIFY_BACKEND must be console, smtp or webhook, got {backend!r}")
-        log_format = (env.get("LOG_FORMAT") or "json").lower()
-        if log_format not in {"json", "text"}:
-            raise SettingsError(f"LOG_FORMAT must be json or text, got {log_format!r}")
-        redis_url = env.get("REDIS_URL") or (broker_url if broker_url.startswith("redis") else "")
-        return cls(
-            data_dir=data_dir,
-            database_url=database_url,
-            broker_url=broker_url,
-            batch_size=_int(env, "RESET_BATCH_SIZE", 5000, minimum=1),
-            purge_chunk_rows=_int(env, "RESET_PURGE_CHUNK_ROWS", 50000, minimum=1),
-            purge_partitions=_int(env, "RESET_PURGE_PARTITIONS", 4, minimum=1),
-            purge_min_rows=_int(env, "RESET_PURGE_MIN_ROWS", 250000, minimum=0),
-            work_tokens=_int(env, "RESET_WORK_TOKENS", 4, minimum=1),
-            task_slice_seconds=_float(env, "TASK_SLICE_SECONDS", 1.0, minimum=0.05),
-            batch_max_attempts=_int(env, "RESET_BATCH_MAX_ATTEMPTS", 5, minimum=1),
-            batch_lease_seconds=_int(env, "RESET_BATCH_LEASE_SECONDS", 120, minimum=1),
-            token_ttl_seconds=_int(env, "RESET_TOKEN_TTL_SECONDS", 900, minimum=1),
-            campaign_min_interval_seconds=_int(env, "CAMPAIGN_MIN_INTERVAL_SECONDS", 86400, minimum=60),
-            job_stale_seconds=_int(env, "RESET_JOB_STALE_SECONDS", 300, minimum=1),
-            publish_stale_seconds=_int(env, "PUBLISH_STALE_SECONDS", 60, minimum=1),
-            sweep_interval_seconds=_float(env, "SWEEP_INTERVAL_SECONDS", 30.0, minimum=0.1),
-            visibility_timeout_seconds=_int(env, "BROKER_VISIBILITY_TIMEOUT_SECONDS", 3600, minimum=10),
-            task_time_limit_seconds=_int(env, "TASK_TIME_LIMIT_SECONDS", 900, minimum=1),
-            notify_backend=backend,
-            notify_console_path=env.get("NOTIFY_CONSOLE_PATH", ""),
-            notify_rate_per_second=_float(env, "NOTIFY_RATE_PER_SECOND", 50.0, minimum=0.01),
-            notify_max_attempts=_int(env, "NOTIFY_MAX_ATTEMPTS", 8, minimum=1),
-            notify_chunk_size=_int(env, "NOTIFY_CHUNK_SIZE", 50, minimum=1),
-            notify_stale_seconds=_int(env, "NOTIFY_STALE_SECONDS", 300, minimum=1),
-            course_base_url=env.get("COURSE_BASE_URL", "https://training.example.com/courses").rstrip("/"),
-            smtp_host=env.get("SMTP_HOST", "127.0.0.1"),
-            smtp_port=_int(env, "SMTP_PORT", 25, minimum=1),
-            smtp_starttls=_bool(env, "SMTP_STARTTLS", False),
-            smtp_username=env.get("SMTP_USERNAME", ""),
-            smtp_password=env.get("SMTP_PASSWORD", ""),
-            smtp_from=env.get("SMTP_FROM", "training@example.com"),
-            smtp_timeout_seconds=_float(env, "SMTP_TIMEOUT_SECONDS", 10.0, minimum=0.1),
-            webhook_url=env.get("WEBHOOK_URL", ""),
-            webhook_secret=env.get("WEBHOOK_SECRET", ""),
-            webhook_timeout_seconds=_float(env, "WEBHOOK_TIMEOUT_SECONDS", 10.0, minimum=0.1),
-            webhooks_allow_http_loopback=_bool(env, "WEBHOOKS_ALLOW_HTTP_LOOPBACK", False),
-            webhooks_timeout_seconds=_float(env, "WEBHOOKS_TIMEOUT_SECONDS", 5.0, minimum=0.1),
-            webhooks_max_attempts=_int(env, "WEBHOOKS_MAX_ATTEMPTS", 10, minimum=1),
-            webhooks_retry_base_seconds=_float(env, "WEBHOOKS_RETRY_BASE_SECONDS", 10.0, minimum=0.01),
-            webhooks_retry_max_seconds=_float(env, "WEBHOOKS_RETRY_MAX_SECONDS", 21600.0, minimum=1.0),
-            redis_url=redis_url,
-            flower_user=env.get("FLOWER_USER", ""),
-            flower_password=env.get("FLOWER_PASSWORD", ""),
-            http_host=env.get("HTTP_HOST", "127.0.0.1"),
-            http_port=_int(env, "HTTP_PORT", 8080, minimum=1),
-            log_format=log_format,
-        )
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
+        """Settings from ``env`` (default: the process environment); :class:`SettingsError` if malformed."""
+        # Only this environment: no .env file, secrets folder or other source is read.
+        source = _Environ(cls, os.environ if env is None else env)
+        try:
+            return cls(_build_sources=((source,), {}))
+        except ValidationError as exc:
+            raise SettingsError("; ".join(_describe(error) for error in exc.errors())) from None
+
+
+def _describe(error: Any) -> str:
+    """``<VARIABLE> must be ...``: pydantic's error, in the terms of the environment variable."""
+    variable = str(error["loc"][0]) if error["loc"] else "configuration"
+    kind, raw, context = error["type"], error["input"], error.get("ctx") or {}
+    if kind == "value_error":
+        problem = str(context["error"])
+    elif kind in {"int_parsing", "int_from_float", "int_type"}:
+        problem = f"must be a whole number, got {raw!r}"
+    elif kind in {"float_parsing", "float_type", "finite_number"}:
+        problem = f"must be a number, got {raw!r}"
+    elif kind == "greater_than_equal":
+        problem = f"must be at least {context['ge']}, got {raw}"
+    elif kind == "bool_parsing":
+        problem = f"must be true or false, got {raw!r}"
+    elif kind == "literal_error":
+        problem = f"must be {context['expected'].replace(chr(39), '')}, got {raw!r}"
+    else:
+        problem = f"is malformed: {error['msg']}"
+    return f"{variable} {problem}"
 
 
 @lru_cache(maxsize=1)
@@ -218,4 +221,4 @@ def reset_settings_cache() -> None:
     get_settings.cache_clear()
 
 
-__all__ = ["Settings", "SettingsError", "get_settings", "reset_settings_cache", "fields"]
+__all__ = ["Settings", "SettingsError", "get_settings", "reset_settings_cache"]

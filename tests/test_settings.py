@@ -1,4 +1,4 @@
-"""The one settings object (models.settings.Settings.from_env)."""
+"""The one settings object (models.settings.Settings.from_env), read from the environment."""
 
 from __future__ import annotations
 
@@ -7,6 +7,25 @@ from pathlib import Path
 import pytest
 
 from models.settings import Settings, SettingsError, get_settings, reset_settings_cache
+
+# Every environment variable Settings reads, by attribute.
+VARIABLES = {field.validation_alias: name for name, field in Settings.model_fields.items()}
+
+# The smallest value each numeric variable accepts.
+MINIMUMS = {
+    "RESET_BATCH_SIZE": 1, "RESET_PURGE_CHUNK_ROWS": 1, "RESET_PURGE_PARTITIONS": 1, "RESET_PURGE_MIN_ROWS": 0,
+    "RESET_WORK_TOKENS": 1, "TASK_SLICE_SECONDS": 0.05, "RESET_BATCH_MAX_ATTEMPTS": 1,
+    "RESET_BATCH_LEASE_SECONDS": 1, "RESET_TOKEN_TTL_SECONDS": 1, "CAMPAIGN_MIN_INTERVAL_SECONDS": 60,
+    "RESET_JOB_STALE_SECONDS": 1, "PUBLISH_STALE_SECONDS": 1, "SWEEP_INTERVAL_SECONDS": 0.1,
+    "BROKER_VISIBILITY_TIMEOUT_SECONDS": 10, "TASK_TIME_LIMIT_SECONDS": 1, "NOTIFY_RATE_PER_SECOND": 0.01,
+    "NOTIFY_MAX_ATTEMPTS": 1, "NOTIFY_CHUNK_SIZE": 1, "NOTIFY_STALE_SECONDS": 1, "SMTP_PORT": 1,
+    "SMTP_TIMEOUT_SECONDS": 0.1, "WEBHOOK_TIMEOUT_SECONDS": 0.1, "WEBHOOKS_TIMEOUT_SECONDS": 0.1,
+    "WEBHOOKS_MAX_ATTEMPTS": 1, "WEBHOOKS_RETRY_BASE_SECONDS": 0.01, "WEBHOOKS_RETRY_MAX_SECONDS": 1.0,
+    "HTTP_PORT": 1,
+}
+WHOLE_NUMBERS = sorted(v for v, m in MINIMUMS.items() if isinstance(m, int))
+NUMBERS = sorted(v for v, m in MINIMUMS.items() if isinstance(m, float))
+SWITCHES = ["SMTP_STARTTLS", "WEBHOOKS_ALLOW_HTTP_LOOPBACK"]
 
 
 def test_nothing_set_is_the_embedded_default(tmp_path, monkeypatch):
@@ -89,6 +108,100 @@ def test_malformed_values_name_the_variable(variable, value):
         Settings.from_env({variable: value})
 
 
+def test_every_numeric_variable_has_a_known_minimum():
+    numeric = {v for v, name in VARIABLES.items() if Settings.model_fields[name].annotation in (int, float)}
+    assert numeric == set(MINIMUMS)
+
+
+@pytest.mark.parametrize("variable", WHOLE_NUMBERS)
+@pytest.mark.parametrize("value", ["abc", "1.5"])
+def test_a_whole_number_variable_names_itself_when_malformed(variable, value):
+    with pytest.raises(SettingsError) as refused:
+        Settings.from_env({variable: value})
+    assert str(refused.value) == f"{variable} must be a whole number, got {value!r}"
+
+
+@pytest.mark.parametrize("variable", NUMBERS)
+@pytest.mark.parametrize("value", ["fast", "nan", "inf"])
+def test_a_number_variable_names_itself_when_malformed(variable, value):
+    with pytest.raises(SettingsError) as refused:
+        Settings.from_env({variable: value})
+    assert str(refused.value) == f"{variable} must be a number, got {value!r}"
+
+
+@pytest.mark.parametrize("variable, minimum", sorted(MINIMUMS.items()))
+def test_bounds_accept_the_minimum_and_refuse_below_it(variable, minimum):
+    assert getattr(Settings.from_env({variable: str(minimum)}), VARIABLES[variable]) == minimum
+    below = minimum - 1 if isinstance(minimum, int) else minimum / 2
+    with pytest.raises(SettingsError) as refused:
+        Settings.from_env({variable: str(below)})
+    assert str(refused.value) == f"{variable} must be at least {minimum}, got {below}"
+
+
+@pytest.mark.parametrize("variable", SWITCHES)
+def test_switches_read_true_and_false_and_refuse_anything_else(variable):
+    attribute = VARIABLES[variable]
+    for value in ("1", "true", "YES", "on"):
+        assert getattr(Settings.from_env({variable: value}), attribute) is True
+    for value in ("0", "False", "no", "off"):
+        assert getattr(Settings.from_env({variable: value}), attribute) is False
+    with pytest.raises(SettingsError) as refused:
+        Settings.from_env({variable: "maybe"})
+    assert str(refused.value) == f"{variable} must be true or false, got 'maybe'"
+
+
+@pytest.mark.parametrize(
+    "variable, value, message",
+    [
+        ("NOTIFY_BACKEND", "Pigeon", "NOTIFY_BACKEND must be console, smtp or webhook, got 'pigeon'"),
+        ("LOG_FORMAT", "xml", "LOG_FORMAT must be json or text, got 'xml'"),
+        ("DATABASE_URL", "mysql://root@127.0.0.1/training",
+         "DATABASE_URL must be a postgresql:// or sqlite:/// URL, got 'mysql'"),
+    ],
+)
+def test_choices_name_what_is_accepted(variable, value, message):
+    with pytest.raises(SettingsError) as refused:
+        Settings.from_env({variable: value})
+    assert str(refused.value) == message
+
+
+def test_several_malformed_values_are_one_line_naming_each():
+    with pytest.raises(SettingsError) as refused:
+        Settings.from_env({"RESET_BATCH_SIZE": "0", "SMTP_PORT": "smtp", "LOG_FORMAT": "xml"})
+    message = str(refused.value)
+    assert "\n" not in message
+    assert message == ("RESET_BATCH_SIZE must be at least 1, got 0; SMTP_PORT must be a whole number, "
+                       "got 'smtp'; LOG_FORMAT must be json or text, got 'xml'")
+
+
+def test_every_variable_empty_is_the_same_as_none_set():
+    assert Settings.from_env({variable: "" for variable in VARIABLES}) == Settings.from_env({})
+
+
+def test_only_the_exact_names_of_the_given_mapping_are_read(monkeypatch, tmp_path):
+    monkeypatch.setenv("RESET_BATCH_SIZE", "7")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".env").write_text("RESET_BATCH_SIZE=8\n")
+    assert Settings.from_env({"reset_batch_size": "9", "batch_size": "9"}).batch_size == 5000
+    assert Settings.from_env().batch_size == 7, "the process environment, and no .env file"
+
+
+def test_overrides_make_a_copy_of_known_attributes_only():
+    base = Settings.from_env({})
+    changed = base.with_overrides(smtp_port=2525, notify_backend="smtp")
+    assert (changed.smtp_port, changed.notify_backend) == (2525, "smtp")
+    assert (base.smtp_port, base.notify_backend) == (25, "console")
+    with pytest.raises(TypeError, match="smtp_prot"):
+        base.with_overrides(smtp_prot=2525)
+    with pytest.raises(ValueError):
+        base.smtp_port = 2525
+
+
+def test_secrets_stay_out_of_the_printed_settings():
+    shown = repr(Settings.from_env({"SMTP_PASSWORD": "pw-1", "WEBHOOK_SECRET": "sec-2", "FLOWER_PASSWORD": "fl-3"}))
+    assert "pw-1" not in shown and "sec-2" not in shown and "fl-3" not in shown
+
+
 def test_settings_are_read_once_until_the_cache_is_reset(monkeypatch):
     monkeypatch.setenv("RESET_BATCH_SIZE", "11")
     reset_settings_cache()
@@ -121,13 +234,8 @@ def test_tests_run_with_a_private_data_dir():
 
 
 def test_every_variable_is_documented_in_the_readme():
-    """Adding a setting means documenting it: every variable settings.py reads is in README.md."""
-    import re
-
-    import models.settings
-
-    source = Path(models.settings.__file__).read_text()
-    variables = set(re.findall(r"""env(?:\.get\(|, )["']([A-Z][A-Z0-9_]+)["']""", source))
+    """Adding a setting means documenting it: every variable Settings reads is in README.md."""
+    variables = set(VARIABLES)
     assert {"DATABASE_URL", "CELERY_BROKER_URL", "RESET_BATCH_SIZE"} <= variables
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     missing = sorted(v for v in variables if f"`{v}`" not in readme)
