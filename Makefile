@@ -25,8 +25,8 @@ $(VENV)/.installed-test: $(BIN)/python pyproject.toml requirements.lock
 demo: $(VENV)/.installed-run
 	$(BIN)/progress-reset demo
 
-## test: install, make sure PostgreSQL and Redis answer, run the tests
-test: $(VENV)/.installed-test
+## test: install, check the layout's dependency rule (lint), make sure PostgreSQL and Redis answer, run the tests
+test: lint
 	$(BIN)/python -m tests.services
 	$(BIN)/python -m pytest -q
 
@@ -39,9 +39,10 @@ bench: $(VENV)/.installed-test
 	$(BIN)/python -m tests.services
 	$(BIN)/python -m bench
 
-## lint: byte-compile everything (catches syntax errors without extra tools)
-lint: $(VENV)/.installed-run
-	$(BIN)/python -m compileall -q models tasks workers producer tests
+## lint: byte-compile everything, then check the dependency direction (import-linter contracts in pyproject.toml)
+lint: $(VENV)/.installed-test
+	$(BIN)/python -m compileall -q models tasks workers producer tests bench
+	$(BIN)/lint-imports
 
 clean-venv:
 	rm -rf $(VENV)
