@@ -22,18 +22,8 @@ from datetime import date, datetime, timedelta
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from models.errors import Conflict, NotFound, PermissionDenied, TokenExpired, TokenInvalid, ValidationFailed
-from models.jobs import as_utc, new_token, record_audit, summarize, token_matches, utcnow
-from models.schema import (
-    PERMISSION_TRAINING,
-    CampaignOccurrence,
-    Course,
-    Organization,
-    RetrainingCampaign,
-    User,
-)
-from models.settings import get_settings
-from models.text import check_storable
+from models.errors import Conflict, NotFound, PermissionDenied, TokenInvalid, ValidationFailed
+from models.jobs import as_utc, new_token, record_audit, summarize, utcnow
 from models.schedule import (
     Schedule,
     build_schedule,
@@ -49,8 +39,17 @@ from models.schedule import (
     parse_time_zone,
     schedule_of,
 )
+from models.schema import (
+    PERMISSION_TRAINING,
+    CampaignOccurrence,
+    Organization,
+    RetrainingCampaign,
+    User,
+)
+from models.settings import get_settings
+from models.text import check_storable
+from producer.access import MAX_REASON, actor_of, check_token, checked_reason, course_of, iso  # noqa: F401
 
-MAX_REASON = 2000
 MAX_AUDIENCE_DAYS = 36500
 PREVIEW_OCCURRENCES = 3
 
@@ -81,12 +80,6 @@ class CampaignRequestResult:
 
 # --- who may act on what -------------------------------------------------------------------
 
-def _actor(session: Session, actor_id: int) -> User:
-    actor = session.get(User, actor_id)
-    if actor is None:
-        raise NotFound(f"actor {actor_id} not found")
-    return actor
-
 
 def _check_permission(actor: User) -> None:
     if not actor.has_permission(PERMISSION_TRAINING):
@@ -95,12 +88,6 @@ def _check_permission(actor: User) -> None:
             "retraining campaigns"
         )
 
-
-def _course_of(session: Session, actor: User, course_id: int) -> Course:
-    course = session.get(Course, course_id)
-    if course is None or course.organization_id != actor.organization_id:
-        raise NotFound(f"course {course_id} not found")
-    return course
 
 
 def _campaign_of(session: Session, actor: User, campaign_id: int, lock: bool = True) -> RetrainingCampaign:
@@ -195,13 +182,11 @@ def request_campaign(
     would reset if it ran now. Writes nothing when it refuses.
     """
     now = now or utcnow()
-    reason = check_storable("reason", (reason or "").strip())
+    reason = checked_reason(reason)
     for field, value in (("cron", cron), ("start", start), ("time zone", time_zone)):
         check_storable(field, value)
-    if len(reason) > MAX_REASON:
-        raise ValidationFailed(f"reason is {len(reason)} characters; at most {MAX_REASON} are allowed")
-    actor = _actor(session, actor_id)
-    course = _course_of(session, actor, course_id)
+    actor = actor_of(session, actor_id)
+    course = course_of(session, actor, course_id)
     _check_permission(actor)
 
     if time_zone is None:
@@ -261,7 +246,7 @@ def confirm_campaign(
     or reused token changes nothing.
     """
     now = now or utcnow()
-    actor = _actor(session, actor_id)
+    actor = actor_of(session, actor_id)
     campaign = _campaign_of(session, actor, campaign_id)
     if campaign.created_by != actor.id:
         raise PermissionDenied(
@@ -269,16 +254,10 @@ def confirm_campaign(
         )
     if campaign.state != "awaiting_confirmation":
         raise TokenInvalid(f"campaign {campaign.id} was already confirmed (it is {campaign.state}); a token works once")
-    check_storable("token", token)
-    if not token_matches(token or "", campaign.token_hash):
-        raise TokenInvalid(f"wrong confirmation token for campaign {campaign.id}")
-    if as_utc(campaign.token_expires_at) <= now:
-        raise TokenExpired(
-            f"the confirmation token of campaign {campaign.id} expired at "
-            f"{as_utc(campaign.token_expires_at).isoformat()}; request the campaign again"
-        )
+    check_token(f"campaign {campaign.id}", token, campaign.token_hash, campaign.token_expires_at, now,
+                "request the campaign again")
     _check_permission(actor)
-    _course_of(session, actor, campaign.course_id)
+    course_of(session, actor, campaign.course_id)
     schedule = schedule_of(campaign)
     campaign.state = "active"
     campaign.confirmed_at = now
@@ -300,11 +279,11 @@ def list_campaigns(
 ) -> list[dict]:
     """The campaigns of the actor's organization (optionally of one course), oldest first."""
     now = now or utcnow()
-    actor = _actor(session, actor_id)
+    actor = actor_of(session, actor_id)
     _check_permission(actor)
     query = select(RetrainingCampaign).where(RetrainingCampaign.organization_id == actor.organization_id)
     if course_id is not None:
-        _course_of(session, actor, course_id)
+        course_of(session, actor, course_id)
         query = query.where(RetrainingCampaign.course_id == course_id)
     if not include_deleted:
         query = query.where(RetrainingCampaign.state != "deleted")
@@ -339,7 +318,7 @@ def _switch_state(session: Session, actor_id: int, campaign_id: int, *, source: 
                   rule: str, next_occurrence, origin: str, now: datetime | None) -> dict:
     """Move a campaign from ``source`` to ``target`` state (already there: no change), audited."""
     now = now or utcnow()
-    actor = _actor(session, actor_id)
+    actor = actor_of(session, actor_id)
     _check_permission(actor)
     campaign = _campaign_of(session, actor, campaign_id)
     if campaign.state == target:
@@ -351,7 +330,7 @@ def _switch_state(session: Session, actor_id: int, campaign_id: int, *, source: 
     session.flush()
     record_audit(session, action, campaign.organization_id, actor_id=actor.id, course_id=campaign.course_id,
                  campaign_id=campaign.id, reason=campaign.reason, origin=origin,
-                 details={"next_occurrence_at": _iso(campaign.next_occurrence_at)})
+                 details={"next_occurrence_at": iso(campaign.next_occurrence_at)})
     return campaign_view(session, campaign, now) | {"changed": True}
 
 
@@ -364,7 +343,7 @@ def delete_campaign(
     them); a job an earlier occurrence queued is not cancelled (use ``cancel``).
     """
     now = now or utcnow()
-    actor = _actor(session, actor_id)
+    actor = actor_of(session, actor_id)
     _check_permission(actor)
     campaign = _campaign_of(session, actor, campaign_id)
     previous = campaign.state
@@ -379,9 +358,6 @@ def delete_campaign(
 
 
 # --- presentation --------------------------------------------------------------------------
-
-def _iso(value: datetime | None) -> str | None:
-    return as_utc(value).isoformat() if value is not None else None
 
 
 def campaign_view(session: Session, campaign: RetrainingCampaign, now: datetime | None = None) -> dict:
@@ -415,20 +391,20 @@ def campaign_view(session: Session, campaign: RetrainingCampaign, now: datetime 
         "schedule_kind": campaign.schedule_kind,
         "cron_expression": campaign.cron_expression,
         "every_months": campaign.every_months,
-        "start_at": _iso(campaign.start_at),
+        "start_at": iso(campaign.start_at),
         "time_zone": campaign.time_zone,
         "schedule": description,
-        "next_occurrence_at": _iso(next_at),
+        "next_occurrence_at": iso(next_at),
         "next_occurrence_local": (next_at.astimezone(schedule.zone).isoformat()
                                   if next_at is not None and schedule is not None else None),
         "occurrences_done": campaign.occurrences_done,
         "occurrences_missed_recorded": int(missed),
         "last_occurrence": None if last is None else {
-            "occurrence_at": _iso(last.occurrence_at), "outcome": last.outcome,
+            "occurrence_at": iso(last.occurrence_at), "outcome": last.outcome,
             "job_id": str(last.job_id) if last.job_id else None, "detail": last.detail,
         },
         "created_by": campaign.created_by,
-        "created_at": _iso(campaign.created_at),
-        "confirmed_at": _iso(campaign.confirmed_at),
+        "created_at": iso(campaign.created_at),
+        "confirmed_at": iso(campaign.confirmed_at),
         "reason": campaign.reason,
     }

@@ -39,7 +39,6 @@ from models.jobs import (
     new_token,
     record_audit,
     summarize,
-    token_matches,
     utcnow,
 )
 from models.messaging import publish_after_commit
@@ -54,9 +53,9 @@ from models.schema import (
 )
 from models.settings import get_settings
 from models.text import check_storable
+from producer.access import MAX_REASON, actor_of, check_token, checked_reason, course_of, iso  # noqa: F401
 from producer.pages import check_limit, cursor_datetime, decode_cursor, encode_cursor, parse_instant
 
-MAX_REASON = 2000
 MAX_IDEMPOTENCY_KEY = 200
 
 
@@ -83,18 +82,6 @@ class ConfirmResult:
         return {"job_id": self.job_id, "state": self.state}
 
 
-def _actor(session: Session, actor_id: int) -> User:
-    actor = session.get(User, actor_id)
-    if actor is None:
-        raise NotFound(f"actor {actor_id} not found")
-    return actor
-
-
-def _course_of(session: Session, actor: User, course_id: int) -> Course:
-    course = session.get(Course, course_id)
-    if course is None or course.organization_id != actor.organization_id:
-        raise NotFound(f"course {course_id} not found")
-    return course
 
 
 def required_permission(learner_id: int | None) -> str:
@@ -132,14 +119,12 @@ def request(
     other parameters it is refused.
     """
     now = now or utcnow()
-    reason = check_storable("reason", (reason or "").strip())
+    reason = checked_reason(reason)
     check_storable("idempotency key", idempotency_key)
-    if len(reason) > MAX_REASON:
-        raise ValidationFailed(f"reason is {len(reason)} characters; at most {MAX_REASON} are allowed")
     if idempotency_key is not None and not (0 < len(idempotency_key) <= MAX_IDEMPOTENCY_KEY):
         raise ValidationFailed(f"idempotency key must be 1 to {MAX_IDEMPOTENCY_KEY} characters")
-    actor = _actor(session, actor_id)
-    course = _course_of(session, actor, course_id)
+    actor = actor_of(session, actor_id)
+    course = course_of(session, actor, course_id)
     if learner_id is not None:
         learner = session.get(User, learner_id)
         if learner is None or learner.organization_id != actor.organization_id:
@@ -272,8 +257,7 @@ def confirm(
     job's id if the course or learner is already being reset (R11).
     """
     now = now or utcnow()
-    check_storable("token", token)
-    actor = _actor(session, actor_id)
+    actor = actor_of(session, actor_id)
     job = get_job(session, request_id, organization_id=actor.organization_id)
     session.refresh(job, with_for_update=True)
     if job.actor_id != actor_id:
@@ -282,13 +266,7 @@ def confirm(
         raise TokenExpired(f"request {job.id} expired unconfirmed; make a new request")
     if job.state != "awaiting_confirmation":
         raise TokenInvalid(f"request {job.id} was already confirmed (job is {job.state}); a token works once")
-    if not token_matches(token, job.token_hash):
-        raise TokenInvalid(f"wrong confirmation token for request {job.id}")
-    if as_utc(job.token_expires_at) <= now:
-        raise TokenExpired(
-            f"the confirmation token of request {job.id} expired at {as_utc(job.token_expires_at).isoformat()}; "
-            "make a new request"
-        )
+    check_token(f"request {job.id}", token, job.token_hash, job.token_expires_at, now, "make a new request")
     _check_permission(actor, job.learner_id)
     activate_job(session, job, now)
     job.token_hash = None
@@ -309,7 +287,7 @@ def cancel(session: Session, job_id: str, actor_id: int, now: datetime | None = 
     row is written here, so a cancel never waits on, or deadlocks with, a batch in flight.
     """
     now = now or utcnow()
-    actor = _actor(session, actor_id)
+    actor = actor_of(session, actor_id)
     job = get_job(session, job_id, organization_id=actor.organization_id)
     _check_permission(actor, job.learner_id)
     jobs = ResetJob.__table__
@@ -337,9 +315,6 @@ def status(session: Session, job_id: str, organization_id: int | None = None) ->
     return describe_status(session, get_job(session, job_id, organization_id=organization_id))
 
 
-def _iso(value: datetime | None) -> str | None:
-    return as_utc(value).isoformat() if value is not None else None
-
 
 # --- listing -----------------------------------------------------------------------------------
 
@@ -352,9 +327,9 @@ def describe_job(job) -> dict:
         "learners_total": job.learners_total,
         "learners_done": job.learners_done,
         "cleared": job.cleared or {},
-        "created_at": _iso(job.created_at),
-        "confirmed_at": _iso(job.confirmed_at),
-        "finished_at": _iso(job.finished_at),
+        "created_at": iso(job.created_at),
+        "confirmed_at": iso(job.confirmed_at),
+        "finished_at": iso(job.finished_at),
         "error": job.error,
     }
 
