@@ -26,8 +26,6 @@ from models.schema import (
 class ResetComponent:
     name: str
     table: Table
-    # Shown in the request summary ("completions", "certificates"), if any.
-    summary_key: str | None = None
 
 
 RESET_COMPONENTS: tuple[ResetComponent, ...] = (
@@ -35,10 +33,7 @@ RESET_COMPONENTS: tuple[ResetComponent, ...] = (
     ResetComponent("assessment_results", AssessmentResult.__table__),
     ResetComponent("discussion_posts", DiscussionPost.__table__),
     ResetComponent("assignment_submissions", AssignmentSubmission.__table__),
-    ResetComponent("course_completions", CourseCompletion.__table__, summary_key="completions"),
-    ResetComponent("certificates", Certificate.__table__, summary_key="certificates"),
+    ResetComponent("course_completions", CourseCompletion.__table__),
+    ResetComponent("certificates", Certificate.__table__),
 )
 
-
-def component_names() -> list[str]:
-    return [c.name for c in RESET_COMPONENTS]

@@ -21,7 +21,6 @@ from sqlalchemy.sql.elements import ColumnElement
 from models.errors import Conflict, NotFound
 from models.webhooks import record_job_event
 from models.schema import (
-    ACTIVE_JOB_STATES,
     AuditEvent,
     Certificate,
     Course,
@@ -32,6 +31,7 @@ from models.schema import (
     ResetJob,
     User,
 )
+from models.states import ACTIVE_JOB_STATES, BatchKind, BatchState, JobScope, JobState, NotificationStatus
 
 
 def utcnow() -> datetime:
@@ -117,11 +117,11 @@ def find_active_job(session: Session, course_id: int, learner_id: int | None = N
     j = ResetJob
     active = j.state.in_(ACTIVE_JOB_STATES)
     course_wide = session.scalars(
-        select(j).where(j.course_id == course_id, j.scope == "course", active).limit(1)
+        select(j).where(j.course_id == course_id, j.scope == JobScope.COURSE, active).limit(1)
     ).first()
     if course_wide is not None:
         return course_wide
-    query = select(j).where(j.course_id == course_id, j.scope == "learner", active)
+    query = select(j).where(j.course_id == course_id, j.scope == JobScope.LEARNER, active)
     if learner_id is not None:
         query = query.where(j.learner_id == learner_id)
     return session.scalars(query.limit(1)).first()
@@ -143,12 +143,12 @@ def activate_job(session: Session, job: ResetJob, now: datetime | None = None) -
     """
     now = now or utcnow()
     session.execute(select(Course.id).where(Course.id == job.course_id).with_for_update())
-    blocking = find_active_job(session, job.course_id, job.learner_id if job.scope == "learner" else None)
+    blocking = find_active_job(session, job.course_id, job.learner_id if job.scope == JobScope.LEARNER else None)
     if blocking is not None and blocking.id != job.id:
         raise already_active_error(blocking, job.course_id, job.learner_id)
     try:
         with session.begin_nested():
-            job.state = "queued"
+            job.state = JobState.QUEUED
             job.confirmed_at = now
             job.published_at = now
             job.heartbeat_at = now
@@ -182,7 +182,7 @@ def job_identity(job: ResetJob) -> dict:
 
 
 def describe_status(session: Session, job: ResetJob) -> dict:
-    """The job's state and counts in the contract's status shape (DESIGN.md section 3).
+    """The job's state and counts in the contract's status shape (docs/rules.md, "Contracts").
 
     One definition for ``status`` (CLI and HTTP) and the data of webhook events.
     """
@@ -201,9 +201,9 @@ def describe_status(session: Session, job: ResetJob) -> dict:
         "purge_batches_done": job.purge_done,
         "cleared": dict(job.cleared or {}),
         "notifications": {
-            "pending": int(counts.get("pending", 0) + counts.get("sending", 0)),
-            "sent": int(counts.get("sent", 0)),
-            "failed": int(counts.get("failed", 0)),
+            "pending": int(counts.get(NotificationStatus.PENDING, 0) + counts.get(NotificationStatus.SENDING, 0)),
+            "sent": int(counts.get(NotificationStatus.SENT, 0)),
+            "failed": int(counts.get(NotificationStatus.FAILED, 0)),
         },
         "created_at": _iso(job.created_at),
         "confirmed_at": _iso(job.confirmed_at),
@@ -218,7 +218,7 @@ def _dead_purges(session: Session, job: ResetJob) -> int:
         return 0
     b = ResetBatch.__table__
     return session.scalar(select(func.count()).select_from(b).where(
-        b.c.job_id == job.id, b.c.kind == "purge", b.c.state == "dead")) or 0
+        b.c.job_id == job.id, b.c.kind == BatchKind.PURGE, b.c.state == BatchState.DEAD)) or 0
 
 
 def _iso(value: datetime | None) -> str | None:

@@ -28,15 +28,12 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from models.states import BatchState, CampaignState, DeliveryStatus, JobState, NotificationStatus
+
 # SQLite only auto-increments INTEGER PRIMARY KEY, so big ids are BIGINT on
 # PostgreSQL and INTEGER on SQLite.
 BigId = BigInteger().with_variant(Integer(), "sqlite")
 
-# A cancelled job is ``cancelling`` until the work in flight has ended and its clean-up ran;
-# it still holds its course (or learner-in-course) until then.
-ACTIVE_JOB_STATES = ("queued", "running", "cancelling")
-JOB_STATES = ("awaiting_confirmation", "queued", "running", "cancelling", "succeeded", "failed", "expired",
-              "cancelled")
 ASSIGNMENT_STATUSES = ("not_started", "in_progress", "completed")
 ITEM_KINDS = ("lesson", "practical_assessment", "discussion", "assignment")
 
@@ -232,7 +229,7 @@ class ResetJob(Base):
     course_id: Mapped[int] = mapped_column(Integer)
     learner_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
     scope: Mapped[str] = mapped_column(String(16))  # "course" | "learner"
-    state: Mapped[str] = mapped_column(String(32), default="awaiting_confirmation")
+    state: Mapped[str] = mapped_column(String(32), default=JobState.AWAITING_CONFIRMATION)
     actor_id: Mapped[int] = mapped_column(Integer)
     reason: Mapped[str] = mapped_column(Text, default="")
     origin: Mapped[str] = mapped_column(String(64), default="python")
@@ -342,7 +339,7 @@ class ResetBatch(Base):
     hi_row_id: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     lo_user_id: Mapped[int] = mapped_column(Integer)
     hi_user_id: Mapped[int] = mapped_column(Integer)
-    state: Mapped[str] = mapped_column(String(16), default="pending")  # waiting|pending|running|done|dead|cancelled
+    state: Mapped[str] = mapped_column(String(16), default=BatchState.PENDING)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     claimed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
@@ -368,7 +365,7 @@ class Notification(Base):
     course_id: Mapped[int] = mapped_column(Integer)
     reset_job_id: Mapped[uuid.UUID] = mapped_column(Uuid)
     kind: Mapped[str] = mapped_column(String(32), default="course_assigned")
-    status: Mapped[str] = mapped_column(String(16), default="pending")  # pending|sending|sent|failed
+    status: Mapped[str] = mapped_column(String(16), default=NotificationStatus.PENDING)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     claimed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
@@ -435,8 +432,7 @@ class RetrainingCampaign(Base):
     every_months: Mapped[int | None] = mapped_column(Integer, nullable=True)
     start_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     time_zone: Mapped[str] = mapped_column(String(64), default="UTC")
-    # awaiting_confirmation | active | paused | deleted | expired
-    state: Mapped[str] = mapped_column(String(32), default="awaiting_confirmation")
+    state: Mapped[str] = mapped_column(String(32), default=CampaignState.AWAITING_CONFIRMATION)
     next_occurrence_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     occurrences_done: Mapped[int] = mapped_column(Integer, default=0)
     created_by: Mapped[int] = mapped_column(Integer)
@@ -532,8 +528,7 @@ class WebhookDelivery(Base):
     event_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("webhook_events.id"))
     endpoint_id: Mapped[int] = mapped_column(ForeignKey("webhook_endpoints.id"))
     job_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, nullable=True)
-    # pending | sending | delivered | failed | cancelled
-    status: Mapped[str] = mapped_column(String(16), default="pending")
+    status: Mapped[str] = mapped_column(String(16), default=DeliveryStatus.PENDING)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)

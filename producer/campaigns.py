@@ -48,6 +48,7 @@ from models.schema import (
 )
 from models.settings import get_settings
 from models.text import check_storable
+from models.states import CampaignState
 from producer.access import MAX_REASON, actor_of, check_token, checked_reason, course_of, iso  # noqa: F401
 
 MAX_AUDIENCE_DAYS = 36500
@@ -74,7 +75,7 @@ class CampaignRequestResult:
             "schedule": self.schedule,
             "time_zone": self.time_zone,
             "first_occurrences": [o.isoformat() for o in self.first_occurrences],
-            "state": "awaiting_confirmation",
+            "state": CampaignState.AWAITING_CONFIRMATION,
         }
 
 
@@ -222,7 +223,7 @@ def request_campaign(
     campaign = RetrainingCampaign(
         organization_id=actor.organization_id, course_id=course.id, audience=audience, audience_days=audience_days,
         schedule_kind=kind, cron_expression=cron, every_months=every_months, start_at=start_at,
-        time_zone=zone.key, state="awaiting_confirmation", next_occurrence_at=None, occurrences_done=0,
+        time_zone=zone.key, state=CampaignState.AWAITING_CONFIRMATION, next_occurrence_at=None, occurrences_done=0,
         created_by=actor.id, reason=reason, token_hash=token_hash, token_expires_at=expires_at, created_at=now,
     )
     session.add(campaign)
@@ -252,7 +253,7 @@ def confirm_campaign(
         raise PermissionDenied(
             f"campaign {campaign.id} was requested by actor {campaign.created_by}; only they can confirm it"
         )
-    if campaign.state != "awaiting_confirmation":
+    if campaign.state != CampaignState.AWAITING_CONFIRMATION:
         raise TokenInvalid(f"campaign {campaign.id} was already confirmed (it is {campaign.state}); a token works once")
     check_token(f"campaign {campaign.id}", token, campaign.token_hash, campaign.token_expires_at, now,
                 "request the campaign again")
@@ -364,8 +365,8 @@ def campaign_view(session: Session, campaign: RetrainingCampaign, now: datetime 
     """The campaign as the CLI and the HTTP API show it (UTC instants, plus the next one in local time)."""
     now = now or utcnow()
     state = campaign.state
-    if state == "awaiting_confirmation" and as_utc(campaign.token_expires_at) <= now:
-        state = "expired"
+    if state == CampaignState.AWAITING_CONFIRMATION and as_utc(campaign.token_expires_at) <= now:
+        state = CampaignState.EXPIRED
     try:
         schedule = schedule_of(campaign)
         description = describe(schedule)

@@ -24,14 +24,12 @@ from sqlalchemy.orm import Session
 
 from models.jobs import as_utc, utcnow
 from models.logs import log_event
-from models.schema import JOB_STATES, Notification, ResetBatch, ResetJob, RetrainingCampaign
+from models.schema import Notification, ResetBatch, ResetJob, RetrainingCampaign
 from models.queues import QUEUES
 from models.settings import get_settings
+from models.states import BatchState, CampaignState, JobState, NotificationStatus
 
 PREFIX = "progress_reset"
-BATCH_STATES = ("waiting", "pending", "running", "done", "dead", "cancelled")
-NOTIFICATION_STATUSES = ("pending", "sending", "sent", "failed")
-CAMPAIGN_STATES = ("awaiting_confirmation", "active", "paused", "deleted", "expired")
 # A scrape never holds the database longer than this.
 STATEMENT_TIMEOUT_MS = 5000
 
@@ -66,17 +64,17 @@ def read_snapshot(session: Session, now: datetime | None = None) -> Snapshot:
     now = now or utcnow()
     j, b, n = ResetJob.__table__.c, ResetBatch.__table__.c, Notification.__table__.c
     snap = Snapshot()
-    snap.jobs = _counts(session, j.state, JOB_STATES)
-    snap.batches = _counts(session, b.state, BATCH_STATES)
+    snap.jobs = _counts(session, j.state, tuple(JobState))
+    snap.batches = _counts(session, b.state, tuple(BatchState))
     snap.learners_reset = int(session.scalar(select(func.coalesce(func.sum(j.learners_done), 0))) or 0)
-    snap.notifications = _counts(session, n.status, NOTIFICATION_STATUSES)
-    snap.campaigns = _counts(session, RetrainingCampaign.__table__.c.state, CAMPAIGN_STATES)
+    snap.notifications = _counts(session, n.status, tuple(NotificationStatus))
+    snap.campaigns = _counts(session, RetrainingCampaign.__table__.c.state, tuple(CampaignState))
     snap.oldest_queued_job_age = _age(now, session.scalar(
-        select(func.min(func.coalesce(j.confirmed_at, j.created_at))).where(j.state == "queued")))
+        select(func.min(func.coalesce(j.confirmed_at, j.created_at))).where(j.state == JobState.QUEUED)))
     snap.oldest_running_heartbeat_age = _age(now, session.scalar(
-        select(func.min(func.coalesce(j.heartbeat_at, j.started_at))).where(j.state == "running")))
+        select(func.min(func.coalesce(j.heartbeat_at, j.started_at))).where(j.state == JobState.RUNNING)))
     snap.oldest_pending_notification_age = _age(now, session.scalar(
-        select(func.min(n.created_at)).where(n.status.in_(("pending", "sending")))))
+        select(func.min(n.created_at)).where(n.status.in_((NotificationStatus.PENDING, NotificationStatus.SENDING)))))
     return snap
 
 
@@ -101,16 +99,16 @@ def snapshot_metrics(snap: Snapshot) -> list:
         _gauge_by("jobs", "Reset jobs (and unconfirmed requests) by state.", "state", snap.jobs),
         _gauge_by("batches", "Reset batches by state.", "state", snap.batches),
         _counter("batches_done", "Batches that finished (learners reset and committed).",
-                 snap.batches.get("done", 0)),
+                 snap.batches.get(BatchState.DONE, 0)),
         _counter("batches_dead", "Batches dead-lettered after using up their attempts.",
-                 snap.batches.get("dead", 0)),
+                 snap.batches.get(BatchState.DEAD, 0)),
         _counter("learners_reset", "Learner resets applied by all jobs.", snap.learners_reset),
         _gauge_by("notifications", "Notification outbox rows by status.", "status", snap.notifications),
-        _counter("notifications_sent", "Notifications sent.", snap.notifications.get("sent", 0)),
+        _counter("notifications_sent", "Notifications sent.", snap.notifications.get(NotificationStatus.SENT, 0)),
         _counter("notifications_failed", "Notifications given up after their attempts.",
-                 snap.notifications.get("failed", 0)),
+                 snap.notifications.get(NotificationStatus.FAILED, 0)),
         _gauge("notifications_pending", "Notifications not sent yet (pending or being sent).",
-               snap.notifications.get("pending", 0) + snap.notifications.get("sending", 0)),
+               snap.notifications.get(NotificationStatus.PENDING, 0) + snap.notifications.get(NotificationStatus.SENDING, 0)),
         _gauge_by("campaigns", "Retraining campaigns by state.", "state", snap.campaigns),
         _gauge("oldest_queued_job_age_seconds", "Age of the oldest confirmed job no worker has started (0: none).",
                snap.oldest_queued_job_age),

@@ -43,7 +43,6 @@ from models.jobs import (
 )
 from models.messaging import publish_after_commit
 from models.schema import (
-    JOB_STATES,
     PERMISSION_TRAINING,
     PERMISSION_USERS,
     Course,
@@ -53,6 +52,7 @@ from models.schema import (
 )
 from models.settings import get_settings
 from models.text import check_storable
+from models.states import JobScope, JobState
 from producer.access import MAX_REASON, actor_of, check_token, checked_reason, course_of, iso  # noqa: F401
 from producer.pages import check_limit, cursor_datetime, decode_cursor, encode_cursor, parse_instant
 
@@ -153,7 +153,7 @@ def request(
     token, token_hash = new_token()
     job = ResetJob(
         id=uuid.uuid4(), organization_id=actor.organization_id, course_id=course.id, learner_id=learner_id,
-        scope="learner" if learner_id is not None else "course", state="awaiting_confirmation",
+        scope=JobScope.LEARNER if learner_id is not None else JobScope.COURSE, state=JobState.AWAITING_CONFIRMATION,
         actor_id=actor_id, reason=reason, origin=origin, idempotency_key=idempotency_key,
         params_hash=params_hash, token_hash=token_hash, token_expires_at=now + ttl, summary=summary,
         created_at=now, learners_total=summary["learners"], cleared={},
@@ -239,7 +239,7 @@ def _replay(session: Session, existing: ResetJob, params_hash: str, key: str, no
             f"idempotency key {key!r} was already used for request {existing.id} with other parameters; "
             "use a new key"
         )
-    if existing.state == "awaiting_confirmation" and as_utc(existing.token_expires_at) > now:
+    if existing.state == JobState.AWAITING_CONFIRMATION and as_utc(existing.token_expires_at) > now:
         token, token_hash = new_token()
         existing.token_hash = token_hash
         existing.token_expires_at = now + ttl
@@ -262,9 +262,9 @@ def confirm(
     session.refresh(job, with_for_update=True)
     if job.actor_id != actor_id:
         raise PermissionDenied(f"request {job.id} was made by actor {job.actor_id}; only they can confirm it")
-    if job.state == "expired":
+    if job.state == JobState.EXPIRED:
         raise TokenExpired(f"request {job.id} expired unconfirmed; make a new request")
-    if job.state != "awaiting_confirmation":
+    if job.state != JobState.AWAITING_CONFIRMATION:
         raise TokenInvalid(f"request {job.id} was already confirmed (job is {job.state}); a token works once")
     check_token(f"request {job.id}", token, job.token_hash, job.token_expires_at, now, "make a new request")
     _check_permission(actor, job.learner_id)
@@ -292,12 +292,12 @@ def cancel(session: Session, job_id: str, actor_id: int, now: datetime | None = 
     _check_permission(actor, job.learner_id)
     jobs = ResetJob.__table__
     # A queued job has done nothing yet: it ends at once (its start message will find it gone).
-    if session.execute(update(jobs).where(jobs.c.id == job.id, jobs.c.state == "queued").values(
-            state="cancelled", cancelled_by=actor_id, heartbeat_at=now, finished_at=now,
+    if session.execute(update(jobs).where(jobs.c.id == job.id, jobs.c.state == JobState.QUEUED).values(
+            state=JobState.CANCELLED, cancelled_by=actor_id, heartbeat_at=now, finished_at=now,
             finalized_at=now)).rowcount == 1:
         action = "reset.cancelled"
-    elif session.execute(update(jobs).where(jobs.c.id == job.id, jobs.c.state == "running").values(
-            state="cancelling", cancelled_by=actor_id, heartbeat_at=now)).rowcount == 1:
+    elif session.execute(update(jobs).where(jobs.c.id == job.id, jobs.c.state == JobState.RUNNING).values(
+            state=JobState.CANCELLING, cancelled_by=actor_id, heartbeat_at=now)).rowcount == 1:
         action = "reset.cancel_requested"
         publish_after_commit(session, "resets.finalize", [str(job.id)])
     else:
@@ -311,7 +311,7 @@ def cancel(session: Session, job_id: str, actor_id: int, now: datetime | None = 
 
 
 def status(session: Session, job_id: str, organization_id: int | None = None) -> dict:
-    """The job's state and counts in the contract's JSON shape (DESIGN.md section 3)."""
+    """The job's state and counts in the contract's JSON shape (docs/rules.md, "Contracts")."""
     return describe_status(session, get_job(session, job_id, organization_id=organization_id))
 
 
@@ -358,8 +358,8 @@ def list_jobs(
     too (state ``awaiting_confirmation`` or ``expired``).
     """
     limit = check_limit(limit)
-    if state is not None and state not in JOB_STATES:
-        raise ValidationFailed(f"state must be one of {', '.join(JOB_STATES)}, got {state[:40]!r}")
+    if state is not None and state not in set(JobState):
+        raise ValidationFailed(f"state must be one of {', '.join(JobState)}, got {state[:40]!r}")
     if origin is not None and not 0 < len(origin) <= 64:
         raise ValidationFailed("origin must be 1 to 64 characters")
     after = parse_instant(created_after, "created_after")

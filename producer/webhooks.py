@@ -20,12 +20,13 @@ from models.messaging import publish_after_commit
 from models.schema import Organization, WebhookDelivery, WebhookEndpoint, WebhookEvent
 from models.settings import get_settings
 from models.webhooks import DELIVER_TASK, EVENT_TYPES, check_url, new_secret
+from models.states import OPEN_DELIVERY_STATES, DeliveryStatus
 from producer.pages import check_limit, decode_cursor, encode_cursor
 
 MAX_ENDPOINTS_PER_ORGANIZATION = 20
 MAX_OVERLAP_SECONDS = 7 * 24 * 3600
 DEFAULT_OVERLAP_SECONDS = 24 * 3600
-DELIVERY_STATES = ("pending", "sending", "delivered", "failed", "cancelled")
+DELIVERY_STATES = tuple(DeliveryStatus)
 
 
 def _iso(value):
@@ -96,8 +97,8 @@ def delete_endpoint(session: Session, organization_id: int, endpoint_id: int, or
     row.deleted_at = now
     d = WebhookDelivery.__table__.c
     cancelled = session.execute(update(WebhookDelivery.__table__).where(
-        d.endpoint_id == row.id, d.status.in_(("pending", "sending"))).values(
-        status="cancelled", lease_expires_at=None, last_error="endpoint deleted")).rowcount or 0
+        d.endpoint_id == row.id, d.status.in_(OPEN_DELIVERY_STATES)).values(
+        status=DeliveryStatus.CANCELLED, lease_expires_at=None, last_error="endpoint deleted")).rowcount or 0
     record_audit(session, "webhook.deleted", organization_id, origin=origin,
                  details={"endpoint_id": row.id, "deliveries_cancelled": cancelled})
     session.flush()
@@ -124,7 +125,7 @@ def describe_delivery(row) -> dict:
     return {"delivery_id": row.id, "event_id": str(row.event_id), "event_type": row.type,
             "job_id": str(row.job_id) if row.job_id else None, "status": row.status, "attempts": row.attempts,
             "last_status_code": row.last_status_code, "last_error": row.last_error,
-            "next_attempt_at": _iso(row.next_attempt_at) if row.status in ("pending", "sending") else None,
+            "next_attempt_at": _iso(row.next_attempt_at) if row.status in OPEN_DELIVERY_STATES else None,
             "last_attempt_at": _iso(row.last_attempt_at), "delivered_at": _iso(row.delivered_at),
             "created_at": _iso(row.created_at)}
 
@@ -165,8 +166,8 @@ def redeliver(session: Session, organization_id: int, endpoint_id: int, delivery
     d = WebhookDelivery.__table__.c
     now = utcnow()
     changed = session.execute(update(WebhookDelivery.__table__).where(
-        d.id == delivery_id, d.endpoint_id == endpoint_id, d.status.in_(("delivered", "failed", "cancelled")))
-        .values(status="pending", attempts=0, next_attempt_at=now, published_at=now, lease_expires_at=None,
+        d.id == delivery_id, d.endpoint_id == endpoint_id, d.status.in_((DeliveryStatus.DELIVERED, DeliveryStatus.FAILED, DeliveryStatus.CANCELLED)))
+        .values(status=DeliveryStatus.PENDING, attempts=0, next_attempt_at=now, published_at=now, lease_expires_at=None,
                 delivered_at=None)).rowcount
     if changed != 1:
         row = session.execute(select(d.status).where(d.id == delivery_id, d.endpoint_id == endpoint_id)).first()

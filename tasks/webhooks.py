@@ -53,6 +53,7 @@ from models.logs import log_event
 from models.schema import WebhookDelivery, WebhookEndpoint, WebhookEvent
 from models.settings import Settings, get_settings
 from models.messaging import publish_after_commit, send_now
+from models.states import OPEN_DELIVERY_STATES, DeliveryStatus
 from tasks.base import project_task
 from tasks.notify_backends import parse_retry_after
 
@@ -66,7 +67,6 @@ MAX_WAKE_SECONDS = 60.0
 # Bytes of the receiver's answer kept in the delivery log.
 MAX_ERROR_TEXT = 300
 USER_AGENT = "progress-reset-webhooks/1"
-OPEN_STATES = ("pending", "sending")
 
 d = WebhookDelivery.__table__
 e = WebhookEndpoint.__table__
@@ -102,13 +102,13 @@ def _not_blocked():
     """No earlier delivery of the same job to the same endpoint is still open (per-job order)."""
     earlier = aliased(WebhookDelivery.__table__)
     return ~exists().where(earlier.c.endpoint_id == d.c.endpoint_id, earlier.c.job_id == d.c.job_id,
-                           earlier.c.id < d.c.id, earlier.c.status.in_(OPEN_STATES))
+                           earlier.c.id < d.c.id, earlier.c.status.in_(OPEN_DELIVERY_STATES))
 
 
 def _claimable(now: datetime):
     return and_(
-        or_(and_(d.c.status == "pending", d.c.next_attempt_at <= now),
-            and_(d.c.status == "sending", d.c.lease_expires_at < now)),
+        or_(and_(d.c.status == DeliveryStatus.PENDING, d.c.next_attempt_at <= now),
+            and_(d.c.status == DeliveryStatus.SENDING, d.c.lease_expires_at < now)),
         _not_blocked(),
     )
 
@@ -136,7 +136,7 @@ def claim_next_delivery(session: Session, endpoint_id: int, now: datetime | None
             return None
         claimed = session.execute(
             update(d).where(d.c.id == row.id, d.c.status == row.status, d.c.attempts == row.attempts)
-            .values(status="sending", attempts=row.attempts + 1, last_attempt_at=now,
+            .values(status=DeliveryStatus.SENDING, attempts=row.attempts + 1, last_attempt_at=now,
                     lease_expires_at=now + timedelta(seconds=_lease_seconds(settings)))
         ).rowcount
         if claimed == 1:
@@ -156,10 +156,10 @@ def next_wake(session: Session, endpoint_id: int, now: datetime) -> datetime | N
     are claimed by the run that finishes the earlier one.
     """
     due = session.scalar(
-        select(func.min(d.c.next_attempt_at)).where(d.c.endpoint_id == endpoint_id, d.c.status == "pending",
+        select(func.min(d.c.next_attempt_at)).where(d.c.endpoint_id == endpoint_id, d.c.status == DeliveryStatus.PENDING,
                                                     d.c.next_attempt_at > now, _not_blocked()))
     lease = session.scalar(
-        select(func.min(d.c.lease_expires_at)).where(d.c.endpoint_id == endpoint_id, d.c.status == "sending",
+        select(func.min(d.c.lease_expires_at)).where(d.c.endpoint_id == endpoint_id, d.c.status == DeliveryStatus.SENDING,
                                                      d.c.lease_expires_at > now))
     times = [as_utc(t) for t in (due, lease) if t is not None]
     return min(times) if times else None
@@ -186,7 +186,7 @@ def schedule_wake(session: Session, endpoint_id: int, now: datetime) -> float | 
     ).rowcount
     if taken != 1:
         return None
-    d_published = update(d).where(d.c.endpoint_id == endpoint_id, d.c.status.in_(OPEN_STATES)).values(
+    d_published = update(d).where(d.c.endpoint_id == endpoint_id, d.c.status.in_(OPEN_DELIVERY_STATES)).values(
         published_at=at)
     session.execute(d_published)
     publish_after_commit(session, TASK_NAME, [endpoint_id], countdown=countdown + 0.05)
@@ -217,11 +217,11 @@ def record_outcome(session: Session, claimed: ClaimedDelivery, outcome: Outcome,
         delay = backoff_seconds(claimed.attempt, settings)
         if outcome.retry_after is not None:
             delay = min(max(delay, outcome.retry_after), settings.webhooks_retry_max_seconds)
-        values |= {"status": "pending", "next_attempt_at": now + timedelta(seconds=delay), "published_at": None}
+        values |= {"status": DeliveryStatus.PENDING, "next_attempt_at": now + timedelta(seconds=delay), "published_at": None}
     else:
-        values |= {"status": "failed"}
+        values |= {"status": DeliveryStatus.FAILED}
     changed = session.execute(
-        update(d).where(d.c.id == claimed.delivery_id, d.c.status == "sending", d.c.attempts == claimed.attempt)
+        update(d).where(d.c.id == claimed.delivery_id, d.c.status == DeliveryStatus.SENDING, d.c.attempts == claimed.attempt)
         .values(**values)
     ).rowcount
     status = values["status"] if changed == 1 else "stale"
@@ -329,9 +329,9 @@ def sweep_webhooks(session: Session, now: datetime | None = None, settings: Sett
     stale = now - timedelta(seconds=settings.publish_stale_seconds)
     rows = session.execute(
         update(d).where(
-            d.c.status.in_(OPEN_STATES),
-            or_(and_(d.c.status == "pending", d.c.next_attempt_at <= now),
-                and_(d.c.status == "sending", d.c.lease_expires_at < now)),
+            d.c.status.in_(OPEN_DELIVERY_STATES),
+            or_(and_(d.c.status == DeliveryStatus.PENDING, d.c.next_attempt_at <= now),
+                and_(d.c.status == DeliveryStatus.SENDING, d.c.lease_expires_at < now)),
             or_(d.c.published_at.is_(None), d.c.published_at < stale),
         ).values(published_at=now).returning(d.c.endpoint_id)
     ).all()
