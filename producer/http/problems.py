@@ -3,9 +3,12 @@
 Callers branch on the status and the stable ``code``, never on the wording, so
 all of them are built here, by one function, in one shape: the refusals of the
 service functions (:class:`models.errors.ProgressResetError`), invalid requests,
-unknown paths and methods, and a database that is down or failing. The same
-module says which problems each operation documents, so the OpenAPI document
-and the answers cannot drift apart.
+unknown paths and methods, and a database that is down or failing. Every 503
+comes from :func:`unavailable`, with the same ``Retry-After``: a route that
+finds a dependency down raises :class:`models.errors.ServiceUnavailable`, and
+an unreachable database (in a route, or while the middleware checks the key)
+answers the same. The same module says which problems each operation
+documents, so the OpenAPI document and the answers cannot drift apart.
 """
 
 from __future__ import annotations
@@ -21,11 +24,13 @@ from pydantic import BaseModel
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from models.errors import ProgressResetError, Unauthenticated
+from models.errors import ProgressResetError, ServiceUnavailable, Unauthenticated
 from models.logs import log_event
 from producer.http.routing import allowed_methods
 
 PROBLEM_JSON = "application/problem+json"
+# How long every 503 asks the caller to wait before trying again.
+RETRY_AFTER_SECONDS = "5"
 
 # Problem ``code`` values the API answers with, for the docs and the tests.
 PROBLEM_CODES = {
@@ -76,11 +81,19 @@ def unauthenticated(detail: str) -> JSONResponse:
     return problem(401, Unauthenticated.code, detail, headers={"WWW-Authenticate": "Bearer"})
 
 
+def unavailable(detail: str) -> JSONResponse:
+    """Every 503: a dependency is down (:class:`~models.errors.ServiceUnavailable`, or the database failing)."""
+    return problem(ServiceUnavailable.http_status, ServiceUnavailable.code, detail,
+                   headers={"Retry-After": RETRY_AFTER_SECONDS})
+
+
 # --- exception handlers ------------------------------------------------------------------------------
 
 async def on_refusal(_request: Request, exc: ProgressResetError) -> JSONResponse:
     if isinstance(exc, Unauthenticated):
         return unauthenticated(exc.message)
+    if isinstance(exc, ServiceUnavailable):
+        return unavailable(exc.message)
     return problem(exc.http_status, exc.code, exc.message)
 
 
@@ -111,7 +124,7 @@ async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONRe
 
 async def on_database_down(_request: Request | None, exc: OperationalError) -> JSONResponse:
     log_event("http.database.unavailable", logging.WARNING, error=type(getattr(exc, "orig", exc)).__name__)
-    return problem(503, "unavailable", "the database is unavailable; retry later", headers={"Retry-After": "5"})
+    return unavailable("the database is unavailable; retry later")
 
 
 async def on_database_error(_request: Request, exc: SQLAlchemyError) -> JSONResponse:

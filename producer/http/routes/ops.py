@@ -12,7 +12,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from producer.http.problems import problem, problem_responses
+from models.errors import ServiceUnavailable
+from producer.http.problems import problem_responses
 
 router = APIRouter(tags=["operations"])
 
@@ -32,9 +33,7 @@ def readyz():
     if database.ok and broker.ok:
         return {"status": "ready", "checks": checks}
     failing = "; ".join(f"{c.name}: {c.detail}" for c in (database, broker) if not c.ok)
-    response = problem(503, "unavailable", f"not ready: {failing}")
-    response.headers["Retry-After"] = "5"
-    return response
+    raise ServiceUnavailable(f"not ready: {failing}")
 
 
 @router.get("/metrics", summary="Prometheus metrics (text exposition format)",
