@@ -1,0 +1,37 @@
+"""The audit trail: who requested, confirmed, cancelled or scheduled what, for the key's organization.
+
+Read-only and paginated by cursor, oldest first, so a compliance export can
+resume where it stopped without missing or repeating an event.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+
+from models.db import session_scope
+from producer import audit
+from producer.http.deps import Caller, PageCursor, PageLimit
+from producer.http.problems import COMMON_ERRORS, problem_responses
+from producer.http.schemas import MAX_ID, AuditPage
+
+router = APIRouter(tags=["audit"])
+
+
+@router.get("/v1/audit", response_model=AuditPage,
+            summary="The key's organization's audit trail, oldest first, with cursor pagination",
+            responses=problem_responses(*COMMON_ERRORS))
+def list_audit(
+    caller: Caller,
+    date_from: Annotated[str | None, Query(alias="from", max_length=64, description="ISO-8601, inclusive")
+                         ] = None,
+    date_to: Annotated[str | None, Query(alias="to", max_length=64, description="ISO-8601, exclusive")] = None,
+    action: Annotated[str | None, Query(min_length=1, max_length=64)] = None,
+    course_id: Annotated[int | None, Query(ge=1, le=MAX_ID)] = None,
+    limit: PageLimit = 50,
+    cursor: PageCursor = None,
+) -> dict:
+    with session_scope() as session:
+        return audit.list_events(session, caller.organization_id, date_from=date_from, date_to=date_to,
+                                 action=action, course_id=course_id, limit=limit, cursor=cursor)
