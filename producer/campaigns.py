@@ -49,7 +49,7 @@ from models.schema import (
 from models.settings import get_settings
 from models.text import check_storable
 from models.states import CampaignState
-from producer.access import MAX_REASON, actor_of, check_token, checked_reason, course_of, iso  # noqa: F401
+from producer.access import actor_of, check_token, checked_reason, course_of, iso
 
 MAX_AUDIENCE_DAYS = 36500
 PREVIEW_OCCURRENCES = 3

@@ -53,7 +53,7 @@ from models.schema import (
 from models.settings import get_settings
 from models.text import check_storable
 from models.states import JobScope, JobState
-from producer.access import MAX_REASON, actor_of, check_token, checked_reason, course_of, iso  # noqa: F401
+from producer.access import actor_of, check_token, checked_reason, course_of, iso
 from producer.pages import check_limit, cursor_datetime, decode_cursor, encode_cursor, parse_instant
 
 MAX_IDEMPOTENCY_KEY = 200
@@ -257,6 +257,7 @@ def confirm(
     job's id if the course or learner is already being reset (R11).
     """
     now = now or utcnow()
+    check_storable("token", token)  # refused before any lookup, like every text field
     actor = actor_of(session, actor_id)
     job = get_job(session, request_id, organization_id=actor.organization_id)
     session.refresh(job, with_for_update=True)

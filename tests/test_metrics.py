@@ -18,7 +18,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from models.jobs import utcnow
 from models.schema import Notification, ResetBatch, ResetJob
 from models.training import create_organization
-from producer.metrics import BATCH_STATES, Snapshot, read_snapshot, snapshot_metrics
+from models.states import BatchState
+from producer.metrics import Snapshot, read_snapshot, snapshot_metrics
 from tests.test_http_api import api_env, start_api, tenants, wait_for_state  # noqa: F401 - fixtures
 
 QUEUES = ("resets", "reset_batches", "notifications", "maintenance")
@@ -93,7 +94,7 @@ def test_snapshot_reads_states_counts_and_ages_from_rows(db_session):
     assert value(samples, "progress_reset_learners_reset_total") == snap.learners_reset
     assert value(samples, "progress_reset_jobs", state="queued") == snap.jobs["queued"]
     assert value(samples, "progress_reset_oldest_queued_job_age_seconds") == snap.oldest_queued_job_age
-    assert {dict(k[1]).get("state") for k in samples if k[0] == "progress_reset_batches"} >= set(BATCH_STATES)
+    assert {dict(k[1]).get("state") for k in samples if k[0] == "progress_reset_batches"} >= {str(s) for s in BatchState}
 
 
 def test_an_empty_snapshot_renders_zeros():

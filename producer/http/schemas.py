@@ -15,7 +15,8 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from models.webhooks import EVENT_TYPES
-from producer import campaigns, resets, webhooks
+from producer import campaigns, webhooks
+from producer.access import MAX_REASON
 
 MAX_ID = 2**31 - 1
 
@@ -32,7 +33,7 @@ class ResetRequestIn(_Body):
     actor_id: Id = Field(description="The acting admin; must belong to the API key's organization.")
     course_id: Id
     learner_id: Id | None = Field(default=None, description="Reset one learner; omit to reset the whole course.")
-    reason: str = Field(default="", max_length=resets.MAX_REASON)
+    reason: str = Field(default="", max_length=MAX_REASON)
 
 
 class ConfirmIn(_Body):
@@ -55,7 +56,7 @@ class CampaignRequestIn(_Body):
                                           "or an instant with an offset.")
     time_zone: str | None = Field(default=None, max_length=64, description="IANA zone; default: the organization's.")
     completed_before_days: int | None = Field(default=None, ge=1, le=campaigns.MAX_AUDIENCE_DAYS)
-    reason: str = Field(default="", max_length=campaigns.MAX_REASON)
+    reason: str = Field(default="", max_length=MAX_REASON)
 
 
 class _Out(BaseModel):

@@ -14,6 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from models.errors import ServiceUnavailable
 from producer.http.problems import problem_responses
+from workers.health import check_broker, check_database
 
 router = APIRouter(tags=["operations"])
 
@@ -26,8 +27,6 @@ def healthz() -> dict:
 @router.get("/readyz", summary="The database and the broker are reachable",
             responses=problem_responses(503))
 def readyz():
-    from tasks.health import check_broker, check_database
-
     database, broker = check_database(timeout=2.0), check_broker(timeout=2.0)
     checks = {c.name: {"ok": c.ok, "detail": c.detail} for c in (database, broker)}
     if database.ok and broker.ok:
