@@ -17,6 +17,7 @@ from sqlalchemy import Table, select, text
 from sqlalchemy.orm import Session
 
 from models import analytics
+from models.dialect import is_postgres
 from models.errors import ValidationFailed
 from models.schema import (
     PERMISSION_TRAINING,
@@ -67,7 +68,7 @@ def _score(user_id: int) -> float:
 def bulk_insert(session: Session, table: Table, columns: Sequence[str], rows: Iterable[Sequence]) -> int:
     """Insert many rows fast: COPY on PostgreSQL, chunked executemany elsewhere."""
     count = 0
-    if session.get_bind().dialect.name == "postgresql":
+    if is_postgres(session):
         raw = session.connection().connection.driver_connection
         with raw.cursor() as cur:
             with cur.copy(f"COPY {table.name} ({', '.join(columns)}) FROM STDIN") as copy:
@@ -89,9 +90,9 @@ def bulk_insert(session: Session, table: Table, columns: Sequence[str], rows: It
     return count
 
 
-def _progress_insert(dialect: str, table: str, kind: str, extra_cols: str = "", extra_vals: str = "") -> str:
+def _progress_insert(postgres: bool, table: str, kind: str, extra_cols: str = "", extra_vals: str = "") -> str:
     """SQL that derives one kind of progress rows from the assignments, ordered by time."""
-    if dialect == "postgresql":
+    if postgres:
         at = "a.started_at + make_interval(secs => i.position * ({step}))"
     else:
         at = "datetime(a.started_at, '+' || (i.position * ({step})) || ' seconds')"
@@ -134,7 +135,7 @@ def seed(
     in_progress_ratio = min(in_progress_ratio, 1.0 - completed_ratio)
     rng = random.Random(random_seed)
     now = now or datetime.now(timezone.utc)
-    dialect = session.get_bind().dialect.name
+    postgres = is_postgres(session)
 
     org = create_organization(session, f"Organization {rng.randrange(10**6):06d}")
     admin = create_user(session, org.id, "Admin", f"admin.org{org.id}@example.com",
@@ -182,13 +183,13 @@ def seed(
             assignment_rows(),
         )
         params = {"course_id": course.id}
-        session.execute(text(_progress_insert(dialect, "lesson_progress", "lesson")), params)
+        session.execute(text(_progress_insert(postgres, "lesson_progress", "lesson")), params)
         session.execute(text(_progress_insert(
-            dialect, "assessment_results", "practical_assessment", ", score, passed",
+            postgres, "assessment_results", "practical_assessment", ", score, passed",
             ", 50 + (a.user_id * 31) % 51, true")), params)
         session.execute(text(_progress_insert(
-            dialect, "discussion_posts", "discussion", ", body", ", 'My notes on the procedure'")), params)
-        session.execute(text(_progress_insert(dialect, "assignment_submissions", "assignment")), params)
+            postgres, "discussion_posts", "discussion", ", body", ", 'My notes on the procedure'")), params)
+        session.execute(text(_progress_insert(postgres, "assignment_submissions", "assignment")), params)
         session.execute(text(
             "INSERT INTO course_completions (course_id, user_id, attempt, status, score, progress_pct, completed_at) "
             "SELECT course_id, user_id, 1, 'completed', score, 100.0, completed_at FROM course_assignments "
@@ -200,7 +201,7 @@ def seed(
             params)
         analytics.recompute_course_analytics(session, course.id)
 
-    if dialect == "postgresql":
+    if postgres:
         for table in ("users", "course_assignments", "lesson_progress", "assessment_results", "discussion_posts",
                       "assignment_submissions", "course_completions", "certificates"):
             session.execute(text(f"ANALYZE {table}"))

@@ -48,7 +48,7 @@ def run_demo(learners: int = 20_000, concurrency: int = 2, as_json: bool = False
     env = {}
     if not settings.notify_console_path:
         env["NOTIFY_CONSOLE_PATH"] = str(settings.data_dir / "notifications.jsonl")
-    if "NOTIFY_RATE_PER_SECOND" not in os.environ:
+    if "notify_rate_per_second" not in settings.model_fields_set:  # NOTIFY_RATE_PER_SECOND not set
         # The console backend has no provider to protect: let the demo's notifications drain quickly.
         env["NOTIFY_RATE_PER_SECOND"] = "5000"
     # SQLite serialises writers, so one reset process does the most; notifications get their own.

@@ -22,6 +22,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
+from models.dialect import is_postgres
 from models.jobs import as_utc, utcnow
 from models.logs import log_event
 from models.schema import Notification, ResetBatch, ResetJob, RetrainingCampaign
@@ -132,7 +133,7 @@ class ResetSystemCollector(Collector):
         database_up = 1
         try:
             with session_scope() as session:
-                if settings.is_postgres:
+                if is_postgres(session):
                     session.execute(text(f"SET LOCAL statement_timeout = {STATEMENT_TIMEOUT_MS}"))
                 snap = read_snapshot(session)
             yield from snapshot_metrics(snap)
