@@ -127,5 +127,5 @@ def test_refusals_of_the_other_campaign_commands(env):
         env=env)
     assert refused("campaign", "confirm", "424242", "--actor", admin, "--token", "x", env=env) == \
         "error: campaign 424242 not found"
-    assert "not an ISO-8601 date-time" in refused("campaign", "run-due", "--at", "next tuesday", env=env)
+    assert "expected an ISO-8601 date-time" in refused("campaign", "run-due", "--at", "next tuesday", env=env)
     assert table_counts(env["DATABASE_URL"]) == before
