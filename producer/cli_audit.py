@@ -1,42 +1,51 @@
-"""CLI command ``audit export``: an organization's audit trail as JSON lines or CSV, streamed."""
+"""CLI command ``audit export``: an organization's audit trail as JSON lines or CSV, streamed.
+
+Compliance exports can be any size, so events are written as they are read, in
+constant memory, to stdout or a file.
+"""
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from producer.cli import command, id_arg
+import click
+
+from producer.cli import ID, Group, OneOf, option
 
 
-def add_commands(sub) -> None:
-    au = sub.add_parser("audit", help="the audit trail")
-    asub = au.add_subparsers(dest="audit_command", required=True, parser_class=type(au))
-    ex = asub.add_parser("export", help="stream an organization's audit events (any size, constant memory)")
-    ex.add_argument("--organization", type=id_arg, required=True)
-    ex.add_argument("--from", dest="date_from", required=True, help="ISO-8601 date or date-time, inclusive")
-    ex.add_argument("--to", dest="date_to", required=True, help="ISO-8601 date or date-time, exclusive")
-    ex.add_argument("--format", dest="fmt", choices=("jsonl", "csv"), default="jsonl")
-    ex.add_argument("--action", default=None, help="only this action, e.g. reset.succeeded")
-    ex.add_argument("--course", type=id_arg, default=None)
-    ex.add_argument("--output", default=None, help="write to this file instead of standard output")
+@click.group("audit", cls=Group)
+def audit() -> None:
+    """The audit trail."""
 
 
-@command("audit")
-def cmd_audit(args: argparse.Namespace) -> int:
+@audit.command("export")
+@option("--organization", type=ID, required=True, help="The organization whose events are exported.")
+@option("--from", "date_from", required=True, help="ISO-8601 date or date-time, inclusive.")
+@option("--to", "date_to", required=True, help="ISO-8601 date or date-time, exclusive.")
+@option("--format", "fmt", type=OneOf(("jsonl", "csv")), default="jsonl", help="JSON lines or CSV.")
+@option("--action", default=None, help="Only this action, e.g. reset.succeeded.")
+@option("--course", type=ID, default=None, help="Only events of this course.")
+@option("--output", default=None, help="Write to this file instead of standard output.")
+def export(organization: int, date_from: str, date_to: str, fmt: str, action: str | None, course: int | None,
+           output: str | None) -> int:
+    """Stream an organization's audit events (any size, constant memory)."""
     from models.db import session_scope
-    from producer import audit
+    from producer import audit as audit_trail
 
     with session_scope() as session:
         # Validated before anything is written: a refusal leaves no half-written file.
-        chunks = audit.export_events(session, args.organization, date_from=args.date_from, date_to=args.date_to,
-                                     action=args.action, course_id=args.course, fmt=args.fmt)
-        out = open(args.output, "w", encoding="utf-8", newline="") if args.output else sys.stdout
+        chunks = audit_trail.export_events(session, organization, date_from=date_from, date_to=date_to,
+                                           action=action, course_id=course, fmt=fmt)
+        out = open(output, "w", encoding="utf-8", newline="") if output else sys.stdout
         try:
             for chunk in chunks:
                 out.write(chunk)
         finally:
-            if args.output:
+            if output:
                 out.close()
             else:
                 out.flush()
     return 0
+
+
+COMMANDS = (audit,)

@@ -1,72 +1,168 @@
-"""CLI commands of retraining campaigns: ``progress-reset campaign create|confirm|list|pause|resume|delete|run-due``."""
+"""CLI commands of retraining campaigns: ``progress-reset campaign create|confirm|list|pause|resume|delete|run-due``.
+
+A campaign is created and confirmed in two steps like a reset; ``run-due`` runs
+the dispatcher once by hand (beat runs it every minute), at an instant of
+choice so a schedule can be tried out.
+"""
 
 from __future__ import annotations
 
-import argparse
 from datetime import datetime, timezone
 
-from models.errors import ValidationFailed
-from producer.cli import command, emit, id_arg
+import click
+
+from producer.cli import ID, WHOLE, Group, RefusedValue, emit, json_option, option
 
 
-def add_commands(sub) -> None:
-    campaign = sub.add_parser("campaign", help="retraining campaigns: reset a course on a calendar")
-    # Same one-line-error parser class as the top level.
-    csub = campaign.add_subparsers(dest="campaign_command", required=True, parser_class=type(campaign))
+class Instant(click.ParamType):
+    """An ISO-8601 instant, converted to UTC; without an offset it is UTC.
 
-    c = csub.add_parser("create", help="step 1: validate a campaign and get a summary and a confirmation token")
-    c.add_argument("--actor", type=id_arg, required=True)
-    c.add_argument("--course", type=id_arg, required=True)
-    when = c.add_mutually_exclusive_group(required=True)
-    when.add_argument("--cron", help="five-field cron expression in the campaign's time zone, e.g. '30 2 1 * *'")
-    when.add_argument("--every-months", type=int, help="repeat every N months from --start")
-    c.add_argument("--start", help="first occurrence of an --every-months schedule: YYYY-MM-DD (local midnight), "
-                                   "a local YYYY-MM-DDTHH:MM, or an instant with an offset")
-    c.add_argument("--time-zone", default=None, help="IANA time zone (default: the organization's)")
-    c.add_argument("--completed-before-days", type=int, default=None,
-                   help="only learners who completed the course more than N days before each occurrence "
-                        "(default: every assigned learner with progress)")
-    c.add_argument("--reason", default="")
-    c.add_argument("--json", action="store_true")
+    A refused instant exits 1, not 2: it is input the dispatcher turns down,
+    and scripts that run ``run-due`` tell it from a wrong command line.
+    """
 
-    k = csub.add_parser("confirm", help="step 2: confirm a campaign with its token; it becomes active")
-    k.add_argument("campaign_id", type=id_arg)
-    k.add_argument("--actor", type=id_arg, required=True)
-    k.add_argument("--token", required=True)
-    k.add_argument("--json", action="store_true")
+    name = "instant"
 
-    ls = csub.add_parser("list", help="the campaigns of the actor's organization")
-    ls.add_argument("--actor", type=id_arg, required=True)
-    ls.add_argument("--course", type=id_arg, default=None)
-    ls.add_argument("--all", action="store_true", help="include deleted campaigns")
-    ls.add_argument("--json", action="store_true")
+    def get_metavar(self, param: click.Parameter, ctx: click.Context) -> str:
+        return "ISO-8601"
 
-    for name, text in (("pause", "stop a campaign's occurrences until it is resumed"),
-                       ("resume", "re-activate a paused campaign from its next occurrence"),
-                       ("delete", "end a campaign for good (its history stays)")):
-        p = csub.add_parser(name, help=text)
-        p.add_argument("campaign_id", type=id_arg)
-        p.add_argument("--actor", type=id_arg, required=True)
-        p.add_argument("--json", action="store_true")
-
-    r = csub.add_parser("run-due", help="run the dispatcher once: queue a reset job for every due occurrence")
-    r.add_argument("--at", default=None, help="the instant to dispatch at, ISO-8601 (no offset means UTC); "
-                                              "default: now")
-    r.add_argument("--json", action="store_true")
+    def convert(self, value, param, ctx) -> datetime | None:
+        if isinstance(value, datetime):
+            return value
+        if not value.strip():
+            return None  # "--at ''": now, as without --at
+        try:
+            instant = datetime.fromisoformat(value.strip())
+        except ValueError:
+            raise RefusedValue(f"expected an ISO-8601 date-time (e.g. 2025-03-31T01:00:00Z), got {value!r}",
+                               ctx, param) from None
+        if instant.tzinfo is None:
+            instant = instant.replace(tzinfo=timezone.utc)
+        try:
+            return instant.astimezone(timezone.utc)
+        except OverflowError:  # e.g. 9999-12-31T23:59-05:00 is in year 10000 in UTC
+            raise RefusedValue(f"out of range (past the year 9999 in UTC), got {value!r}", ctx, param) from None
 
 
-def parse_instant(text: str) -> datetime:
-    """An ISO-8601 instant for ``--at``; without an offset it is UTC."""
-    try:
-        value = datetime.fromisoformat(text.strip())
-    except ValueError:
-        raise ValidationFailed(f"--at {text!r} is not an ISO-8601 date-time (e.g. 2025-03-31T01:00:00Z)") from None
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=timezone.utc)
-    try:
-        return value.astimezone(timezone.utc)
-    except OverflowError:  # e.g. 9999-12-31T23:59-05:00 is in year 10000 in UTC
-        raise ValidationFailed(f"--at {text!r} is out of range") from None
+@click.group("campaign", cls=Group)
+def campaign() -> None:
+    """Retraining campaigns: reset a course on a calendar."""
+
+
+@campaign.command("create", one_of=("--cron", "--every-months"))
+@option("--actor", type=ID, required=True, help="The admin creating the campaign.")
+@option("--course", type=ID, required=True, help="The course the campaign resets.")
+@option("--cron", default=None, help="Five-field cron expression in the campaign's time zone, e.g. '30 2 1 * *'.")
+@option("--every-months", type=WHOLE, default=None, help="Repeat every N months from --start.")
+@option("--start", default=None, help="First occurrence of an --every-months schedule: YYYY-MM-DD (local midnight), "
+                                      "a local YYYY-MM-DDTHH:MM, or an instant with an offset.")
+@option("--time-zone", default=None, help="IANA time zone (default: the organization's).")
+@option("--completed-before-days", type=WHOLE, default=None,
+        help="Only learners who completed the course more than N days before each occurrence "
+             "(default: every assigned learner with progress).")
+@option("--reason", default="", show_default=False, help="Why, for the audit trail.")
+@json_option
+def create(actor: int, course: int, cron: str | None, every_months: int | None, start: str | None,
+           time_zone: str | None, completed_before_days: int | None, reason: str, as_json: bool) -> int:
+    """Step 1: validate a campaign and get a summary and a confirmation token."""
+    from models.db import session_scope
+    from producer import campaigns
+    from producer.resets import plural
+
+    with session_scope() as session:
+        result = campaigns.request_campaign(
+            session, actor, course, cron=cron, every_months=every_months, start=start, time_zone=time_zone,
+            completed_before_days=completed_before_days, reason=reason, origin="cli",
+        )
+    s = result.summary
+    human = (
+        f"campaign {result.campaign_id}: {result.schedule}\n"
+        f"  first occurrences (UTC): {', '.join(o.isoformat() for o in result.first_occurrences)}\n"
+        f"  if it ran now it would reset {plural(s['learners'], 'learner')} ({plural(s['completions'], 'completion')}, "
+        f"{plural(s['certificates'], 'certificate')}); {s['learners_to_notify']:,} would be notified; "
+        "each reset cannot be undone\n"
+        f"  confirm before {result.expires_at.isoformat()} with:\n"
+        f"  progress-reset campaign confirm {result.campaign_id} --actor {actor} --token {result.token}"
+    )
+    emit(as_json, result.as_json(), human)
+    return 0
+
+
+@campaign.command("confirm")
+@click.argument("campaign_id", type=ID, help="The campaign_id that 'campaign create' printed.")
+@option("--actor", type=ID, required=True, help="The admin who created the campaign.")
+@option("--token", required=True, help="The confirmation token that 'campaign create' printed.")
+@json_option
+def confirm(campaign_id: int, actor: int, token: str, as_json: bool) -> int:
+    """Step 2: confirm a campaign with its token; it becomes active."""
+    from models.db import session_scope
+    from producer import campaigns
+
+    with session_scope() as session:
+        view = campaigns.confirm_campaign(session, actor, campaign_id, token, origin="cli")
+    emit(as_json, view, _describe(view))
+    return 0
+
+
+@campaign.command("list")
+@option("--actor", type=ID, required=True, help="An admin; the campaigns of their organization are listed.")
+@option("--course", type=ID, default=None, help="Only campaigns of this course.")
+@option("--all", "include_deleted", is_flag=True, help="Include deleted campaigns.")
+@json_option
+def list_campaigns(actor: int, course: int | None, include_deleted: bool, as_json: bool) -> int:
+    """The campaigns of the actor's organization."""
+    from models.db import session_scope
+    from producer import campaigns
+
+    with session_scope() as session:
+        views = campaigns.list_campaigns(session, actor, course_id=course, include_deleted=include_deleted)
+    emit(as_json, {"campaigns": views}, "\n".join(_describe(v) for v in views) or "no campaigns")
+    return 0
+
+
+def _state_change(name: str, summary: str, function_name: str) -> None:
+    """``campaign pause|resume|delete CAMPAIGN_ID --actor ID``: one change of state."""
+
+    @campaign.command(name, help=summary)
+    @click.argument("campaign_id", type=ID, help="The campaign to change.")
+    @option("--actor", type=ID, required=True, help="An admin of the campaign's organization.")
+    @json_option
+    def change(campaign_id: int, actor: int, as_json: bool) -> int:
+        from models.db import session_scope
+        from producer import campaigns
+
+        with session_scope() as session:
+            view = getattr(campaigns, function_name)(session, actor, campaign_id, origin="cli")
+        emit(as_json, view, _describe(view))
+        return 0
+
+
+_state_change("pause", "Stop a campaign's occurrences until it is resumed.", "pause_campaign")
+_state_change("resume", "Re-activate a paused campaign from its next occurrence.", "resume_campaign")
+_state_change("delete", "End a campaign for good (its history stays).", "delete_campaign")
+
+
+@campaign.command("run-due")
+@option("--at", type=Instant(), default=None, show_default="now",
+        help="The instant to dispatch at, ISO-8601 (no offset means UTC).")
+@json_option
+def run_due(at: datetime | None, as_json: bool) -> int:
+    """Run the dispatcher once: queue a reset job for every due occurrence."""
+    import workers  # noqa: F401 - configures the Celery app that resets.start is published through
+    from models.db import session_scope
+    from models.jobs import utcnow
+    from tasks.campaigns import dispatch_due
+
+    with session_scope() as session:
+        result = dispatch_due(session, at or utcnow())
+    lines = [f"dispatched at {result.at.isoformat()}: {len(result.outcomes)} due, "
+             f"{result.count('queued')} queued"]
+    for o in result.outcomes:
+        lines.append(f"  campaign {o.campaign_id} @ {o.occurrence_at.isoformat() if o.occurrence_at else '-'}: "
+                     f"{o.outcome}" + (f" job {o.job_id}" if o.job_id else "")
+                     + (f" ({o.detail})" if o.detail else ""))
+    emit(as_json, result.as_json(), "\n".join(lines))
+    return 0
 
 
 def _describe(view: dict) -> str:
@@ -81,96 +177,4 @@ def _describe(view: dict) -> str:
     return line
 
 
-@command("campaign")
-def cmd_campaign(args: argparse.Namespace) -> int:
-    return _HANDLERS[args.campaign_command](args)
-
-
-def _create(args: argparse.Namespace) -> int:
-    from models.db import session_scope
-    from producer import campaigns
-    from producer.resets import plural
-
-    with session_scope() as session:
-        result = campaigns.request_campaign(
-            session, args.actor, args.course, cron=args.cron, every_months=args.every_months, start=args.start,
-            time_zone=args.time_zone, completed_before_days=args.completed_before_days, reason=args.reason,
-            origin="cli",
-        )
-    s = result.summary
-    human = (
-        f"campaign {result.campaign_id}: {result.schedule}\n"
-        f"  first occurrences (UTC): {', '.join(o.isoformat() for o in result.first_occurrences)}\n"
-        f"  if it ran now it would reset {plural(s['learners'], 'learner')} ({plural(s['completions'], 'completion')}, "
-        f"{plural(s['certificates'], 'certificate')}); {s['learners_to_notify']:,} would be notified; "
-        "each reset cannot be undone\n"
-        f"  confirm before {result.expires_at.isoformat()} with:\n"
-        f"  progress-reset campaign confirm {result.campaign_id} --actor {args.actor} --token {result.token}"
-    )
-    emit(args, result.as_json(), human)
-    return 0
-
-
-def _confirm(args: argparse.Namespace) -> int:
-    from models.db import session_scope
-    from producer import campaigns
-
-    with session_scope() as session:
-        view = campaigns.confirm_campaign(session, args.actor, args.campaign_id, args.token, origin="cli")
-    emit(args, view, _describe(view))
-    return 0
-
-
-def _list(args: argparse.Namespace) -> int:
-    from models.db import session_scope
-    from producer import campaigns
-
-    with session_scope() as session:
-        views = campaigns.list_campaigns(session, args.actor, course_id=args.course, include_deleted=args.all)
-    emit(args, {"campaigns": views}, "\n".join(_describe(v) for v in views) or "no campaigns")
-    return 0
-
-
-def _change(action: str):
-    def run(args: argparse.Namespace) -> int:
-        from models.db import session_scope
-        from producer import campaigns
-
-        fn = {"pause": campaigns.pause_campaign, "resume": campaigns.resume_campaign,
-              "delete": campaigns.delete_campaign}[action]
-        with session_scope() as session:
-            view = fn(session, args.actor, args.campaign_id, origin="cli")
-        emit(args, view, _describe(view))
-        return 0
-
-    return run
-
-
-def _run_due(args: argparse.Namespace) -> int:
-    import workers  # noqa: F401 - configures the Celery app that resets.start is published through
-    from models.db import session_scope
-    from models.jobs import utcnow
-    from tasks.campaigns import dispatch_due
-
-    at = parse_instant(args.at) if args.at else utcnow()
-    with session_scope() as session:
-        result = dispatch_due(session, at)
-    lines = [f"dispatched at {result.at.isoformat()}: {len(result.outcomes)} due, "
-             f"{result.count('queued')} queued"]
-    for o in result.outcomes:
-        lines.append(f"  campaign {o.campaign_id} @ {o.occurrence_at.isoformat() if o.occurrence_at else '-'}: "
-                     f"{o.outcome}" + (f" job {o.job_id}" if o.job_id else "")
-                     + (f" ({o.detail})" if o.detail else ""))
-    emit(args, result.as_json(), "\n".join(lines))
-    return 0
-
-
-_HANDLERS = {
-    "create": _create,
-    "confirm": _confirm,
-    "list": _list,
-    "pause": _change("pause"),
-    "resume": _change("resume"),
-    "delete": _change("delete"),
-    "run-due": _run_due,
-}
+COMMANDS = (campaign,)

@@ -1,77 +1,36 @@
-"""CLI commands for operations: ``serve``, ``api-key create|list|revoke``, ``health``, ``openapi``."""
+"""CLI commands for operations: ``serve``, ``api-key create|list|revoke``, ``health``, ``dead-batches``, ``openapi``.
+
+What an operator runs next to the workers: the HTTP producer, its API keys,
+the check that every queue is consumed, the report of dead-lettered batches,
+and the committed OpenAPI document.
+"""
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
 from pathlib import Path
 
-from producer.cli import command, emit, id_arg
+import click
+
+from producer.cli import (COUNT, EXIT_USAGE, ID, Command, DecimalNumber, Group, WholeNumber, emit, json_option,
+                          option)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 OPENAPI_PATH = REPO_ROOT / "docs" / "openapi.json"
 
-
-def port_arg(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
-    if not 1 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"a port is 1 to 65535, got {value}")
-    return value
+PORT = WholeNumber("a port number", "a port is 1 to 65535", metavar="PORT", min=1, max=65535)
+TIMEOUT = DecimalNumber("a number of seconds", "must be more than 0 and at most 600 seconds", metavar="SECONDS",
+                        min=0.0, min_open=True, max=600.0)
 
 
-def seconds_arg(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
-    if not 0 < value <= 600:
-        raise argparse.ArgumentTypeError(f"must be more than 0 and at most 600 seconds, got {value}")
-    return value
-
-
-def add_commands(sub) -> None:
-    s = sub.add_parser("serve", help="run the HTTP producer (FastAPI on uvicorn)")
-    s.add_argument("--host", default=None, help="address to bind (default: HTTP_HOST, 127.0.0.1)")
-    s.add_argument("--port", type=port_arg, default=None, help="port (default: HTTP_PORT, 8080)")
-    s.add_argument("--workers", type=id_arg, default=1, help="uvicorn worker processes (default 1)")
-
-    k = sub.add_parser("api-key", help="API keys of the services that call the HTTP producer")
-    ksub = k.add_subparsers(dest="api_key_command", required=True, parser_class=type(k))
-    c = ksub.add_parser("create", help="create a key for one organization; the key is shown once")
-    c.add_argument("--organization", type=id_arg, required=True)
-    c.add_argument("--name", required=True, help="the calling service (recorded as origin http:<name>)")
-    c.add_argument("--json", action="store_true")
-    ls = ksub.add_parser("list", help="keys (prefix, name, organization, revoked), never the secrets")
-    ls.add_argument("--organization", type=id_arg, default=None)
-    ls.add_argument("--json", action="store_true")
-    r = ksub.add_parser("revoke", help="revoke a key by its prefix; refused from the next request on")
-    r.add_argument("prefix")
-    r.add_argument("--json", action="store_true")
-
-    h = sub.add_parser("health", help="check the database, the broker and that every queue is consumed")
-    h.add_argument("--timeout", type=seconds_arg, default=10.0,
-                   help="seconds to wait for each queue's canary (default 10)")
-    h.add_argument("--queue", action="append", default=None,
-                   help="check only this queue (repeatable; default: every queue)")
-    h.add_argument("--json", action="store_true")
-
-    d = sub.add_parser("dead-batches", help="dead-lettered batches: why, and what is left to do for each")
-    d.add_argument("--job", default=None, help="only this job's batches")
-    d.add_argument("--limit", type=id_arg, default=50, help="at most this many batches, newest first (default 50)")
-    d.add_argument("--json", action="store_true")
-
-    o = sub.add_parser("openapi", help="print the HTTP API's OpenAPI schema (or --check it against docs/)")
-    o.add_argument("--output", default=None, help="write it to this file instead of stdout")
-    o.add_argument("--check", action="store_true", help=f"exit 1 if {OPENAPI_PATH.relative_to(REPO_ROOT)} differs")
-
-
-@command("serve")
-def cmd_serve(args: argparse.Namespace) -> int:
+@click.command("serve", cls=Command)
+@option("--host", default=None, show_default="HTTP_HOST, 127.0.0.1", help="Address to bind.")
+@option("--port", type=PORT, default=None, show_default="HTTP_PORT, 8080", help="Port to listen on.")
+@option("--workers", type=COUNT, default=1, help="uvicorn worker processes.")
+def serve(host: str | None, port: int | None, workers: int) -> int:
+    """Run the HTTP producer (FastAPI on uvicorn)."""
     import uvicorn
 
     from models.logs import logger
@@ -79,8 +38,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from models.settings import get_settings
 
     settings = get_settings()
-    host = args.host or settings.http_host
-    port = args.port or settings.http_port
+    host = host or settings.http_host
+    port = port or settings.http_port
     # uvicorn's own messages (startup, errors) go through the project's formatter;
     # its access log is replaced by the one http.request line per request.
     for name in ("uvicorn", "uvicorn.error"):
@@ -88,35 +47,62 @@ def cmd_serve(args: argparse.Namespace) -> int:
         uv.handlers[:] = list(logger.handlers)
         uv.setLevel(logging.INFO)
         uv.propagate = False
-    log_event("http.serve.starting", host=host, port=port, workers=args.workers)
-    uvicorn.run("producer.http:create_app", factory=True, host=host, port=port, workers=args.workers,
+    log_event("http.serve.starting", host=host, port=port, workers=workers)
+    uvicorn.run("producer.http:create_app", factory=True, host=host, port=port, workers=workers,
                 log_config=None, access_log=False, server_header=False, proxy_headers=False)
     return 0
 
 
-@command("api-key")
-def cmd_api_key(args: argparse.Namespace) -> int:
+@click.group("api-key", cls=Group)
+def api_key() -> None:
+    """API keys of the services that call the HTTP producer."""
+
+
+@api_key.command("create")
+@option("--organization", type=ID, required=True, help="The one organization the key acts for.")
+@option("--name", required=True, help="The calling service (recorded as origin http:<name>).")
+@json_option
+def api_key_create(organization: int, name: str, as_json: bool) -> int:
+    """Create a key for one organization; the key is shown once."""
     from models.db import session_scope
     from producer import apikeys
 
-    if args.api_key_command == "create":
-        with session_scope() as session:
-            created = apikeys.create_api_key(session, args.organization, args.name)
-        emit(args, created.as_json(),
-             f"API key {created.prefix} for organization {created.organization_id} ({created.name}):\n"
-             f"  {created.key}\n"
-             "  shown once: store it in the calling service's secrets now")
-        return 0
-    if args.api_key_command == "list":
-        with session_scope() as session:
-            keys = apikeys.list_api_keys(session, args.organization)
-        lines = [f"{k['prefix']}  org {k['organization_id']}  {k['name']}  created {k['created_at']}"
-                 + (f"  REVOKED {k['revoked_at']}" if k["revoked_at"] else "") for k in keys]
-        emit(args, {"keys": keys}, "\n".join(lines) or "no API keys")
-        return 0
     with session_scope() as session:
-        revoked = apikeys.revoke_api_key(session, args.prefix)
-    emit(args, revoked, f"API key {revoked['prefix']} ({revoked['name']}) revoked at {revoked['revoked_at']}")
+        created = apikeys.create_api_key(session, organization, name)
+    emit(as_json, created.as_json(),
+         f"API key {created.prefix} for organization {created.organization_id} ({created.name}):\n"
+         f"  {created.key}\n"
+         "  shown once: store it in the calling service's secrets now")
+    return 0
+
+
+@api_key.command("list")
+@option("--organization", type=ID, default=None, help="Only this organization's keys (default: every key).")
+@json_option
+def api_key_list(organization: int | None, as_json: bool) -> int:
+    """Keys (prefix, name, organization, revoked), never the secrets."""
+    from models.db import session_scope
+    from producer import apikeys
+
+    with session_scope() as session:
+        keys = apikeys.list_api_keys(session, organization)
+    lines = [f"{k['prefix']}  org {k['organization_id']}  {k['name']}  created {k['created_at']}"
+             + (f"  REVOKED {k['revoked_at']}" if k["revoked_at"] else "") for k in keys]
+    emit(as_json, {"keys": keys}, "\n".join(lines) or "no API keys")
+    return 0
+
+
+@api_key.command("revoke")
+@click.argument("prefix", help="The key's prefix, as 'api-key list' shows it (prk_...).")
+@json_option
+def api_key_revoke(prefix: str, as_json: bool) -> int:
+    """Revoke a key by its prefix; refused from the next request on."""
+    from models.db import session_scope
+    from producer import apikeys
+
+    with session_scope() as session:
+        revoked = apikeys.revoke_api_key(session, prefix)
+    emit(as_json, revoked, f"API key {revoked['prefix']} ({revoked['name']}) revoked at {revoked['revoked_at']}")
     return 0
 
 
@@ -131,19 +117,24 @@ def describe_health(report) -> str:
     return "\n".join(lines)
 
 
-@command("health")
-def cmd_health(args: argparse.Namespace) -> int:
+@click.command("health", cls=Command)
+@option("--timeout", type=TIMEOUT, default=10.0, help="Seconds to wait for each queue's canary.")
+@option("--queue", "queues", multiple=True, show_default="every queue",
+        help="Check only this queue (repeatable).")
+@json_option
+def health(timeout: float, queues: tuple[str, ...], as_json: bool) -> int:
+    """Check the database, the broker and that every queue is consumed."""
     import workers  # noqa: F401 - configures the Celery app the canaries are published through
     from tasks.health import CANARY_QUEUES, run_health_check
 
-    queues = tuple(args.queue) if args.queue else CANARY_QUEUES
+    queues = queues or CANARY_QUEUES
     unknown = sorted(set(queues) - set(CANARY_QUEUES))
     if unknown:
         print(f"error: unknown queue {', '.join(unknown)}; the queues are {', '.join(CANARY_QUEUES)}",
               file=sys.stderr)
-        return 2
-    report = run_health_check(timeout=args.timeout, queues=queues)
-    emit(args, report.as_json(), describe_health(report))
+        return EXIT_USAGE
+    report = run_health_check(timeout=timeout, queues=queues)
+    emit(as_json, report.as_json(), describe_health(report))
     if not report.ok:
         print(f"error: unhealthy: {'; '.join(report.problems())}", file=sys.stderr)
         return 1
@@ -197,12 +188,16 @@ def dead_batches(session, job_id: str | None = None, limit: int = 50) -> list[di
     return found
 
 
-@command("dead-batches")
-def cmd_dead_batches(args: argparse.Namespace) -> int:
+@click.command("dead-batches", cls=Command)
+@option("--job", default=None, help="Only this job's batches.")
+@option("--limit", type=COUNT, default=50, help="At most this many batches, newest first.")
+@json_option
+def dead_batches_command(job: str | None, limit: int, as_json: bool) -> int:
+    """Dead-lettered batches: why, and what is left to do for each."""
     from models.db import session_scope
 
     with session_scope() as session:
-        found = dead_batches(session, args.job, args.limit)
+        found = dead_batches(session, job, limit)
     lines = []
     for item in found:
         head = (f"job {item['job_id']} ({item['job_state']}, course {item['course_id']}) batch {item['batch_no']} "
@@ -215,16 +210,19 @@ def cmd_dead_batches(args: argparse.Namespace) -> int:
             shown = ", ".join(map(str, ids[:20])) + (" ..." if len(ids) > 20 else "")
             lines += [head, f"  {len(ids)} learners not reset: {shown or '-'}",
                       "  re-run them as one-learner resets (docs/operations.md, 'Dead-lettered batches')"]
-    emit(args, {"batches": found}, "\n".join(lines) or "no dead-lettered batches")
+    emit(as_json, {"batches": found}, "\n".join(lines) or "no dead-lettered batches")
     return 0
 
 
-@command("openapi")
-def cmd_openapi(args: argparse.Namespace) -> int:
+@click.command("openapi", cls=Command)
+@option("--output", default=None, help="Write it to this file instead of stdout.")
+@option("--check", is_flag=True, help=f"Exit 1 if {OPENAPI_PATH.relative_to(REPO_ROOT)} differs.")
+def openapi(output: str | None, check: bool) -> int:
+    """Print the HTTP API's OpenAPI schema (or --check it against docs/)."""
     from producer.http import openapi_document
 
     text = json.dumps(openapi_document(), indent=2, sort_keys=True) + "\n"
-    if args.check:
+    if check:
         committed = OPENAPI_PATH.read_text() if OPENAPI_PATH.exists() else ""
         if committed != text:
             print(f"error: {OPENAPI_PATH} is out of date; regenerate it with "
@@ -232,8 +230,11 @@ def cmd_openapi(args: argparse.Namespace) -> int:
             return 1
         print(f"{OPENAPI_PATH.relative_to(REPO_ROOT)} is up to date")
         return 0
-    if args.output:
-        Path(args.output).write_text(text)
+    if output:
+        Path(output).write_text(text)
     else:
         sys.stdout.write(text)
     return 0
+
+
+COMMANDS = (serve, api_key, health, dead_batches_command, openapi)

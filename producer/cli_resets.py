@@ -1,72 +1,60 @@
-"""CLI commands of the reset flow: request, confirm, status (with ``--watch``), cancel."""
+"""CLI commands of the reset flow: request, confirm, status (with ``--watch``), cancel, demo, and ``jobs list``.
+
+The same two confirmed steps as the HTTP API: ``request`` shows what a reset
+would clear and hands out a token, ``confirm`` queues the job.
+"""
 
 from __future__ import annotations
 
-import argparse
 import time
 
-from producer.cli import command, emit, id_arg
+import click
+
+from producer.cli import COUNT, ID, NUMBER, Command, Group, emit, json_option, option
+from producer.pages import DEFAULT_LIMIT, MAX_LIMIT
 
 
-def add_commands(sub) -> None:
-    r = sub.add_parser("request", help="step 1: validate a reset and get a summary and a confirmation token")
-    r.add_argument("--actor", type=id_arg, required=True)
-    r.add_argument("--course", type=id_arg, required=True)
-    r.add_argument("--learner", type=id_arg, default=None, help="reset one learner (default: every learner)")
-    r.add_argument("--reason", default="")
-    r.add_argument("--idempotency-key", default=None)
-    r.add_argument("--json", action="store_true")
-
-    c = sub.add_parser("confirm", help="step 2: confirm a request with its token; the job is queued")
-    c.add_argument("request_id")
-    c.add_argument("--actor", type=id_arg, required=True)
-    c.add_argument("--token", required=True)
-    c.add_argument("--json", action="store_true")
-
-    s = sub.add_parser("status", help="a job's state and counts")
-    s.add_argument("job_id")
-    s.add_argument("--watch", action="store_true", help="draw a live progress bar until the job ends")
-    s.add_argument("--interval", type=float, default=0.5)
-    s.add_argument("--json", action="store_true")
-
-    x = sub.add_parser("cancel", help="stop a queued or running job")
-    x.add_argument("job_id")
-    x.add_argument("--actor", type=id_arg, required=True)
-    x.add_argument("--json", action="store_true")
-
-    d = sub.add_parser("demo", help="the main job end to end: workers, seed, request, confirm, progress, summary")
-    d.add_argument("--learners", type=id_arg, default=20_000)
-    d.add_argument("--concurrency", type=id_arg, default=2)
-    d.add_argument("--json", action="store_true")
-
-
-@command("request")
-def cmd_request(args: argparse.Namespace) -> int:
+@click.command("request", cls=Command)
+@option("--actor", type=ID, required=True, help="The admin asking for the reset.")
+@option("--course", type=ID, required=True, help="The course whose progress is reset.")
+@option("--learner", type=ID, default=None, help="Reset one learner (default: every learner with progress).")
+@option("--reason", default="", show_default=False, help="Why, for the audit trail.")
+@option("--idempotency-key", default=None,
+        help="Ask again with the same key and parameters to get the same request (a fresh token).")
+@json_option
+def request(actor: int, course: int, learner: int | None, reason: str, idempotency_key: str | None,
+            as_json: bool) -> int:
+    """Step 1: validate a reset and get a summary and a confirmation token."""
     from models.db import session_scope
     from producer import resets
 
     with session_scope() as session:
-        result = resets.request(session, args.actor, args.course, learner_id=args.learner, reason=args.reason,
-                                idempotency_key=args.idempotency_key, origin="cli")
+        result = resets.request(session, actor, course, learner_id=learner, reason=reason,
+                                idempotency_key=idempotency_key, origin="cli")
     human = f"request {result.request_id}: {result.summary['description']}\n"
     if result.token:
         human += (f"  confirm before {result.expires_at.isoformat()} with:\n"
-                  f"  progress-reset confirm {result.request_id} --actor {args.actor} --token {result.token}")
+                  f"  progress-reset confirm {result.request_id} --actor {actor} --token {result.token}")
     else:
         human += f"  already {result.state}; no new token"
-    emit(args, result.as_json(), human)
+    emit(as_json, result.as_json(), human)
     return 0
 
 
-@command("confirm")
-def cmd_confirm(args: argparse.Namespace) -> int:
+@click.command("confirm", cls=Command)
+@click.argument("request_id", help="The request_id that 'request' printed.")
+@option("--actor", type=ID, required=True, help="The admin who made the request.")
+@option("--token", required=True, help="The confirmation token that 'request' printed.")
+@json_option
+def confirm(request_id: str, actor: int, token: str, as_json: bool) -> int:
+    """Step 2: confirm a request with its token; the job is queued."""
     from models.db import session_scope
     from producer import resets
 
     with session_scope() as session:
-        result = resets.confirm(session, args.request_id, args.actor, args.token)
-    emit(args, result.as_json(), f"job {result.job_id} {result.state}; follow it with: progress-reset status "
-                                 f"{result.job_id} --watch")
+        result = resets.confirm(session, request_id, actor, token)
+    emit(as_json, result.as_json(), f"job {result.job_id} {result.state}; follow it with: progress-reset status "
+                                    f"{result.job_id} --watch")
     return 0
 
 
@@ -138,71 +126,86 @@ def describe_status(st: dict) -> str:
     return "\n".join(lines)
 
 
-@command("status")
-def cmd_status(args: argparse.Namespace) -> int:
-    st = watch(args.job_id, args.interval) if args.watch else read_status(args.job_id)
-    emit(args, st, describe_status(st))
+@click.command("status", cls=Command)
+@click.argument("job_id", help="The job_id that 'confirm' printed.")
+@option("--watch", "live", is_flag=True, help="Draw a live progress bar until the job ends.")
+@option("--interval", type=NUMBER, default=0.5, help="Seconds between two reads of the job with --watch.")
+@json_option
+def status(job_id: str, live: bool, interval: float, as_json: bool) -> int:
+    """A job's state and counts."""
+    st = watch(job_id, interval) if live else read_status(job_id)
+    emit(as_json, st, describe_status(st))
     return 0
 
 
-@command("cancel")
-def cmd_cancel(args: argparse.Namespace) -> int:
+@click.command("cancel", cls=Command)
+@click.argument("job_id", help="The job to stop.")
+@option("--actor", type=ID, required=True, help="An admin of the job's organization.")
+@json_option
+def cancel(job_id: str, actor: int, as_json: bool) -> int:
+    """Stop a queued or running job; learners already reset stay reset."""
     from models.db import session_scope
     from producer import resets
 
     with session_scope() as session:
-        st = resets.cancel(session, args.job_id, args.actor)
+        st = resets.cancel(session, job_id, actor)
     done = resets.plural(st["learners_done"], "learner")
     if st["state"] == "cancelling":
         text = (f"job {st['job_id']} cancelling: the batch in flight finishes, then it ends cancelled; "
                 f"{done} already reset stay reset")
     else:
         text = f"job {st['job_id']} cancelled; {done} already reset stay reset"
-    emit(args, st, text)
+    emit(as_json, st, text)
     return 0
 
 
-@command("demo")
-def cmd_demo(args: argparse.Namespace) -> int:
+@click.command("demo", cls=Command)
+@option("--learners", type=COUNT, default=20_000, help="Learners of the demo organization.")
+@option("--concurrency", type=COUNT, default=2, help="Processes of each worker the demo starts.")
+@option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout (the progress goes to stderr).")
+def demo(learners: int, concurrency: int, as_json: bool) -> int:
+    """The main job end to end: workers, seed, request, confirm, progress, summary."""
     from producer.demo import run_demo
 
-    return run_demo(learners=args.learners, concurrency=args.concurrency, as_json=args.json)
+    return run_demo(learners=learners, concurrency=concurrency, as_json=as_json)
 
 
-def add_listing_commands(sub) -> None:
-    from producer.pages import DEFAULT_LIMIT
-
-    jobs = sub.add_parser("jobs", help="find jobs")
-    jsub = jobs.add_subparsers(dest="jobs_command", required=True, parser_class=type(jobs))
-    ls = jsub.add_parser("list", help="an organization's jobs, newest first (the same as GET /v1/resets)")
-    ls.add_argument("--organization", type=id_arg, required=True)
-    ls.add_argument("--course", type=id_arg, default=None)
-    ls.add_argument("--learner", type=id_arg, default=None)
-    ls.add_argument("--state", default=None)
-    ls.add_argument("--origin", default=None)
-    ls.add_argument("--campaign", type=id_arg, default=None)
-    ls.add_argument("--created-after", default=None, help="ISO-8601, inclusive")
-    ls.add_argument("--created-before", default=None, help="ISO-8601, exclusive")
-    ls.add_argument("--limit", type=id_arg, default=DEFAULT_LIMIT, help=f"jobs per page, 1-200 (default {DEFAULT_LIMIT})")
-    ls.add_argument("--cursor", default=None, help="next_cursor of the previous page")
-    ls.add_argument("--json", action="store_true")
+@click.group("jobs", cls=Group)
+def jobs() -> None:
+    """Find jobs."""
 
 
-@command("jobs")
-def cmd_jobs(args: argparse.Namespace) -> int:
+@jobs.command("list")
+@option("--organization", type=ID, required=True, help="The organization whose jobs are listed.")
+@option("--course", type=ID, default=None, help="Only jobs of this course.")
+@option("--learner", type=ID, default=None, help="Only one-learner jobs of this learner.")
+@option("--state", default=None, help="Only jobs in this state, e.g. running.")
+@option("--origin", default=None, help="Only jobs started from here: cli, http:<name> or campaign.")
+@option("--campaign", type=ID, default=None, help="Only jobs of this campaign.")
+@option("--created-after", default=None, help="Only jobs created at or after this ISO-8601 instant.")
+@option("--created-before", default=None, help="Only jobs created before this ISO-8601 instant.")
+@option("--limit", type=COUNT, default=DEFAULT_LIMIT, help=f"Jobs per page, at most {MAX_LIMIT}.")
+@option("--cursor", default=None, help="The next_cursor of the previous page.")
+@json_option
+def jobs_list(organization: int, course: int | None, learner: int | None, state: str | None, origin: str | None,
+              campaign: int | None, created_after: str | None, created_before: str | None, limit: int,
+              cursor: str | None, as_json: bool) -> int:
+    """An organization's jobs, newest first (the same as GET /v1/resets)."""
     from models.db import session_scope
     from producer import resets
 
     with session_scope() as session:
-        page = resets.list_jobs(session, args.organization, course_id=args.course, learner_id=args.learner,
-                                state=args.state, origin=args.origin, campaign_id=args.campaign,
-                                created_after=args.created_after, created_before=args.created_before,
-                                limit=args.limit, cursor=args.cursor)
+        page = resets.list_jobs(session, organization, course_id=course, learner_id=learner, state=state,
+                                origin=origin, campaign_id=campaign, created_after=created_after,
+                                created_before=created_before, limit=limit, cursor=cursor)
     lines = [f"{j['job_id']}  {j['state']:<21} {j['scope']:<7} course {j['course_id']}"
              + (f" learner {j['learner_id']}" if j["learner_id"] else "")
              + f"  {j['learners_done']}/{j['learners_total']} learners  {j['created_at']}  {j['origin']}"
              for j in page["items"]] or ["no jobs"]
     if page["next_cursor"]:
         lines.append(f"more: --cursor {page['next_cursor']}")
-    emit(args, page, "\n".join(lines))
+    emit(as_json, page, "\n".join(lines))
     return 0
+
+
+COMMANDS = (request, confirm, status, cancel, demo, jobs)

@@ -6,86 +6,132 @@ The same functions as ``/v1/webhooks``; the organization is named with
 
 from __future__ import annotations
 
-import argparse
+import click
 
-from producer.cli import command, emit, id_arg
+from models.webhooks import EVENT_TYPES
+from producer.cli import COUNT, ID, WHOLE, Group, OneOf, emit, json_option, option
+
+organization_option = option("--organization", type=ID, required=True, help="The organization the receiver belongs to.")
+endpoint_argument = click.argument("endpoint_id", type=ID, help="The receiver's id, as 'webhook list' shows it.")
 
 
-def add_commands(sub) -> None:
-    from models.webhooks import EVENT_TYPES
-
-    w = sub.add_parser("webhook", help="receivers of job events (signed webhooks)")
-    wsub = w.add_subparsers(dest="webhook_command", required=True, parser_class=type(w))
-    c = wsub.add_parser("create", help="register a receiver; the signing secret is shown once")
-    c.add_argument("--organization", type=id_arg, required=True)
-    c.add_argument("--url", required=True)
-    c.add_argument("--event", dest="events", action="append", required=True, choices=EVENT_TYPES,
-                   help="an event to receive (repeatable)")
-    c.add_argument("--json", action="store_true")
-    ls = wsub.add_parser("list", help="the organization's receivers (never their secrets)")
-    ls.add_argument("--organization", type=id_arg, required=True)
-    ls.add_argument("--json", action="store_true")
-    for name, text in (("show", "one receiver"), ("delete", "stop sending to a receiver; open deliveries are "
-                                                                "cancelled")):
-        p = wsub.add_parser(name, help=text)
-        p.add_argument("endpoint_id", type=id_arg)
-        p.add_argument("--organization", type=id_arg, required=True)
-        p.add_argument("--json", action="store_true")
-    r = wsub.add_parser("rotate-secret", help="a new secret; the old one also signs during the overlap")
-    r.add_argument("endpoint_id", type=id_arg)
-    r.add_argument("--organization", type=id_arg, required=True)
-    r.add_argument("--overlap-seconds", type=int, default=24 * 3600)
-    r.add_argument("--json", action="store_true")
-    d = wsub.add_parser("deliveries", help="a receiver's delivery log, newest first")
-    d.add_argument("endpoint_id", type=id_arg)
-    d.add_argument("--organization", type=id_arg, required=True)
-    d.add_argument("--status", default=None)
-    d.add_argument("--limit", type=id_arg, default=50)
-    d.add_argument("--cursor", default=None)
-    d.add_argument("--json", action="store_true")
-    rd = wsub.add_parser("redeliver", help="send a finished delivery again (same event id)")
-    rd.add_argument("endpoint_id", type=id_arg)
-    rd.add_argument("delivery_id", type=id_arg)
-    rd.add_argument("--organization", type=id_arg, required=True)
-    rd.add_argument("--json", action="store_true")
+@click.group("webhook", cls=Group)
+def webhook() -> None:
+    """Receivers of job events (signed webhooks)."""
 
 
 def _line(ep: dict) -> str:
     return f"webhook {ep['id']}: {ep['url']} ({', '.join(ep['events'])})"
 
 
-@command("webhook")
-def cmd_webhook(args: argparse.Namespace) -> int:
+def _session():
     from models.db import session_scope
+
+    return session_scope()
+
+
+@webhook.command("create")
+@organization_option
+@option("--url", required=True, help="Where the events are POSTed (https).")
+@option("--event", "events", type=OneOf(EVENT_TYPES), multiple=True, required=True,
+        help="An event to receive (repeatable).")
+@json_option
+def create(organization: int, url: str, events: tuple[str, ...], as_json: bool) -> int:
+    """Register a receiver; the signing secret is shown once."""
     from producer import webhooks
 
-    with session_scope() as session:
-        what = args.webhook_command
-        if what == "create":
-            ep = webhooks.create_endpoint(session, args.organization, args.url, args.events)
-            emit(args, ep, _line(ep) + f"\n  secret (shown once): {ep['secret']}")
-        elif what == "list":
-            items = webhooks.list_endpoints(session, args.organization)
-            emit(args, {"items": items}, "\n".join(_line(ep) for ep in items) or "no webhook endpoints")
-        elif what == "show":
-            ep = webhooks.get_endpoint(session, args.organization, args.endpoint_id)
-            emit(args, ep, _line(ep))
-        elif what == "delete":
-            ep = webhooks.delete_endpoint(session, args.organization, args.endpoint_id)
-            emit(args, ep, _line(ep) + " deleted")
-        elif what == "rotate-secret":
-            ep = webhooks.rotate_secret(session, args.organization, args.endpoint_id, args.overlap_seconds)
-            emit(args, ep, _line(ep) + f"\n  new secret (shown once): {ep['secret']}; the old one signs until "
-                                       f"{ep['previous_secret_expires_at'] or 'now'}")
-        elif what == "deliveries":
-            page = webhooks.list_deliveries(session, args.organization, args.endpoint_id, status=args.status,
-                                            limit=args.limit, cursor=args.cursor)
-            lines = [f"{x['delivery_id']}  {x['event_type']:<16} {x['status']:<10} attempts {x['attempts']}  "
-                     f"last {x['last_status_code'] or '-'}  job {x['job_id']}" for x in page["items"]]
-            if page["next_cursor"]:
-                lines.append(f"more: --cursor {page['next_cursor']}")
-            emit(args, page, "\n".join(lines) or "no deliveries")
-        else:
-            x = webhooks.redeliver(session, args.organization, args.endpoint_id, args.delivery_id)
-            emit(args, x, f"delivery {x['delivery_id']} ({x['event_type']}) queued again")
+    with _session() as session:
+        ep = webhooks.create_endpoint(session, organization, url, list(events))
+    emit(as_json, ep, _line(ep) + f"\n  secret (shown once): {ep['secret']}")
     return 0
+
+
+@webhook.command("list")
+@organization_option
+@json_option
+def list_endpoints(organization: int, as_json: bool) -> int:
+    """The organization's receivers (never their secrets)."""
+    from producer import webhooks
+
+    with _session() as session:
+        items = webhooks.list_endpoints(session, organization)
+    emit(as_json, {"items": items}, "\n".join(_line(ep) for ep in items) or "no webhook endpoints")
+    return 0
+
+
+def _endpoint_command(name: str, summary: str, function_name: str, done: str = "") -> None:
+    """``webhook show|delete ENDPOINT_ID --organization ID``: one receiver, read or deleted."""
+
+    @webhook.command(name, help=summary)
+    @endpoint_argument
+    @organization_option
+    @json_option
+    def one_endpoint(endpoint_id: int, organization: int, as_json: bool) -> int:
+        from producer import webhooks
+
+        with _session() as session:
+            ep = getattr(webhooks, function_name)(session, organization, endpoint_id)
+        emit(as_json, ep, _line(ep) + done)
+        return 0
+
+
+_endpoint_command("show", "One receiver.", "get_endpoint")
+_endpoint_command("delete", "Stop sending to a receiver; open deliveries are cancelled.", "delete_endpoint",
+                  " deleted")
+
+
+@webhook.command("rotate-secret")
+@endpoint_argument
+@organization_option
+@option("--overlap-seconds", type=WHOLE, default=24 * 3600, help="How long the old secret also signs.")
+@json_option
+def rotate_secret(endpoint_id: int, organization: int, overlap_seconds: int, as_json: bool) -> int:
+    """A new secret; the old one also signs during the overlap."""
+    from producer import webhooks
+
+    with _session() as session:
+        ep = webhooks.rotate_secret(session, organization, endpoint_id, overlap_seconds)
+    emit(as_json, ep, _line(ep) + f"\n  new secret (shown once): {ep['secret']}; the old one signs until "
+                                  f"{ep['previous_secret_expires_at'] or 'now'}")
+    return 0
+
+
+@webhook.command("deliveries")
+@endpoint_argument
+@organization_option
+@option("--status", default=None, help="Only deliveries in this status, e.g. failed.")
+@option("--limit", type=COUNT, default=50, help="Deliveries per page.")
+@option("--cursor", default=None, help="The next_cursor of the previous page.")
+@json_option
+def deliveries(endpoint_id: int, organization: int, status: str | None, limit: int, cursor: str | None,
+               as_json: bool) -> int:
+    """A receiver's delivery log, newest first."""
+    from producer import webhooks
+
+    with _session() as session:
+        page = webhooks.list_deliveries(session, organization, endpoint_id, status=status, limit=limit,
+                                        cursor=cursor)
+    lines = [f"{x['delivery_id']}  {x['event_type']:<16} {x['status']:<10} attempts {x['attempts']}  "
+             f"last {x['last_status_code'] or '-'}  job {x['job_id']}" for x in page["items"]]
+    if page["next_cursor"]:
+        lines.append(f"more: --cursor {page['next_cursor']}")
+    emit(as_json, page, "\n".join(lines) or "no deliveries")
+    return 0
+
+
+@webhook.command("redeliver")
+@endpoint_argument
+@click.argument("delivery_id", type=ID, help="The delivery to send again, as 'webhook deliveries' shows it.")
+@organization_option
+@json_option
+def redeliver(endpoint_id: int, delivery_id: int, organization: int, as_json: bool) -> int:
+    """Send a finished delivery again (same event id)."""
+    from producer import webhooks
+
+    with _session() as session:
+        x = webhooks.redeliver(session, organization, endpoint_id, delivery_id)
+    emit(as_json, x, f"delivery {x['delivery_id']} ({x['event_type']}) queued again")
+    return 0
+
+
+COMMANDS = (webhook,)

@@ -1,8 +1,9 @@
 """Issue 13, CLI findings: tokens that start with "-", ids out of range, and (with the Python API) text
 the database cannot store, far-future campaign starts, resets of nobody and what the summary says.
 
-Real PostgreSQL through the real ``progress-reset`` CLI in a subprocess; every refusal is one
-``error:`` line, a non-zero exit, and the database unchanged.
+Real PostgreSQL through the ``progress-reset`` CLI, run in this process (in a subprocess where the
+bytes of the command line are the point); every refusal is one ``error:`` line, a non-zero exit, and
+the database unchanged.
 """
 
 from __future__ import annotations
@@ -19,14 +20,10 @@ from models.jobs import hash_token, new_token
 from models.schema import ResetJob
 from models.seed import seed
 from tests.reset_checks import fingerprint
+from tests.test_cli_foundation import invoke
 from tests.test_producer_errors import refused
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def cli(env, *args):
-    return subprocess.run([sys.executable, "-m", "producer.cli", *args], cwd=REPO_ROOT, env=env,
-                          capture_output=True, text=True, timeout=60)
 
 
 def assert_refused(proc, *needles):
@@ -40,18 +37,19 @@ def assert_refused(proc, *needles):
 
 
 @pytest.fixture
-def tenant_env(fresh_db, use_env, redis_url):
-    env = use_env(DATABASE_URL=fresh_db(), CELERY_BROKER_URL=redis_url)
+def tenant(fresh_db, use_env, redis_url):
+    """An organization in a fresh database this process (and a CLI it starts) points at."""
+    use_env(DATABASE_URL=fresh_db(), CELERY_BROKER_URL=redis_url)
     with session_scope() as session:
-        tenant = seed(session, learners=10, lessons=2, courses=2, completed_ratio=0.5, random_seed=13)
-    yield env, tenant
+        org = seed(session, learners=10, lessons=2, courses=2, completed_ratio=0.5, random_seed=13)
+    yield org
     dispose_engine()
 
 
-def refused_unchanged(env, args, *needles):
+def refused_unchanged(args, *needles):
     with session_scope() as session:
         before = fingerprint(session)
-    line = assert_refused(cli(env, *args), *needles)
+    line = assert_refused(invoke(*args), *needles)
     with session_scope() as session:
         assert fingerprint(session) == before, f"refused {args} changed the database"
     return line
@@ -64,27 +62,25 @@ def test_item1_new_tokens_never_start_with_a_dash():
 
 
 @pytest.mark.parametrize("form", ["separate", "equals"])
-def test_item1_token_starting_with_dash_confirms_through_the_cli(tenant_env, form):
+def test_item1_token_starting_with_dash_confirms_through_the_cli(tenant, form):
     """A token issued before the rule (it starts with "-") still confirms, as ``--token -x`` or ``--token=-x``."""
-    env, tenant = tenant_env
-    out = cli(env, "request", "--actor", str(tenant.admin_id), "--course", str(tenant.course_ids[0]), "--json")
+    out = invoke("request", "--actor", str(tenant.admin_id), "--course", str(tenant.course_ids[0]), "--json")
     assert out.returncode == 0, out.stderr
     request_id = json.loads(out.stdout)["request_id"]
     old_style = "-" + new_token()[0][1:]
     with session_scope() as session:
         session.get(ResetJob, __import__("uuid").UUID(request_id)).token_hash = hash_token(old_style)
     # A wrong token starting with "-" is read as a token, not an option, and refused as wrong.
-    refused_unchanged(env, ["confirm", request_id, "--actor", str(tenant.admin_id), "--token", "-wrong"],
+    refused_unchanged(["confirm", request_id, "--actor", str(tenant.admin_id), "--token", "-wrong"],
                       "wrong confirmation token")
     token_args = ["--token", old_style] if form == "separate" else [f"--token={old_style}"]
-    ok = cli(env, "confirm", request_id, "--actor", str(tenant.admin_id), *token_args, "--json")
+    ok = invoke("confirm", request_id, "--actor", str(tenant.admin_id), *token_args, "--json")
     assert ok.returncode == 0, ok.stderr
     assert json.loads(ok.stdout)["state"] == "queued"
 
 
-def test_item1_missing_token_value_is_still_an_error(tenant_env):
-    env, tenant = tenant_env
-    proc = cli(env, "confirm", "00000000-0000-0000-0000-000000000000", "--actor", str(tenant.admin_id),
+def test_item1_missing_token_value_is_still_an_error(tenant):
+    proc = invoke("confirm", "00000000-0000-0000-0000-000000000000", "--actor", str(tenant.admin_id),
                "--token", "--json")
     assert_refused(proc, "--token", "expected one argument")
 
@@ -98,16 +94,14 @@ def test_item1_missing_token_value_is_still_an_error(tenant_env):
     (["cancel", "00000000-0000-0000-0000-000000000000", "--actor", "3000000000"], "--actor"),
     (["api-key", "create", "--organization", "99999999999", "--name", "svc"], "--organization"),
 ])
-def test_item6_cli_ids_out_of_range_are_refused_naming_the_option(tenant_env, args, option):
-    env, tenant = tenant_env
+def test_item6_cli_ids_out_of_range_are_refused_naming_the_option(tenant, args, option):
     args = [a.format(admin=tenant.admin_id, course=tenant.course_ids[0]) for a in args]
-    line = refused_unchanged(env, args, option, "at most 2147483647")
+    line = refused_unchanged(args, option, "at most 2147483647")
     assert "database" not in line
 
 
-def test_item6_largest_id_is_accepted_and_simply_not_found(tenant_env):
-    env, tenant = tenant_env
-    refused_unchanged(env, ["request", "--actor", str(tenant.admin_id), "--course", "2147483647"],
+def test_item6_largest_id_is_accepted_and_simply_not_found(tenant):
+    refused_unchanged(["request", "--actor", str(tenant.admin_id), "--course", "2147483647"],
                       "course 2147483647 not found")
 
 
@@ -145,13 +139,12 @@ def test_item4_nul_and_undecodable_text_is_refused_in_every_text_field(db_sessio
             reason="a\x00b", match="the NUL character")
 
 
-def test_item4_cli_reason_that_is_not_utf8_is_one_error_line(tenant_env):
-    env, tenant = tenant_env
+def test_item4_cli_reason_that_is_not_utf8_is_one_error_line(tenant):
     with session_scope() as session:
         before = fingerprint(session)
     argv = [sys.executable.encode(), b"-m", b"producer.cli", b"request", b"--actor", str(tenant.admin_id).encode(),
             b"--course", str(tenant.course_ids[0]).encode(), b"--reason", b"caf\xe9"]
-    proc = subprocess.run(argv, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(argv, cwd=REPO_ROOT, env=dict(os.environ), capture_output=True, text=True, timeout=60)
     assert_refused(proc, "reason contains an unpaired surrogate")
     with session_scope() as session:
         assert fingerprint(session) == before
@@ -173,13 +166,12 @@ def test_item5_far_future_campaign_start_is_refused(db_session, org, start, zone
             every_months=1, start=start, time_zone=zone, match=needle)
 
 
-def test_item5_far_future_campaign_start_through_the_cli(tenant_env):
-    env, tenant = tenant_env
+def test_item5_far_future_campaign_start_through_the_cli(tenant):
     for zone in ("UTC", "America/New_York"):
-        refused_unchanged(env, ["campaign", "create", "--actor", str(tenant.admin_id), "--course",
+        refused_unchanged(["campaign", "create", "--actor", str(tenant.admin_id), "--course",
                                 str(tenant.course_ids[0]), "--every-months", "1", "--start", "9999-12-31T23:59",
                                 "--time-zone", zone], "start")
-    refused_unchanged(env, ["campaign", "run-due", "--at", "9999-12-31T23:59-05:00"], "--at", "out of range")
+    refused_unchanged(["campaign", "run-due", "--at", "9999-12-31T23:59-05:00"], "--at", "out of range")
 
 
 # --- item 9: what an admin sees -------------------------------------------------------------
@@ -203,10 +195,9 @@ def test_item9_reset_that_would_reset_nobody_is_refused(db_session, org):
             match=f"nothing to reset: no learner assigned to course {empty.id} ('Forklift basics') has progress")
 
 
-def test_item9_summary_names_the_course_and_learner_and_says_what_stays(tenant_env):
-    env, tenant = tenant_env
+def test_item9_summary_names_the_course_and_learner_and_says_what_stays(tenant):
     course = str(tenant.course_ids[0])
-    one = cli(env, "request", "--actor", str(tenant.admin_id), "--course", course, "--learner",
+    one = invoke("request", "--actor", str(tenant.admin_id), "--course", course, "--learner",
               str(tenant.learner_id), "--json")
     assert one.returncode == 0, one.stderr
     summary = json.loads(one.stdout)["summary"]
@@ -220,7 +211,7 @@ def test_item9_summary_names_the_course_and_learner_and_says_what_stays(tenant_e
     assert summary["assigned_learners"] == 10 and summary["learners_keeping_state"] == 9
     assert summary["irreversible"] is True
 
-    human = cli(env, "request", "--actor", str(tenant.admin_id), "--course", str(tenant.course_ids[1]),
+    human = invoke("request", "--actor", str(tenant.admin_id), "--course", str(tenant.course_ids[1]),
                 "--learner", str(tenant.learner_id))
     assert human.returncode == 0, human.stderr
     text = human.stdout
@@ -228,7 +219,7 @@ def test_item9_summary_names_the_course_and_learner_and_says_what_stays(tenant_e
     assert "1 completion " in text and "1 certificate " in text and "1 learners" not in text, text
     assert "9 assigned learners keep their state" in text and "cannot be undone" in text, text
 
-    course_wide = cli(env, "request", "--actor", str(tenant.admin_id), "--course", course)
+    course_wide = invoke("request", "--actor", str(tenant.admin_id), "--course", course)
     assert course_wide.returncode == 0, course_wide.stderr
     assert "for 10 learners" in course_wide.stdout and "0 assigned learners keep their state" in course_wide.stdout
 
