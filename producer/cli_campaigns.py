@@ -11,6 +11,7 @@ from datetime import datetime, timezone
 
 import click
 
+from models.states import OccurrenceState
 from producer.cli import ID, WHOLE, Group, RefusedValue, emit, json_option, option
 
 
@@ -148,15 +149,14 @@ _state_change("delete", "End a campaign for good (its history stays).", "delete_
 @json_option
 def run_due(at: datetime | None, as_json: bool) -> int:
     """Run the dispatcher once: queue a reset job for every due occurrence."""
-    import workers  # noqa: F401 - configures the Celery app that resets.start is published through
+    from models.campaign_dispatch import dispatch_due
     from models.db import session_scope
     from models.jobs import utcnow
-    from tasks.campaigns import dispatch_due
 
     with session_scope() as session:
         result = dispatch_due(session, at or utcnow())
     lines = [f"dispatched at {result.at.isoformat()}: {len(result.outcomes)} due, "
-             f"{result.count('queued')} queued"]
+             f"{result.count(OccurrenceState.QUEUED)} queued"]
     for o in result.outcomes:
         lines.append(f"  campaign {o.campaign_id} @ {o.occurrence_at.isoformat() if o.occurrence_at else '-'}: "
                      f"{o.outcome}" + (f" job {o.job_id}" if o.job_id else "")

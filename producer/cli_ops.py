@@ -124,13 +124,13 @@ def describe_health(report) -> str:
 @json_option
 def health(timeout: float, queues: tuple[str, ...], as_json: bool) -> int:
     """Check the database, the broker and that every queue is consumed."""
-    import workers  # noqa: F401 - configures the Celery app the canaries are published through
-    from tasks.health import CANARY_QUEUES, run_health_check
+    from models.queues import QUEUES
+    from workers.health import run_health_check
 
-    queues = queues or CANARY_QUEUES
-    unknown = sorted(set(queues) - set(CANARY_QUEUES))
+    queues = queues or QUEUES
+    unknown = sorted(set(queues) - set(QUEUES))
     if unknown:
-        print(f"error: unknown queue {', '.join(unknown)}; the queues are {', '.join(CANARY_QUEUES)}",
+        print(f"error: unknown queue {', '.join(unknown)}; the queues are {', '.join(QUEUES)}",
               file=sys.stderr)
         return EXIT_USAGE
     report = run_health_check(timeout=timeout, queues=queues)

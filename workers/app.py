@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
+from functools import cached_property
 
 from celery import Celery
 from celery.signals import after_setup_logger, worker_process_init
@@ -20,8 +22,27 @@ def _configuration(settings) -> dict:
     return celery_config(settings) | transport_config(settings)
 
 
+class _ConfigurationOnFirstUse(Mapping):
+    """Celery's configuration, built from the settings when Celery first reads it: importing the
+    app (the producer does, to publish through it) never reads the environment, so a malformed
+    variable is reported by the command that needs it, as one line."""
+
+    @cached_property
+    def _values(self) -> dict:
+        return _configuration(get_settings())
+
+    def __getitem__(self, key):
+        return self._values[key]
+
+    def __iter__(self):
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+
 app = Celery("progress_reset", include=list(TASK_MODULES))
-app.config_from_object(_configuration(get_settings()))
+app.config_from_object(_ConfigurationOnFirstUse())
 app.set_default()
 use_app(app)  # models.messaging publishes through this app, for the workers and the producer
 
