@@ -5,7 +5,7 @@ the sender can keep its transactions short (claim, then record outcomes) and the
 sweep can run :func:`sweep_notifications` inside its own transaction::
 
     pending --claim--> sending --mark_sent--> sent
-                          |--mark_retry--> pending (next_attempt_at = backoff) ... --> failed (max attempts)
+                          |--mark_retry--> pending (next_attempt_at = retry_delay) ... --> failed (max attempts)
                           |--mark_failed--> failed (reason)
                           |--release_notifications--> pending (never tried, attempt not counted)
                           '--worker lost--> (sweep_notifications, after notify_stale_seconds) pending / failed
@@ -35,33 +35,32 @@ from models.states import NotificationStatus
 from tasks.notify_backends import redact
 
 __all__ = [
-    "RETRY_BASE_SECONDS", "RETRY_MAX_SECONDS", "TASK_NAME", "ClaimedNotification",
+    "RETRY_BASE_SECONDS", "RETRY_MAX_SECONDS", "TASK_NAME", "ClaimedNotification", "backoff_seconds",
     "claim_notifications", "defer_due_notifications", "mark_failed", "mark_retry", "mark_sent", "mark_sent_many",
     "next_due_at", "release_notifications", "retry_delay", "sweep_notifications",
 ]
 
 TASK_NAME = "notifications.send"
 
-# Backoff for transient failures: attempt n waits base * 2**(n-1), capped, with the upper
-# half jittered (equal jitter) so a recovering provider is not hit by every worker at once.
+# A row that failed transiently waits backoff_seconds(attempt, RETRY_BASE_SECONDS, RETRY_MAX_SECONDS).
 RETRY_BASE_SECONDS = 1.0
 RETRY_MAX_SECONDS = 300.0
 # The sweep publishes one task per job with due rows, up to this many jobs (then one for any job).
 SWEEP_MAX_JOBS = 50
 
 
-def retry_delay(attempts: int, retry_after: float | None = None, rng: random.Random | None = None) -> float:
-    """Seconds before a row that failed transiently on attempt ``attempts`` is tried again.
+def backoff_seconds(attempt: int, base: float, cap: float, rng: random.Random | None = None) -> float:
+    """The one backoff of this package: ``min(cap, base * 2**(attempt-1))``, of which the upper
+    half is random (equal jitter), so workers retrying after one outage do not come back in step."""
+    ceiling = min(cap, base * 2 ** max(0, attempt - 1))
+    return ceiling / 2 + (rng or random).uniform(0, ceiling / 2)
 
-    ``RETRY_BASE_SECONDS * 2**(attempts-1)``, capped at ``RETRY_MAX_SECONDS``, of which the
-    upper half is random; never earlier than the provider's ``Retry-After``.
-    """
-    rng = rng or random
-    ceiling = min(RETRY_MAX_SECONDS, RETRY_BASE_SECONDS * 2 ** max(0, attempts - 1))
-    delay = ceiling / 2 + rng.uniform(0, ceiling / 2)
-    if retry_after is not None:
-        delay = max(delay, retry_after)
-    return delay
+
+def retry_delay(attempts: int, retry_after: float | None = None, rng: random.Random | None = None) -> float:
+    """Seconds before a row that failed transiently on attempt ``attempts`` is tried again:
+    :func:`backoff_seconds` with 1 s base and 300 s cap, never earlier than the provider's ``Retry-After``."""
+    delay = backoff_seconds(attempts, RETRY_BASE_SECONDS, RETRY_MAX_SECONDS, rng)
+    return delay if retry_after is None else max(delay, retry_after)
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,9 @@ chunk (commit), render it, send each message through the shared rate limit
 (commit, sent rows grouped). A run stops after ``TASK_SLICE_SECONDS`` and publishes itself
 again, so one task never holds a worker slot for long; a run that leaves rows waiting for a
 retry publishes a follow-up with a countdown to the earliest one.
+
+An unreachable database retries the whole task with backoff (``autoretry_for`` in
+:mod:`tasks.base`); the one exception is recording sent rows, see :class:`_SentMarks`.
 """
 
 from __future__ import annotations
@@ -19,7 +22,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
 from models.db import session_scope
@@ -27,11 +29,12 @@ from models.jobs import utcnow
 from models.logs import log_event, logger
 from models.messaging import publish_after_commit
 from models.settings import Settings, get_settings
-from tasks.base import project_task
+from tasks.base import DATABASE_UNAVAILABLE, project_task
 from tasks.notifications.outbox import (
     RETRY_MAX_SECONDS,
     TASK_NAME,
     ClaimedNotification,
+    backoff_seconds,
     claim_notifications,
     defer_due_notifications,
     mark_failed,
@@ -62,8 +65,11 @@ LIMITER_DOWN_RETRY_SECONDS = 5.0
 # Sent rows are marked in groups of at most this many, or this long after the first send.
 MARK_BATCH_SIZE = 25
 MARK_MAX_DELAY_SECONDS = 0.2
-# How long a worker keeps retrying to record sent rows while the database is unreachable.
+# How long a worker keeps trying to record sent rows while the database is unreachable, and
+# the backoff between tries (backoff_seconds with this base and cap).
 MARK_RETRY_SECONDS = 60.0
+MARK_RETRY_BASE_SECONDS = 0.2
+MARK_RETRY_MAX_SECONDS = 5.0
 
 
 def max_countdown_seconds(settings: Settings) -> float:
@@ -167,7 +173,9 @@ class _SentMarks:
     marks are grouped: at most ``MARK_BATCH_SIZE`` rows or ``MARK_MAX_DELAY_SECONDS`` of sending,
     and always before the run waits for a rate-limit slot, records a failure or stops. A
     worker that dies loses at most that window of marks; those rows are sent again with the
-    same Message-ID / Idempotency-Key, exactly as for a crash right after one send.
+    same Message-ID / Idempotency-Key, exactly as for a crash right after one send. While the
+    database is unreachable, a group is retried for up to ``MARK_RETRY_SECONDS``, well inside
+    ``NOTIFY_STALE_SECONDS``.
     """
 
     def __init__(self, result: SendRunResult):
@@ -187,22 +195,22 @@ class _SentMarks:
             return
         items, self.items = self.items, []
         marks = [(claim.id, provider_id) for claim, provider_id in items]
-        # These messages are already with the provider: keep trying to record that while
-        # the database is unreachable (restart, terminated connection) rather than let the
-        # sweep send them again. Well inside NOTIFY_STALE_SECONDS.
         deadline = time.monotonic() + MARK_RETRY_SECONDS
-        delay = 0.2
+        tries = 0
         while True:
+            # A database outage is waited out here, not left to the task's autoretry: the retried
+            # task would take these rows back (same message id) and send them again.
             try:
                 with _transaction() as session:
                     mark_sent_many(session, marks, utcnow())
                 break
-            except (OperationalError, InterfaceError) as exc:
+            except DATABASE_UNAVAILABLE as exc:
+                tries += 1
+                delay = backoff_seconds(tries, MARK_RETRY_BASE_SECONDS, MARK_RETRY_MAX_SECONDS)
                 if time.monotonic() + delay > deadline:
                     raise
                 log_event("notification.mark.retry", logging.WARNING, rows=len(marks), error=type(exc).__name__)
                 time.sleep(delay)
-                delay = min(delay * 2, 5.0)
         self.result.sent += len(items)
         if logger.isEnabledFor(logging.DEBUG):  # at info, the run's own line carries the counts
             for claim, _ in items:
