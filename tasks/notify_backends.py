@@ -2,13 +2,12 @@
 
 Every backend has one method, ``send(message) -> provider_id``, and reports a
 failure by raising :class:`TransientSendError` (try again later) or
-:class:`PermanentSendError` (this message can never succeed). A backend may keep
-a connection open across the messages of one task run; ``close()`` ends it.
+:class:`PermanentSendError` (this message can never succeed), so the sender
+decides retries the same way whatever the transport. A backend may keep a
+connection open across the messages of one task run; ``close()`` ends it.
 
-Each message carries identifiers derived only from its outbox row, so a resend
-after a crash is recognisable by the provider: the SMTP ``Message-ID`` and the
-webhook ``Idempotency-Key`` are the same on every attempt, and the webhook body
-is byte-for-byte the same.
+The message itself, with the identifiers a provider recognises a resend by, is
+made in :mod:`tasks.notify_message`; a backend only moves it.
 
 Failure reasons are stored on the outbox row and may be logged, so e-mail
 addresses are removed from them (:func:`redact`).
@@ -16,7 +15,6 @@ addresses are removed from them (:func:`redact`).
 
 from __future__ import annotations
 
-import email.policy
 import email.utils
 import hashlib
 import hmac
@@ -27,17 +25,14 @@ import smtplib
 import socket
 import ssl
 import time
-from dataclasses import dataclass
-from datetime import datetime, timezone
-from email.headerregistry import Address
-from email.message import EmailMessage
+from datetime import timezone
 from pathlib import Path
 
 import httpx
 
 from models.settings import Settings
+from tasks.notify_message import OutgoingMessage, build_email
 
-MESSAGE_ID_DOMAIN = "progress-reset"
 USER_AGENT = "progress-reset-notifications/1"
 # SMTP connections idle longer than this are checked with NOOP before reuse.
 SMTP_IDLE_CHECK_SECONDS = 5.0
@@ -50,45 +45,6 @@ _ADDRESS_RE = re.compile(r"[^\s<>\"'(),;:@]+@[^\s<>\"'(),;:@]+")
 def redact(text: str, limit: int = 500) -> str:
     """``text`` with e-mail addresses replaced by ``<address>``, cut to ``limit`` characters."""
     return _ADDRESS_RE.sub("<address>", text)[:limit]
-
-
-@dataclass(frozen=True)
-class OutgoingMessage:
-    """One rendered notification, ready for any backend."""
-
-    notification_id: int
-    reset_job_id: str
-    user_id: int
-    course_id: int
-    kind: str
-    recipient_name: str
-    recipient_email: str
-    course_title: str
-    course_url: str
-    subject: str
-    text: str
-
-    @property
-    def idempotency_key(self) -> str:
-        """Stable across every attempt of this outbox row, unique across databases (job ids are UUIDs)."""
-        return f"notification-{self.notification_id}.{self.reset_job_id}"
-
-    @property
-    def message_id(self) -> str:
-        return f"<{self.idempotency_key}@{MESSAGE_ID_DOMAIN}>"
-
-    def payload(self) -> dict:
-        """The JSON document the console and webhook backends deliver (no timestamps: a resend is identical)."""
-        return {
-            "type": self.kind,
-            "notification_id": self.notification_id,
-            "idempotency_key": self.idempotency_key,
-            "reset_job_id": self.reset_job_id,
-            "learner": {"id": self.user_id, "name": self.recipient_name, "email": self.recipient_email},
-            "course": {"id": self.course_id, "title": self.course_title, "url": self.course_url},
-            "subject": self.subject,
-            "text": self.text,
-        }
 
 
 class SendError(Exception):
@@ -181,41 +137,6 @@ class ConsoleBackend(NotificationBackend):
 
 
 # --- SMTP -----------------------------------------------------------------------------------
-
-# Headers are not folded below the RFC 5322 hard limit, so the Message-ID stays on one
-# line and a receiver comparing it byte for byte sees the same value on every resend.
-_EMAIL_POLICY = email.policy.SMTP.clone(max_line_length=998)
-
-
-# Line breaks (CR, LF, and what Unicode also counts as one) and other control characters:
-# a header value may not hold them, and a course title or a learner's name can.
-_UNSAFE_IN_HEADER = re.compile(r"[\x00-\x1f\x7f\x85\u2028\u2029]+")
-
-
-def header_safe(text: str) -> str:
-    """``text`` on one line: each run of line breaks or control characters becomes one space.
-
-    A course title with CR/LF between "Forklift" and "safety" gives the subject
-    "Course assigned: Forklift safety": the mail still goes out (the email package
-    refuses a header value with a line break), and no header can be injected through it.
-    """
-    return " ".join(_UNSAFE_IN_HEADER.sub(" ", text).split())
-
-
-def build_email(message: OutgoingMessage, sender: str) -> EmailMessage:
-    """The RFC 5322 message; its Message-ID is the same on every attempt. Header values are made one line."""
-    mail = EmailMessage(policy=_EMAIL_POLICY)
-    mail["From"] = sender
-    mail["To"] = Address(display_name=header_safe(message.recipient_name), addr_spec=message.recipient_email)
-    mail["Subject"] = header_safe(message.subject)
-    mail["Date"] = email.utils.format_datetime(datetime.now(timezone.utc))
-    mail["Message-ID"] = message.message_id
-    mail["X-Notification-Id"] = str(message.notification_id)
-    mail["X-Reset-Job-Id"] = message.reset_job_id
-    mail["Auto-Submitted"] = "auto-generated"
-    mail.set_content(message.text)
-    return mail
-
 
 def _smtp_text(reply: bytes | str) -> str:
     return reply.decode("utf-8", "replace") if isinstance(reply, bytes) else str(reply)

@@ -1,5 +1,8 @@
 """One send rate shared by every notification worker (GCRA with reservations).
 
+Hand-written because no maintained library (limits, throttled-py, pyrate-limiter) reserves future
+slots to sleep to, nor keeps one GCRA bucket in Redis with a ``flock``-ed file as the embedded fallback.
+
 The limiter hands out *send slots* spaced ``1 / rate`` seconds apart. A caller
 reserves the next free slot and sleeps until it; with ``burst`` above 1, up to
 ``burst`` slots may fall at once after an idle spell. This is GCRA (the

@@ -36,6 +36,7 @@ from sqlalchemy.orm import Session
 
 from models.jobs import target_filter
 from models.schema import CourseAssignment, Notification, User
+from models.states import NotificationStatus
 
 HOLD_SECONDS = 60.0
 
@@ -76,7 +77,7 @@ def insert_outbox(session: Session, course_id: int, job_id: uuid.UUID | None = N
     if users:
         session.execute(insert(Notification.__table__), [
             {"user_id": uid, "course_id": course_id, "reset_job_id": job_id, "kind": "course_assigned",
-             "status": "pending", "attempts": 0} for uid in users])
+             "status": NotificationStatus.PENDING, "attempts": 0} for uid in users])
     return job_id, set(users)
 
 

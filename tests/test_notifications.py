@@ -16,15 +16,16 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from models.db import make_engine
+from models.jobs import utcnow
 from models.schema import Course, Notification, User
 from models.seed import seed
-from models.settings import Settings
-from tasks import notifications as n
 from models.messaging import pending_publishes
+from models.settings import Settings
+from models.states import NotificationStatus
+from tasks import notifications as n
 from tasks.notify_backends import (
     BackendConfigError,
     ConsoleBackend,
-    OutgoingMessage,
     PermanentSendError,
     SmtpBackend,
     TransientSendError,
@@ -33,8 +34,10 @@ from tasks.notify_backends import (
     parse_retry_after,
     redact,
 )
+from tasks.notify_message import OutgoingMessage
 from tasks.ratelimit import FileRateLimiter, ProcessRateLimiter, RedisRateLimiter
 from tests.notify_support import SmtpSink, WebhookSink, free_port, insert_outbox, measured_rate
+from workers import app as _app  # noqa: F401 - the Celery app the sweep's publish_after_commit needs
 
 
 def settings_for(**changes) -> Settings:
@@ -64,7 +67,7 @@ def test_claim_takes_due_rows_in_chunks_and_counts_the_attempt(db_session, outbo
     assert not {c.id for c in first} & {c.id for c in second}
     assert all(c.attempts == 1 and c.reset_job_id == job_id for c in first + second)
     state = rows(db_session, job_id)
-    claimed = [r for r in state.values() if r.status == "sending"]
+    claimed = [r for r in state.values() if r.status == NotificationStatus.SENDING]
     assert len(claimed) == 20 and all(r.claimed_at is not None for r in claimed)
     rest = n.claim_notifications(db_session, job_id, limit=10_000)
     assert len(rest) == len(users) - 20
@@ -74,7 +77,7 @@ def test_claim_takes_due_rows_in_chunks_and_counts_the_attempt(db_session, outbo
 def test_claim_skips_rows_not_yet_due_and_other_jobs(db_session, outbox):
     org, job_id, _users = outbox
     other_job, _ = insert_outbox(db_session, org.course_ids[0])
-    now = n.utcnow()
+    now = utcnow()
     db_session.execute(update(Notification).where(Notification.reset_job_id == job_id)
                        .values(next_attempt_at=now + timedelta(minutes=5)))
     assert n.claim_notifications(db_session, job_id, limit=100, now=now) == []
@@ -145,7 +148,7 @@ def test_outcomes_sent_retry_failed_and_release(db_session, outbox):
     _org, job_id, _users = outbox
     settings = settings_for(notify_max_attempts=2)
     a, b, c, d = n.claim_notifications(db_session, job_id, limit=4)
-    now = n.utcnow()
+    now = utcnow()
 
     assert n.mark_sent(db_session, a.id, "wh-123", now)
     assert not n.mark_sent(db_session, a.id, "again", now)  # already sent: left as it is
@@ -157,11 +160,12 @@ def test_outcomes_sent_retry_failed_and_release(db_session, outbox):
     assert n.release_notifications(db_session, [d], now) == 1
 
     state = {r.id: r for r in rows(db_session, job_id).values()}
-    assert (state[a.id].status, state[a.id].provider_id) == ("sent", "wh-123")
-    assert (state[b.id].status, state[b.id].attempts, state[b.id].error) == ("pending", 1, "HTTP 503: busy")
-    assert state[c.id].status == "failed"
+    assert (state[a.id].status, state[a.id].provider_id) == (NotificationStatus.SENT, "wh-123")
+    assert (state[b.id].status, state[b.id].attempts, state[b.id].error) == \
+        (NotificationStatus.PENDING, 1, "HTTP 503: busy")
+    assert state[c.id].status == NotificationStatus.FAILED
     assert state[c.id].error == "SMTP 550 on RCPT TO: <<address>>: User unknown"
-    assert (state[d.id].status, state[d.id].attempts) == ("pending", 0)  # never tried: not counted
+    assert (state[d.id].status, state[d.id].attempts) == (NotificationStatus.PENDING, 0)  # never tried: not counted
 
     # Second transient failure of b reaches notify_max_attempts=2: failed with the reason.
     (b2,) = [x for x in n.claim_notifications(db_session, job_id, limit=100,
@@ -169,7 +173,8 @@ def test_outcomes_sent_retry_failed_and_release(db_session, outbox):
     assert b2.attempts == 2
     assert n.mark_retry(db_session, b2, "HTTP 503: busy", settings, now) is None
     row = {r.id: r for r in rows(db_session, job_id).values()}[b.id]
-    assert row.status == "failed" and row.error == "gave up after 2 attempts; last error: HTTP 503: busy"
+    assert row.status == NotificationStatus.FAILED
+    assert row.error == "gave up after 2 attempts; last error: HTTP 503: busy"
 
 
 def test_outcomes_of_a_lost_claim_do_not_overwrite_the_new_owner(db_session, outbox):
@@ -177,12 +182,12 @@ def test_outcomes_of_a_lost_claim_do_not_overwrite_the_new_owner(db_session, out
     (old,) = n.claim_notifications(db_session, job_id, limit=1)
     # The sweep gave the row away and another run claimed it (attempt 2).
     db_session.execute(update(Notification).where(Notification.id == old.id)
-                       .values(status="pending", claimed_at=None))
+                       .values(status=NotificationStatus.PENDING, claimed_at=None))
     (new,) = n.claim_notifications(db_session, job_id, limit=1)
     assert new.id == old.id and new.attempts == 2
     assert not n.mark_failed(db_session, old, "late failure")
     assert n.mark_retry(db_session, old, "late", settings_for()) is None
-    assert db_session.get(Notification, old.id, populate_existing=True).status == "sending"
+    assert db_session.get(Notification, old.id, populate_existing=True).status == NotificationStatus.SENDING
 
 
 def test_retry_delay_grows_exponentially_with_jitter_and_honours_retry_after():
@@ -203,7 +208,7 @@ def test_retry_delay_grows_exponentially_with_jitter_and_honours_retry_after():
 def test_sweep_requeues_stale_claims_and_publishes_per_job(db_session, outbox):
     _org, job_id, users = outbox
     settings = settings_for(notify_stale_seconds=60, publish_stale_seconds=30, notify_max_attempts=3)
-    t0 = n.utcnow()
+    t0 = utcnow()
     claims = n.claim_notifications(db_session, job_id, limit=5, now=t0)
     # Fresh rows, nothing stale: nothing to do yet (the batch's own publish is on its way).
     assert n.sweep_notifications(db_session, t0, settings) == 0
@@ -216,9 +221,9 @@ def test_sweep_requeues_stale_claims_and_publishes_per_job(db_session, outbox):
     # 4 stale claims back to pending, plus every never-published pending row of the job.
     assert requeued == len(users) - 1
     state = {r.id: r for r in rows(db_session, job_id).values()}
-    assert state[claims[0].id].status == "failed" and "worker lost" in state[claims[0].id].error
+    assert state[claims[0].id].status == NotificationStatus.FAILED and "worker lost" in state[claims[0].id].error
     for c in claims[1:]:
-        assert state[c.id].status == "pending" and state[c.id].claimed_at is None
+        assert state[c.id].status == NotificationStatus.PENDING and state[c.id].claimed_at is None
     assert pending_publishes(db_session) == [("notifications.send", [str(job_id)], {})]
     # The re-queued rows are claimable again, and keep their attempt count.
     again = {c.id: c for c in n.claim_notifications(db_session, job_id, limit=10_000, now=later)}

@@ -24,6 +24,7 @@ from models.db import dispose_engine, session_scope
 from models.jobs import as_utc, target_filter
 from models.schema import Course, CourseAssignment, Notification, User
 from models.seed import seed
+from models.states import NotificationStatus
 from producer import resets
 from tasks import notifications as n
 from models.messaging import send_now
@@ -266,7 +267,8 @@ def test_provider_outage_does_not_slow_resets_and_notifications_catch_up(setup_e
     with session_scope() as session:
         row = session.scalars(select(Notification).where(Notification.reset_job_id == outage_job,
                                                          Notification.user_id == bad_user)).one()
-    assert row.status == "failed" and row.error == 'HTTP 422: {"error": "recipient address is invalid"}'
+    assert row.status == NotificationStatus.FAILED
+    assert row.error == 'HTTP 422: {"error": "recipient address is invalid"}'
     per_learner = {}
     for d in sink.accepted().values():
         if d.payload["reset_job_id"] == outage_job:
@@ -335,4 +337,5 @@ def test_console_throughput_with_one_worker_process(setup_env, celery_worker_pro
 def sent_count(job_id) -> int:
     with session_scope() as session:
         return session.scalar(select(func.count()).select_from(Notification)
-                              .where(Notification.reset_job_id == job_id, Notification.status == "sent"))
+                              .where(Notification.reset_job_id == job_id,
+                                     Notification.status == NotificationStatus.SENT))

@@ -15,10 +15,12 @@ import redis
 from sqlalchemy import select
 
 from models.db import dispose_engine, session_scope
+from models.jobs import utcnow
 from models.migrate import upgrade
 from models.schema import Notification, User
 from models.seed import seed
 from models.settings import get_settings
+from models.states import NotificationStatus
 from tasks import notifications as n
 from tasks.notify_backends import SmtpBackend
 from tasks.ratelimit import FileRateLimiter, notification_rate_limiter
@@ -63,7 +65,7 @@ def queued_sends(redis_url: str) -> list[dict]:
 def run_until_settled(job_id, timeout: float = 20.0) -> None:
     """Run the loop (as follow-up tasks would) until the job has no pending or sending rows."""
     deadline = time.monotonic() + timeout
-    while any(r.status in ("pending", "sending") for r in rows_of(job_id).values()):
+    while any(r.status in (NotificationStatus.PENDING, NotificationStatus.SENDING) for r in rows_of(job_id).values()):
         assert time.monotonic() < deadline, "notifications did not settle"
         n.send_due_notifications(str(job_id))
         time.sleep(0.1)
@@ -78,8 +80,8 @@ def test_a_run_sends_every_due_row_once_and_marks_it_sent(committed):
     assert (again.claimed, again.sent) == (0, 0)
     assert sink.keys_per_learner() == {u: 1 for u in users}
     assert len(sink.deliveries()) == len(users)
-    assert all(r.status == "sent" and r.provider_id == f"wh-notification-{r.id}.{job_id}" and r.attempts == 1
-               and r.sent_at is not None for r in rows_of(job_id).values())
+    assert all(r.status == NotificationStatus.SENT and r.provider_id == f"wh-notification-{r.id}.{job_id}"
+               and r.attempts == 1 and r.sent_at is not None for r in rows_of(job_id).values())
 
 
 def test_duplicate_runs_at_the_same_time_send_each_row_once(committed):
@@ -94,7 +96,7 @@ def test_duplicate_runs_at_the_same_time_send_each_row_once(committed):
             t.join(30)
     assert sink.keys_per_learner() == {u: 1 for u in users}
     assert len(sink.deliveries()) == len(users)  # not even a duplicate for the receiver to drop
-    assert {r.status for r in rows_of(job_id).values()} == {"sent"}
+    assert {r.status for r in rows_of(job_id).values()} == {NotificationStatus.SENT}
 
 
 def test_task_entry_point_round_trips_its_arguments_through_json(committed):
@@ -119,7 +121,7 @@ def test_provider_outage_holds_the_rows_then_they_catch_up(committed, redis_url)
         rows = rows_of(job_id)
         tried = [r for r in rows.values() if r.attempts == 1]
         assert len(tried) == 1 and tried[0].error.startswith("HTTP 503")
-        assert all(r.status == "pending" and r.next_attempt_at is not None for r in rows.values())
+        assert all(r.status == NotificationStatus.PENDING and r.next_attempt_at is not None for r in rows.values())
         assert n.send_due_notifications(str(job_id)).claimed == 0  # nothing is due yet
         # The follow-up is on the broker with a countdown to the retry, far below the visibility timeout.
         (followup,) = queued_sends(redis_url)
@@ -129,7 +131,7 @@ def test_provider_outage_holds_the_rows_then_they_catch_up(committed, redis_url)
         time.sleep(1.1)
         run_until_settled(job_id)
     assert sink.keys_per_learner() == {u: 1 for u in users}
-    assert {r.status for r in rows_of(job_id).values()} == {"sent"}
+    assert {r.status for r in rows_of(job_id).values()} == {NotificationStatus.SENT}
 
 
 def test_a_refused_address_fails_with_its_reason_and_is_not_retried(committed):
@@ -141,7 +143,7 @@ def test_a_refused_address_fails_with_its_reason_and_is_not_retried(committed):
         again = n.send_due_notifications(str(job_id))
     assert (result.failed, result.sent, again.claimed) == (1, len(users) - 1, 0)
     row = rows_of(job_id)[bad]
-    assert row.status == "failed" and row.attempts == 1
+    assert row.status == NotificationStatus.FAILED and row.attempts == 1
     assert row.error == "HTTP 422: {\"error\": \"recipient address is invalid\"}"
     assert bad not in sink.keys_per_learner() and len(sink.accepted()) == len(users) - 1
 
@@ -151,14 +153,14 @@ def test_transient_failures_give_up_after_max_attempts(committed):
         _org, job_id, users = committed(NOTIFY_MAX_ATTEMPTS="2", **sink.env())
         sink.state.fail_status = 500
         first = n.send_due_notifications(str(job_id))
-        wait = (min(r.next_attempt_at for r in rows_of(job_id).values()) - n.utcnow()).total_seconds()
+        wait = (min(r.next_attempt_at for r in rows_of(job_id).values()) - utcnow()).total_seconds()
         time.sleep(max(0.0, wait) + 0.05)
         second = n.send_due_notifications(str(job_id))
     assert (first.retried, second.failed) == (1, 1)
-    failed = [r for r in rows_of(job_id).values() if r.status == "failed"]
+    failed = [r for r in rows_of(job_id).values() if r.status == NotificationStatus.FAILED]
     assert len(failed) == 1 and failed[0].attempts == 2
     assert failed[0].error.startswith("gave up after 2 attempts; last error: HTTP 500")
-    assert all(r.attempts == 0 for r in rows_of(job_id).values() if r.status == "pending")
+    assert all(r.attempts == 0 for r in rows_of(job_id).values() if r.status == NotificationStatus.PENDING)
 
 
 def test_crash_between_send_and_mark_resends_with_the_same_message_id(committed):
@@ -176,7 +178,7 @@ def test_crash_between_send_and_mark_resends_with_the_same_message_id(committed)
         # Its other claimed rows and the crashed one are held until the claim is stale.
         assert n.send_due_notifications(str(job_id)).sent == len(users) - 3
         with session_scope() as session:
-            assert n.sweep_notifications(session, n.utcnow() + timedelta(seconds=31)) == 3
+            assert n.sweep_notifications(session, utcnow() + timedelta(seconds=31)) == 3
         n.send_due_notifications(str(job_id))
     crashed = ready[0][0]
     per_rcpt = sink.by_recipient()
@@ -186,7 +188,7 @@ def test_crash_between_send_and_mark_resends_with_the_same_message_id(committed)
     assert len(per_rcpt) == len(users) and all(len(v) == 1 for k, v in per_rcpt.items()
                                                if k != ready[0][1].recipient_email)
     rows = rows_of(job_id)
-    assert {r.status for r in rows.values()} == {"sent"} and rows[crashed.user_id].attempts == 2
+    assert {r.status for r in rows.values()} == {NotificationStatus.SENT} and rows[crashed.user_id].attempts == 2
 
 
 def test_embedded_default_sqlite_and_console_file(tmp_path, use_env):
@@ -209,8 +211,8 @@ def test_embedded_default_sqlite_and_console_file(tmp_path, use_env):
             t.join(60)
         lines = [json.loads(line) for line in out.read_text().splitlines()]
         assert sorted(d["learner"]["id"] for d in lines) == sorted(users)
-        assert {r.status for r in rows_of(job_id).values()} == {"sent"}
+        assert {r.status for r in rows_of(job_id).values()} == {NotificationStatus.SENT}
         with session_scope() as session:  # the sweep's queries run on SQLite too
-            assert n.sweep_notifications(session, n.utcnow() + timedelta(hours=1)) == 0
+            assert n.sweep_notifications(session, utcnow() + timedelta(hours=1)) == 0
     finally:
         dispose_engine()

@@ -1,4 +1,4 @@
-"""Issue 13 item 7: a course title (or a learner's name) with CR/LF no longer stops its SMTP mail.
+"""A course title (or a learner's name) with CR/LF still gets its SMTP mail out, on one header line.
 
 A real aiosmtpd server on loopback (tests/notify_support.py). The backend test sends straight
 through ``SmtpBackend``; the end-to-end test resets a course whose title holds CR/LF with real
@@ -14,7 +14,8 @@ from models.db import session_scope
 from models.schema import Course
 from models.seed import seed
 from models.settings import Settings
-from tasks.notify_backends import OutgoingMessage, SmtpBackend, header_safe
+from tasks.notify_backends import SmtpBackend
+from tasks.notify_message import OutgoingMessage, header_safe
 from tests.notify_support import SmtpSink
 from tests.test_notifications_e2e import (  # noqa: F401 - setup_env is a fixture
     RESET_QUEUES,
@@ -35,14 +36,14 @@ def message(title: str, name: str = "Ada Lovelace") -> OutgoingMessage:
         text=f"Hello {name},\n{title}\nhttps://t.example/courses/3\n")
 
 
-def test_item7_header_safe_folds_line_breaks_and_controls_to_one_space():
+def test_header_safe_folds_line_breaks_and_controls_to_one_space():
     assert header_safe("Course assigned: " + TITLE) == (
         "Course assigned: Forklift safety Bcc: everyone@example.com part 2")
     assert header_safe("a\x00b\tc\x85d\x7f") == "a b c d"
     assert header_safe("Forklift safety Ü") == "Forklift safety Ü"
 
 
-def test_item7_crlf_in_course_title_and_learner_name_still_sends_over_smtp():
+def test_crlf_in_course_title_and_learner_name_still_sends_over_smtp():
     with SmtpSink() as sink:
         backend = SmtpBackend(Settings.from_env({}).with_overrides(smtp_port=sink.port))
         try:
@@ -57,7 +58,7 @@ def test_item7_crlf_in_course_title_and_learner_name_still_sends_over_smtp():
 
 
 @pytest.mark.e2e
-def test_item7_course_title_with_crlf_every_learner_gets_mail_from_real_workers(setup_env, celery_worker_proc):
+def test_course_title_with_crlf_every_learner_gets_mail_from_real_workers(setup_env, celery_worker_proc):
     sink = SmtpSink().start()
     try:
         env = setup_env(**sink.env())
