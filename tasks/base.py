@@ -10,6 +10,7 @@ maintenance sweep, minutes later, would bring the work back. Publishing lives in
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import Callable
 
 from celery import Task, shared_task
@@ -23,6 +24,14 @@ DATABASE_UNAVAILABLE = (OperationalError, InterfaceError)
 
 RETRY_BACKOFF_SECONDS = 1
 RETRY_BACKOFF_MAX_SECONDS = 60
+
+
+def backoff_seconds(attempt: int, base: float, cap: float, rng: random.Random | None = None) -> float:
+    """The one backoff of the project's own retries (rows, units, deliveries):
+    ``min(cap, base * 2**(attempt-1))``, of which the upper half is random (equal jitter), so
+    workers retrying after one outage do not come back in step."""
+    ceiling = min(cap, base * 2 ** max(0, attempt - 1))
+    return ceiling / 2 + (rng or random).uniform(0, ceiling / 2)
 
 
 class ProjectTask(Task):

@@ -35,7 +35,6 @@ owns the short transactions and never holds one open during the HTTP call.
 from __future__ import annotations
 
 import logging
-import random
 import time
 import uuid
 from dataclasses import dataclass
@@ -54,7 +53,7 @@ from models.schema import WebhookDelivery, WebhookEndpoint, WebhookEvent
 from models.settings import Settings, get_settings
 from models.messaging import publish_after_commit, send_now
 from models.states import OPEN_DELIVERY_STATES, DeliveryStatus
-from tasks.base import project_task
+from tasks.base import backoff_seconds, project_task
 from tasks.notify_backends import parse_retry_after
 
 TASK_NAME = outbox.DELIVER_TASK
@@ -193,10 +192,9 @@ def schedule_wake(session: Session, endpoint_id: int, now: datetime) -> float | 
     return countdown
 
 
-def backoff_seconds(attempt: int, settings: Settings) -> float:
-    """Exponential backoff with equal jitter: half of base * 2**(attempt-1) fixed, half random; capped."""
-    ceiling = min(settings.webhooks_retry_max_seconds, settings.webhooks_retry_base_seconds * 2 ** (attempt - 1))
-    return ceiling / 2 + random.uniform(0, ceiling / 2)
+def retry_delay(attempt: int, settings: Settings) -> float:
+    """Seconds before a delivery that failed on ``attempt`` is tried again (the project's one backoff)."""
+    return backoff_seconds(attempt, settings.webhooks_retry_base_seconds, settings.webhooks_retry_max_seconds)
 
 
 def record_outcome(session: Session, claimed: ClaimedDelivery, outcome: Outcome, now: datetime | None = None,
@@ -214,7 +212,7 @@ def record_outcome(session: Session, claimed: ClaimedDelivery, outcome: Outcome,
     if outcome.delivered:
         values |= {"status": "delivered", "delivered_at": now, "last_error": None}
     elif outcome.retryable and claimed.attempt < settings.webhooks_max_attempts:
-        delay = backoff_seconds(claimed.attempt, settings)
+        delay = retry_delay(claimed.attempt, settings)
         if outcome.retry_after is not None:
             delay = min(max(delay, outcome.retry_after), settings.webhooks_retry_max_seconds)
         values |= {"status": DeliveryStatus.PENDING, "next_attempt_at": now + timedelta(seconds=delay), "published_at": None}

@@ -14,7 +14,7 @@ import pytest
 from sqlalchemy.exc import OperationalError
 
 from tasks import notifications as n
-from tasks.base import DATABASE_UNAVAILABLE
+from tasks.base import DATABASE_UNAVAILABLE, backoff_seconds
 from tasks.notifications import sender
 from tasks.notifications.outbox import ClaimedNotification
 
@@ -23,10 +23,10 @@ def test_one_backoff_formula_with_equal_jitter():
     rng = random.Random(3)
     for attempt in range(1, 12):
         ceiling = min(5.0, 0.2 * 2 ** (attempt - 1))
-        delays = [n.backoff_seconds(attempt, 0.2, 5.0, rng) for _ in range(50)]
+        delays = [backoff_seconds(attempt, 0.2, 5.0, rng) for _ in range(50)]
         assert all(ceiling / 2 <= d <= ceiling for d in delays)
     # A row's retry delay is the same formula with its own base and cap.
-    assert n.retry_delay(4, rng=random.Random(9)) == n.backoff_seconds(4, n.RETRY_BASE_SECONDS,
+    assert n.retry_delay(4, rng=random.Random(9)) == backoff_seconds(4, n.RETRY_BASE_SECONDS,
                                                                        n.RETRY_MAX_SECONDS, random.Random(9))
 
 

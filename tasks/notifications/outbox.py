@@ -32,10 +32,11 @@ from models.messaging import publish_after_commit
 from models.schema import Notification
 from models.settings import Settings, get_settings
 from models.states import NotificationStatus
+from tasks.base import backoff_seconds
 from tasks.notify_backends import redact
 
 __all__ = [
-    "RETRY_BASE_SECONDS", "RETRY_MAX_SECONDS", "TASK_NAME", "ClaimedNotification", "backoff_seconds",
+    "RETRY_BASE_SECONDS", "RETRY_MAX_SECONDS", "TASK_NAME", "ClaimedNotification",
     "claim_notifications", "defer_due_notifications", "mark_failed", "mark_retry", "mark_sent", "mark_sent_many",
     "next_due_at", "release_notifications", "retry_delay", "sweep_notifications",
 ]
@@ -47,13 +48,6 @@ RETRY_BASE_SECONDS = 1.0
 RETRY_MAX_SECONDS = 300.0
 # The sweep publishes one task per job with due rows, up to this many jobs (then one for any job).
 SWEEP_MAX_JOBS = 50
-
-
-def backoff_seconds(attempt: int, base: float, cap: float, rng: random.Random | None = None) -> float:
-    """The one backoff of this package: ``min(cap, base * 2**(attempt-1))``, of which the upper
-    half is random (equal jitter), so workers retrying after one outage do not come back in step."""
-    ceiling = min(cap, base * 2 ** max(0, attempt - 1))
-    return ceiling / 2 + (rng or random).uniform(0, ceiling / 2)
 
 
 def retry_delay(attempts: int, retry_after: float | None = None, rng: random.Random | None = None) -> float:

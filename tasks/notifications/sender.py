@@ -29,12 +29,11 @@ from models.jobs import utcnow
 from models.logs import log_event, logger
 from models.messaging import publish_after_commit
 from models.settings import Settings, get_settings
-from tasks.base import DATABASE_UNAVAILABLE, project_task
+from tasks.base import DATABASE_UNAVAILABLE, backoff_seconds, project_task
 from tasks.notifications.outbox import (
     RETRY_MAX_SECONDS,
     TASK_NAME,
     ClaimedNotification,
-    backoff_seconds,
     claim_notifications,
     defer_due_notifications,
     mark_failed,
