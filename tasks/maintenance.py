@@ -23,7 +23,7 @@ from models.schema import ResetBatch, ResetJob
 from models.settings import Settings, get_settings
 from models.messaging import publish_after_commit
 from tasks.base import project_task
-from tasks.reset_steps import FINISHED_BATCH_STATES
+from models.states import FINISHED_BATCH_STATES
 
 jobs = ResetJob.__table__
 batches = ResetBatch.__table__

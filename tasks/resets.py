@@ -29,13 +29,12 @@ from __future__ import annotations
 import logging
 import time
 
-from sqlalchemy import select
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 from models.db import session_scope
 from models.logs import log_event
-from models.schema import ResetBatch
 from models.settings import get_settings
+from models.states import JobState
 from tasks import reset_steps
 from models.messaging import publish_after_commit, send_now
 from tasks.base import project_task
@@ -55,7 +54,7 @@ def retry_later(task, job_id: str, exc: BaseException, attempts: int | None = No
     attempts = attempts if attempts is not None else task.request.retries + 1
     log_event("reset.task.database_unavailable", logging.WARNING, task=task.name, job_id=job_id,
               retry=attempts, error=type(exc).__name__)
-    return task.retry(countdown=reset_steps.retry_countdown(attempts), exc=None)
+    return task.retry(countdown=reset_steps.unit_backoff_seconds(attempts), exc=None)
 
 
 @project_task("resets.start", bind=True, max_retries=None)
@@ -92,12 +91,12 @@ def run_single_inline(job_id: str, batch_nos: list[int]) -> None:
         except (BatchFailed, *DATABASE_UNAVAILABLE) as failed:
             # The job is running now, so a retried start would skip it: retry the batch itself.
             send_now(batch_task_name("learner"), [job_id, batch_no],
-                     countdown=reset_steps.retry_countdown(getattr(failed, "attempts", 1)))
+                     countdown=reset_steps.unit_backoff_seconds(getattr(failed, "attempts", 1)))
             return
     try:
         finalize_now(job_id)
     except DATABASE_UNAVAILABLE:
-        send_now("resets.finalize", [job_id], countdown=reset_steps.retry_countdown(1))
+        send_now("resets.finalize", [job_id], countdown=reset_steps.unit_backoff_seconds(1))
 
 
 def wake_workers(session, units: int) -> None:
@@ -144,7 +143,7 @@ def execute_batch(job_id: str, batch_no: int, claim: reset_steps.ClaimResult | N
             result = reset_steps.run_batch(session, job_id, batch_no)
             if result.notifications:
                 publish_after_commit(session, "notifications.send", [job_id])
-            finalize = result.job_complete or result.job_state == reset_steps.CANCELLING
+            finalize = result.job_complete or result.job_state == JobState.CANCELLING
             publish_follow_ups(session, job_id, finalize and not finalize_inline, result.purge)
     except Exception as exc:
         error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
@@ -158,7 +157,7 @@ def execute_batch(job_id: str, batch_no: int, claim: reset_steps.ClaimResult | N
         raise BatchFailed(claim.attempts) from exc
     log_event("reset.batch.done", job_id=job_id, batch=batch_no, status=result.status, learners=result.learners,
               duration_ms=round((time.perf_counter() - started) * 1000, 1))
-    if finalize_inline and (result.job_complete or result.job_state == reset_steps.CANCELLING):
+    if finalize_inline and (result.job_complete or result.job_state == JobState.CANCELLING):
         finalize_or_publish(job_id)
     return result
 
@@ -169,7 +168,7 @@ def finalize_or_publish(job_id: str) -> None:
     try:
         finalize_now(job_id)
     except DATABASE_UNAVAILABLE:
-        send_now("resets.finalize", [job_id], countdown=reset_steps.retry_countdown(1))
+        send_now("resets.finalize", [job_id], countdown=reset_steps.unit_backoff_seconds(1))
 
 
 class BatchFailed(Exception):
@@ -184,7 +183,7 @@ def _run_batch_with_retry(task, job_id: str, batch_no: int) -> None:
     except BatchFailed as failed:
         # Backoff below the visibility timeout; the attempt limit lives in the
         # batch row, so the next claim dead-letters a batch that keeps failing.
-        raise task.retry(countdown=reset_steps.retry_countdown(failed.attempts), exc=None) from None
+        raise task.retry(countdown=reset_steps.unit_backoff_seconds(failed.attempts), exc=None) from None
     except DATABASE_UNAVAILABLE as exc:
         # The claim itself did not commit: no attempt was counted.
         raise retry_later(task, job_id, exc) from None
@@ -247,19 +246,17 @@ def defer_failed_unit(job_id: str, batch_no: int, error: str | None, purge: bool
     again with the backoff, as its lease would keep wake-ups away from it.
     """
     settings = get_settings()
-    countdown = reset_steps.retry_countdown(attempts)
+    countdown = reset_steps.unit_backoff_seconds(attempts)
     try:
         with session_scope() as session:
             if purge:
-                dead, complete = reset_steps.fail_purge_step(session, job_id, batch_no, error or "",
-                                                             settings.batch_max_attempts)
-                if dead:
-                    if complete:
+                failure = reset_steps.fail_purge_step(session, job_id, batch_no, error or "",
+                                                      settings.batch_max_attempts)
+                if failure.dead:
+                    if failure.job_complete:
                         publish_after_commit(session, "resets.finalize", [job_id])
                     return
-                attempts = session.scalar(select(ResetBatch.attempts).where(
-                    ResetBatch.job_id == reset_steps.job_uuid(job_id), ResetBatch.batch_no == batch_no)) or 1
-                countdown = reset_steps.retry_countdown(attempts)
+                countdown = reset_steps.unit_backoff_seconds(failure.attempts)
             elif error:
                 reset_steps.record_batch_error(session, job_id, batch_no, error)
             reset_steps.defer_unit(session, job_id, batch_no, countdown)
@@ -311,7 +308,7 @@ def work(self, *_hint) -> None:
             defer_failed_unit(unit.job_id, unit.batch_no, None, attempts=failed.attempts)
             return
         except DATABASE_UNAVAILABLE:
-            send_now("resets.run_batch", [unit.job_id, unit.batch_no], countdown=reset_steps.retry_countdown(1))
+            send_now("resets.run_batch", [unit.job_id, unit.batch_no], countdown=reset_steps.unit_backoff_seconds(1))
             return
     send_now("resets.work", [])
 

@@ -16,6 +16,7 @@ from models.db import dispose_engine, session_scope
 from models.jobs import utcnow
 from models.schema import AuditEvent, CourseAssignment, ResetBatch
 from models.seed import seed
+from models.states import JobState
 from producer import resets
 from tasks import maintenance, reset_steps
 from tests import fault_support as fs
@@ -62,7 +63,7 @@ def test_item11_a_cancelled_job_whose_worker_died_holding_a_batch_is_cleaned_up(
     # A batch that finds its job cancelling hands on to the clean-up.
     third = start.batch_nos[2]
     reset_steps.claim_batch(db_session, job_id, third, 5, 30)
-    assert reset_steps.run_batch(db_session, job_id, third).job_state == reset_steps.CANCELLING
+    assert reset_steps.run_batch(db_session, job_id, third).job_state == JobState.CANCELLING
     # While the dead worker's lease lasts, the clean-up waits for it ...
     assert not reset_steps.finalize_job(db_session, job_id).finished
     # ... and once it ran out, the sweep sends the finalize again and the clean-up completes.

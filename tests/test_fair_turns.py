@@ -7,11 +7,13 @@ worker on every queue over a backlog of one organization's jobs.
 from __future__ import annotations
 
 import time
+from datetime import timedelta
 
 import pytest
 from sqlalchemy import func, select
 
 from models.db import dispose_engine, session_scope
+from models.jobs import utcnow
 from models.schema import LessonProgress, ResetJob
 from models.seed import seed
 from producer import resets
@@ -81,7 +83,7 @@ def test_a_unit_whose_lease_ran_out_is_claimed_again_and_a_deferred_one_waits(db
     while (unit := reset_steps.claim_next_unit(db_session, max_attempts=5, lease_seconds=60)) is not None:
         claimed.add(unit.batch_no)
     assert len(claimed) == 3 and reset_steps.runnable_units(db_session, job_id) == 0
-    later = reset_steps.utcnow() + reset_steps.timedelta(seconds=61)
+    later = utcnow() + timedelta(seconds=61)
     again = reset_steps.claim_next_unit(db_session, max_attempts=5, lease_seconds=60, now=later)
     assert again is not None and again.claim.attempts == 2
 
