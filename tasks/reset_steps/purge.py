@@ -68,8 +68,8 @@ def purge_step(
 
     The batch row keeps the cursor. ``cursor`` is the one a ``resets.purge`` message carries
     (None from a ``resets.work`` claim): a message whose cursor the batch has moved past is a
-    duplicate, or one already processed, and is refused. ``lease_seconds`` is not used: the
-    claim took the lease.
+    duplicate, or one already processed, and is refused. ``lease_seconds`` is not used (the
+    signature is kept for its callers): the chunk holds the batch row's lock for its transaction.
     """
     now = now or utcnow()
     key = job_uuid(job_id)
