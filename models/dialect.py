@@ -6,9 +6,12 @@ place where the two databases are treated differently is listed here or calls in
 
 from __future__ import annotations
 
-from sqlalchemy import Table
+from collections.abc import Sequence
+
+from sqlalchemy import ColumnElement, Integer, Table, any_, bindparam
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
+from sqlalchemy.types import TypeEngine
 
 POSTGRESQL = "postgresql"
 
@@ -22,3 +25,12 @@ def is_postgres(session: Session) -> bool:
 def insert(session: Session, table: Table):
     """``INSERT`` of the session's dialect, which offers ``on_conflict_do_nothing`` / ``_do_update``."""
     return (postgresql if is_postgres(session) else sqlite).insert(table)
+
+
+def in_ids(session: Session, column, ids: Sequence[int],
+           element_type: type[TypeEngine] = Integer) -> ColumnElement[bool]:
+    """``column IN ids``: one array parameter on PostgreSQL (one statement text and plan whatever
+    the number of ids), an expanded list of parameters on SQLite, which has no arrays."""
+    if is_postgres(session):
+        return column == any_(bindparam(None, list(ids), type_=postgresql.ARRAY(element_type)))
+    return column.in_(list(ids))

@@ -3,9 +3,10 @@
 Every tick it expires unconfirmed requests, re-publishes queued jobs that never
 started (broker down at confirm time, message lost), re-publishes the
 unfinished batches of running jobs that stopped making progress (worker killed,
-Redis restarted with its data wiped), publishes a lost finalize, and lets the
-notifications sweep do the same for the outbox. Duplicated messages are
-harmless: every task is idempotent. Safe to run from two beats at once.
+Redis restarted with its data wiped), publishes a lost finalize (of a finished
+or a cancelling job), and lets the notifications and webhooks sweeps do the same
+for their outboxes. Duplicated messages are harmless: every task is
+idempotent. Safe to run from two beats at once.
 """
 
 from __future__ import annotations
@@ -19,11 +20,14 @@ from sqlalchemy.orm import Session
 from models.db import session_scope
 from models.jobs import utcnow
 from models.logs import log_event
+from models.messaging import publish_after_commit
 from models.schema import ResetBatch, ResetJob
 from models.settings import Settings, get_settings
-from models.messaging import publish_after_commit
+from models.states import FINISHED_BATCH_STATES, BatchKind, BatchState, JobState
 from tasks.base import project_task
-from tasks.reset_steps import FINISHED_BATCH_STATES
+from tasks.notifications import sweep_notifications
+from tasks.resets import batch_task_name
+from tasks.webhooks import sweep_webhooks
 
 jobs = ResetJob.__table__
 batches = ResetBatch.__table__
@@ -44,8 +48,8 @@ class SweepReport:
 def expire_requests(session: Session, now: datetime) -> int:
     """Unconfirmed requests past their token's lifetime become ``expired`` (they never blocked anything)."""
     return session.execute(
-        update(jobs).where(jobs.c.state == "awaiting_confirmation", jobs.c.token_expires_at < now)
-        .values(state="expired", token_hash=None)
+        update(jobs).where(jobs.c.state == JobState.AWAITING_CONFIRMATION, jobs.c.token_expires_at < now)
+        .values(state=JobState.EXPIRED, token_hash=None)
     ).rowcount or 0
 
 
@@ -53,7 +57,7 @@ def republish_queued_jobs(session: Session, now: datetime, settings: Settings) -
     stale = now - timedelta(seconds=settings.publish_stale_seconds)
     ids = session.scalars(
         update(jobs)
-        .where(jobs.c.state == "queued", or_(jobs.c.published_at.is_(None), jobs.c.published_at < stale))
+        .where(jobs.c.state == JobState.QUEUED, or_(jobs.c.published_at.is_(None), jobs.c.published_at < stale))
         .values(published_at=now)
         .returning(jobs.c.id)
     ).all()
@@ -64,13 +68,12 @@ def republish_queued_jobs(session: Session, now: datetime, settings: Settings) -
 
 def resume_stalled_jobs(session: Session, now: datetime, settings: Settings) -> tuple[int, int]:
     """Re-publish what a running job without recent progress still needs; returns (batches, finalizes)."""
-    from tasks.resets import batch_task_name
-
     stalled_before = now - timedelta(seconds=settings.job_stale_seconds)
     publish_stale = now - timedelta(seconds=settings.publish_stale_seconds)
     stalled = session.execute(
         select(jobs.c.id, jobs.c.scope)
-        .where(jobs.c.state == "running", or_(jobs.c.heartbeat_at.is_(None), jobs.c.heartbeat_at < stalled_before))
+        .where(jobs.c.state == JobState.RUNNING,
+               or_(jobs.c.heartbeat_at.is_(None), jobs.c.heartbeat_at < stalled_before))
         .with_for_update(skip_locked=True)
     ).all()
     republished = finalizes = 0
@@ -80,9 +83,9 @@ def resume_stalled_jobs(session: Session, now: datetime, settings: Settings) -> 
             .where(
                 batches.c.job_id == job_id,
                 or_(
-                    and_(batches.c.state == "pending",
+                    and_(batches.c.state == BatchState.PENDING,
                          or_(batches.c.published_at.is_(None), batches.c.published_at < publish_stale)),
-                    and_(batches.c.state == "running", batches.c.lease_expires_at < now,
+                    and_(batches.c.state == BatchState.RUNNING, batches.c.lease_expires_at < now,
                          or_(batches.c.published_at.is_(None), batches.c.published_at < publish_stale)),
                 ),
             )
@@ -90,7 +93,7 @@ def resume_stalled_jobs(session: Session, now: datetime, settings: Settings) -> 
             .returning(batches.c.batch_no, batches.c.kind, batches.c.cursor_row_id)
         ).all()
         for batch_no, kind, cursor in rows:
-            if kind == "purge":
+            if kind == BatchKind.PURGE:
                 publish_after_commit(session, "resets.purge", [str(job_id), batch_no, cursor])
             else:
                 publish_after_commit(session, batch_task_name(scope), [str(job_id), batch_no])
@@ -113,7 +116,7 @@ def finish_cancelled_jobs(session: Session, now: datetime, settings: Settings) -
     stale = now - timedelta(seconds=settings.publish_stale_seconds)
     ids = session.scalars(
         update(jobs)
-        .where(jobs.c.state == "cancelling", jobs.c.finalized_at.is_(None),
+        .where(jobs.c.state == JobState.CANCELLING, jobs.c.finalized_at.is_(None),
                or_(jobs.c.heartbeat_at.is_(None), jobs.c.heartbeat_at < stale))
         .values(heartbeat_at=now)
         .returning(jobs.c.id)
@@ -132,15 +135,8 @@ def sweep(session: Session, now: datetime | None = None, settings: Settings | No
     report.jobs_republished = republish_queued_jobs(session, now, settings)
     report.batches_republished, report.finalizes_published = resume_stalled_jobs(session, now, settings)
     report.finalizes_published += finish_cancelled_jobs(session, now, settings)
-    try:
-        from tasks.notifications import sweep_notifications
-    except ImportError:  # pragma: no cover - the notifications module is always installed
-        sweep_notifications = None
-    if sweep_notifications is not None:
-        report.notifications_requeued = sweep_notifications(session, now)
-    from tasks.webhooks import sweep_webhooks  # job events whose task message was lost
-
-    sweep_webhooks(session, now, settings)
+    report.notifications_requeued = sweep_notifications(session, now)
+    sweep_webhooks(session, now, settings)  # job events whose task message was lost
     return report
 
 

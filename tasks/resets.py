@@ -6,8 +6,9 @@
   chunk) whose turn it is, run it in one transaction, hand the turn on; the last unit of a job
   finalizes it in the same task.
 - ``resets.finalize(job_id)``   queue ``resets``: exact analytics, final state, audit.
-- ``resets.run_batch(job_id, batch_no)`` queue ``reset_batches``: one named batch (kept for
-  messages already queued and for tools; the pipeline itself publishes ``resets.work``).
+- ``resets.run_batch(job_id, batch_no)`` queue ``reset_batches``: one named batch (the sweep
+  re-publishes stalled batches with it, and messages already queued use it; the pipeline itself
+  publishes ``resets.work``).
 - ``resets.run_single(job_id, batch_no)`` queue ``resets``: a one-learner batch being retried.
 - ``resets.purge(job_id, batch_no, cursor)`` queue ``reset_batches``: one chunk of a named purge
   batch (kept likewise).
@@ -18,10 +19,17 @@ organizations and jobs take turns whatever order the broker delivers in (decisio
 queue promptly. A one-learner job is planned as one batch and run inline by
 ``resets.start`` on the ``resets`` queue, so it never waits behind a course-wide fan-out.
 
-A task that cannot reach the database (refused, terminated or restarting
-PostgreSQL) did no work: it is retried with backoff instead of failing, since a
-failed task's message is acknowledged and only the maintenance sweep, minutes
-later, would bring the work back.
+Two retry policies, each written once:
+
+- **The database is unreachable** (refused, terminated, restarting PostgreSQL): the task is
+  retried under the same message id with Celery's backoff and jitter (``autoretry_for`` of
+  :func:`tasks.base.project_task`). A retried ``resets.work`` first takes back the unit its id
+  claimed (``claim_next_unit(owner=...)``), so a claimed unit is never dropped. The few handlers
+  of ``DATABASE_UNAVAILABLE`` below are where a retry of the same task would not redo the work.
+- **A unit failed** (a learner batch or purge chunk raised): it is held back by
+  ``reset_steps.unit_backoff_seconds``, written as its lease (``defer_unit``) and used as the
+  countdown of the wake-up or task retry that follows. The attempt limit lives in the batch row,
+  so a unit that keeps failing is dead-lettered, not retried for ever.
 """
 
 from __future__ import annotations
@@ -29,58 +37,40 @@ from __future__ import annotations
 import logging
 import time
 
-from sqlalchemy import select
-from sqlalchemy.exc import InterfaceError, OperationalError
-
 from models.db import session_scope
 from models.logs import log_event
-from models.schema import ResetBatch
-from models.settings import get_settings
-from tasks import reset_steps
 from models.messaging import publish_after_commit, send_now
-from tasks.base import project_task
-
-
-# Connection refused / terminated / lost (psycopg reports them as OperationalError,
-# SQLAlchemy wraps a dead pooled connection as InterfaceError or OperationalError).
-DATABASE_UNAVAILABLE = (OperationalError, InterfaceError)
+from models.settings import get_settings
+from models.states import BatchKind, JobScope, JobState
+from tasks import reset_steps
+from tasks.base import DATABASE_UNAVAILABLE, project_task
+from tasks.reset_steps import Outcome
 
 # How soon a wake-up that found only locked units looks again (a dead worker's transaction is
 # rolled back as soon as PostgreSQL notices the closed connection: well under a second).
 LOCKED_UNIT_RETRY_SECONDS = 0.5
 
 
-def retry_later(task, job_id: str, exc: BaseException, attempts: int | None = None):
-    """Retry ``task`` with backoff after a database error outside a batch's own transaction."""
-    attempts = attempts if attempts is not None else task.request.retries + 1
-    log_event("reset.task.database_unavailable", logging.WARNING, task=task.name, job_id=job_id,
-              retry=attempts, error=type(exc).__name__)
-    return task.retry(countdown=reset_steps.retry_countdown(attempts), exc=None)
-
-
-@project_task("resets.start", bind=True, max_retries=None)
-def start(self, job_id: str) -> None:
+@project_task("resets.start")
+def start(job_id: str) -> None:
     """Start the queued job whose turn it is (each confirm publishes one start, so each runs)."""
     settings = get_settings()
-    try:
-        with session_scope() as session:
-            key = reset_steps.next_queued_job(session)
-            if key is None:
-                log_event("reset.start.skipped", job_id=job_id)
-                return
-            # SQLite serialises writers, so parallel purge chains would only queue behind each other.
-            partitions = settings.purge_partitions if settings.is_postgres else 1
-            result = reset_steps.start_job(session, key, settings.batch_size, purge_partitions=partitions,
-                                           purge_chunk_rows=settings.purge_chunk_rows,
-                                           purge_min_rows=settings.purge_min_rows)
-            if result.started and result.scope == "course":
-                wake_workers(session, len(result.batch_nos) or 1)
-    except DATABASE_UNAVAILABLE as exc:
-        raise retry_later(self, job_id, exc) from None
+    with session_scope() as session:
+        key = reset_steps.next_queued_job(session)
+        if key is None:
+            log_event("reset.start.skipped", job_id=job_id)
+            return
+        # SQLite serialises writers, so parallel purge batches would only queue behind each other.
+        partitions = settings.purge_partitions if settings.is_postgres else 1
+        result = reset_steps.start_job(session, key, settings.batch_size, purge_partitions=partitions,
+                                       purge_chunk_rows=settings.purge_chunk_rows,
+                                       purge_min_rows=settings.purge_min_rows)
+        if result.started and result.scope == JobScope.COURSE:
+            wake_workers(session, len(result.batch_nos) or 1)
     if not result.started:
         log_event("reset.start.skipped", job_id=job_id)
         return
-    if result.scope == "learner":
+    if result.scope == JobScope.LEARNER:
         run_single_inline(result.job_id, result.batch_nos)
 
 
@@ -91,13 +81,10 @@ def run_single_inline(job_id: str, batch_nos: list[int]) -> None:
             execute_batch(job_id, batch_no)
         except (BatchFailed, *DATABASE_UNAVAILABLE) as failed:
             # The job is running now, so a retried start would skip it: retry the batch itself.
-            send_now(batch_task_name("learner"), [job_id, batch_no],
-                     countdown=reset_steps.retry_countdown(getattr(failed, "attempts", 1)))
+            send_now(batch_task_name(JobScope.LEARNER), [job_id, batch_no],
+                     countdown=reset_steps.unit_backoff_seconds(getattr(failed, "attempts", 1)))
             return
-    try:
-        finalize_now(job_id)
-    except DATABASE_UNAVAILABLE:
-        send_now("resets.finalize", [job_id], countdown=reset_steps.retry_countdown(1))
+    finalize_or_publish(job_id)
 
 
 def wake_workers(session, units: int) -> None:
@@ -111,7 +98,7 @@ def wake_workers(session, units: int) -> None:
 
 def batch_task_name(scope: str) -> str:
     """One-learner batches stay on the ``resets`` queue; course-wide ones go to ``reset_batches``."""
-    return "resets.run_single" if scope == "learner" else "resets.run_batch"
+    return "resets.run_single" if scope == JobScope.LEARNER else "resets.run_batch"
 
 
 def publish_follow_ups(session, job_id: str, finalize: bool, purge: list[tuple[int, int]]) -> None:
@@ -121,13 +108,18 @@ def publish_follow_ups(session, job_id: str, finalize: bool, purge: list[tuple[i
         publish_after_commit(session, "resets.finalize", [job_id])
 
 
+def _error_text(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+
+
 def execute_batch(job_id: str, batch_no: int, claim: reset_steps.ClaimResult | None = None,
                   finalize_inline: bool = False) -> reset_steps.BatchResult | None:
     """Claim (unless ``claim`` was committed already), run and commit one batch; publish
     notifications and the finalize after commit (or, with ``finalize_inline``, finalize here).
 
-    On an error the attempt stays counted and the error is recorded; the caller
-    retries (the task with backoff). Returns None when the batch is not runnable.
+    An error in the batch's transaction raises :class:`BatchFailed`: the attempt stays counted and
+    the error is recorded, and the caller backs the unit off. Returns None when the batch is not
+    runnable.
     """
     settings = get_settings()
     if claim is None:
@@ -144,10 +136,10 @@ def execute_batch(job_id: str, batch_no: int, claim: reset_steps.ClaimResult | N
             result = reset_steps.run_batch(session, job_id, batch_no)
             if result.notifications:
                 publish_after_commit(session, "notifications.send", [job_id])
-            finalize = result.job_complete or result.job_state == reset_steps.CANCELLING
+            finalize = result.job_complete or result.job_state == JobState.CANCELLING
             publish_follow_ups(session, job_id, finalize and not finalize_inline, result.purge)
     except Exception as exc:
-        error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        error = _error_text(exc)
         log_event("reset.batch.error", logging.WARNING, job_id=job_id, batch=batch_no, attempt=claim.attempts,
                   error=error)
         try:
@@ -158,18 +150,19 @@ def execute_batch(job_id: str, batch_no: int, claim: reset_steps.ClaimResult | N
         raise BatchFailed(claim.attempts) from exc
     log_event("reset.batch.done", job_id=job_id, batch=batch_no, status=result.status, learners=result.learners,
               duration_ms=round((time.perf_counter() - started) * 1000, 1))
-    if finalize_inline and (result.job_complete or result.job_state == reset_steps.CANCELLING):
+    if finalize and finalize_inline:
         finalize_or_publish(job_id)
     return result
 
 
 def finalize_or_publish(job_id: str) -> None:
-    """Finalize now (the job's last unit just committed); if the database is unreachable, leave it
-    to a ``resets.finalize`` message."""
+    """Finalize now (the job's last unit just committed). If the database is unreachable, leave it
+    to a ``resets.finalize`` message: a retry of the calling task would find its unit done and
+    not finalize."""
     try:
         finalize_now(job_id)
     except DATABASE_UNAVAILABLE:
-        send_now("resets.finalize", [job_id], countdown=reset_steps.retry_countdown(1))
+        send_now("resets.finalize", [job_id])
 
 
 class BatchFailed(Exception):
@@ -179,58 +172,54 @@ class BatchFailed(Exception):
 
 
 def _run_batch_with_retry(task, job_id: str, batch_no: int) -> None:
+    """Run one named batch; a failed attempt retries the task after the unit backoff (the next
+    claim dead-letters a batch that has used up its attempts)."""
     try:
         execute_batch(job_id, int(batch_no))
     except BatchFailed as failed:
-        # Backoff below the visibility timeout; the attempt limit lives in the
-        # batch row, so the next claim dead-letters a batch that keeps failing.
-        raise task.retry(countdown=reset_steps.retry_countdown(failed.attempts), exc=None) from None
-    except DATABASE_UNAVAILABLE as exc:
-        # The claim itself did not commit: no attempt was counted.
-        raise retry_later(task, job_id, exc) from None
+        raise task.retry(countdown=reset_steps.unit_backoff_seconds(failed.attempts), exc=None) from None
 
 
-@project_task("resets.run_batch", bind=True, max_retries=None)
+@project_task("resets.run_batch", bind=True)
 def run_batch(self, job_id: str, batch_no: int) -> None:
     """One named batch (a retry, or a tool); then hand the turn on like ``resets.work``."""
     _run_batch_with_retry(self, job_id, batch_no)
     send_now("resets.work", [])
 
 
-@project_task("resets.run_single", bind=True, max_retries=None)
+@project_task("resets.run_single", bind=True)
 def run_single(self, job_id: str, batch_no: int) -> None:
-    """The batch of a one-learner job, retried on the ``resets`` queue."""
+    """The batch of a one-learner job, retried on the ``resets`` queue; then the finalize (a retry
+    after the batch committed finds it done and only finalizes)."""
     _run_batch_with_retry(self, job_id, batch_no)
-    try:
-        finalize_now(job_id)
-    except DATABASE_UNAVAILABLE as exc:
-        raise retry_later(self, job_id, exc) from None  # the batch is done: the retry only finalizes
+    finalize_now(job_id)
 
 
-@project_task("resets.purge", bind=True, max_retries=None)
-def purge(self, job_id: str, batch_no: int, cursor: int | None = None) -> None:
+@project_task("resets.purge")
+def purge(job_id: str, batch_no: int, cursor: int | None = None) -> None:
     """One chunk of a named purge batch; the rest is taken by ``resets.work`` wake-ups."""
-    if run_purge_chunk(job_id, int(batch_no), cursor) == "progressed":
+    if run_purge_chunk(job_id, int(batch_no), cursor) == Outcome.PROGRESSED:
         send_now("resets.work", [])
 
 
 def run_purge_chunk(job_id: str, batch_no: int, cursor: int | None = None,
                     finalize_inline: bool = False) -> str:
-    """One purge chunk in one transaction; on failure count it and back off. Returns the step's status."""
+    """One purge chunk in one transaction; on failure count it and back off. Returns the step's outcome."""
     settings = get_settings()
     started = time.perf_counter()
     try:
         with session_scope() as session:
             result = reset_steps.purge_step(session, job_id, batch_no, cursor, settings.purge_chunk_rows,
                                             settings.batch_lease_seconds)
-            finalize = (result.status == "done" and result.job_complete) or result.status == "cancelled"
+            finalize = ((result.status == Outcome.DONE and result.job_complete)
+                        or result.status == Outcome.CANCELLED)
             if finalize and not finalize_inline:
                 publish_after_commit(session, "resets.finalize", [job_id])
     except Exception as exc:
-        error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        error = _error_text(exc)
         log_event("reset.purge.error", logging.WARNING, job_id=job_id, batch=batch_no, error=error)
-        defer_failed_unit(job_id, batch_no, error, purge=True)
-        return "failed"
+        defer_failed_unit(job_id, batch_no, purge_error=error)
+        return Outcome.FAILED
     log_event("reset.purge.step", job_id=job_id, batch=batch_no, status=result.status, rows=result.deleted,
               duration_ms=round((time.perf_counter() - started) * 1000, 1))
     if finalize and finalize_inline:
@@ -238,42 +227,29 @@ def run_purge_chunk(job_id: str, batch_no: int, cursor: int | None = None,
     return result.status
 
 
-def defer_failed_unit(job_id: str, batch_no: int, error: str | None, purge: bool = False,
-                      attempts: int = 1) -> None:
-    """A unit failed: count it (a purge step here; a learner batch counted its attempt when claimed),
-    dead-letter it past the limit, or hold it back for a backoff and publish a wake-up for then.
+def defer_failed_unit(job_id: str, batch_no: int, purge_error: str | None = None, attempts: int = 1) -> None:
+    """A unit failed: hold it back for the unit backoff and publish a wake-up for then.
 
-    When even that cannot be written (the database is unreachable), the unit itself is published
-    again with the backoff, as its lease would keep wake-ups away from it.
+    A purge chunk's failure is counted here (``purge_error``) and may dead-letter it; a learner
+    batch counted its attempt when it was claimed (``attempts``). If the database is unreachable
+    this raises, and the calling task is retried under its own id (a ``resets.work`` takes its
+    unit back; a ``resets.purge`` runs its chunk again).
     """
-    settings = get_settings()
-    countdown = reset_steps.retry_countdown(attempts)
-    try:
-        with session_scope() as session:
-            if purge:
-                dead, complete = reset_steps.fail_purge_step(session, job_id, batch_no, error or "",
-                                                             settings.batch_max_attempts)
-                if dead:
-                    if complete:
-                        publish_after_commit(session, "resets.finalize", [job_id])
-                    return
-                attempts = session.scalar(select(ResetBatch.attempts).where(
-                    ResetBatch.job_id == reset_steps.job_uuid(job_id), ResetBatch.batch_no == batch_no)) or 1
-                countdown = reset_steps.retry_countdown(attempts)
-            elif error:
-                reset_steps.record_batch_error(session, job_id, batch_no, error)
-            reset_steps.defer_unit(session, job_id, batch_no, countdown)
-    except DATABASE_UNAVAILABLE:
-        log_event("reset.task.database_unavailable", logging.WARNING, job_id=job_id, batch=batch_no)
-        if purge:
-            send_now("resets.purge", [job_id, batch_no, None], countdown=countdown)
-        else:
-            send_now("resets.run_batch", [job_id, batch_no], countdown=countdown)
-        return
+    with session_scope() as session:
+        if purge_error is not None:
+            failure = reset_steps.fail_purge_step(session, job_id, batch_no, purge_error,
+                                                  get_settings().batch_max_attempts)
+            if failure.dead:
+                if failure.job_complete:
+                    publish_after_commit(session, "resets.finalize", [job_id])
+                return
+            attempts = failure.attempts
+        countdown = reset_steps.unit_backoff_seconds(attempts)
+        reset_steps.defer_unit(session, job_id, batch_no, countdown)
     send_now("resets.work", [], countdown=countdown)
 
 
-@project_task("resets.work", bind=True, max_retries=None)
+@project_task("resets.work", bind=True)
 def work(self, *_hint) -> None:
     """Run the unit whose turn it is, then hand the turn on with another wake-up.
 
@@ -281,26 +257,22 @@ def work(self, *_hint) -> None:
     unit publishes one more, so the work never lacks a wake-up while units remain.
     """
     settings = get_settings()
-    try:
-        with session_scope() as session:
-            unit = reset_steps.claim_next_unit(session, settings.batch_max_attempts, settings.batch_lease_seconds,
-                                               owner=self.request.id)
-            if unit is not None and unit.claim.dead:
-                publish_follow_ups(session, unit.job_id, unit.claim.job_complete, unit.claim.purge)
-            # Nothing claimable, yet units are waiting: their rows are locked, typically by the
-            # open transaction of a worker killed a moment ago (PostgreSQL rolls it back when it
-            # notices). Come back shortly under the same message id, which takes such a unit back;
-            # ending here could leave the job's last units with no wake-up at all.
-            locked = unit is None and reset_steps.runnable_units(session, owner=self.request.id) > 0
-    except DATABASE_UNAVAILABLE as exc:
-        raise retry_later(self, "-", exc) from None
+    with session_scope() as session:
+        unit = reset_steps.claim_next_unit(session, settings.batch_max_attempts, settings.batch_lease_seconds,
+                                           owner=self.request.id)
+        if unit is not None and unit.claim.dead:
+            publish_follow_ups(session, unit.job_id, unit.claim.job_complete, unit.claim.purge)
+        # Nothing claimable, yet units are waiting: their rows are locked, typically by the
+        # open transaction of a worker killed a moment ago (PostgreSQL rolls it back when it
+        # notices). Come back shortly under the same message id, which takes such a unit back;
+        # ending here could leave the job's last units with no wake-up at all.
+        locked = unit is None and reset_steps.runnable_units(session, owner=self.request.id) > 0
     if locked:
         raise self.retry(countdown=LOCKED_UNIT_RETRY_SECONDS, exc=None)
     if unit is None:
         return
-    if unit.kind == "purge":
-        status = run_purge_chunk(unit.job_id, unit.batch_no, finalize_inline=True)
-        if status != "failed":
+    if unit.kind == BatchKind.PURGE:
+        if run_purge_chunk(unit.job_id, unit.batch_no, finalize_inline=True) != Outcome.FAILED:
             send_now("resets.work", [])
         return
     if unit.claim.runnable:
@@ -308,10 +280,7 @@ def work(self, *_hint) -> None:
             execute_batch(unit.job_id, unit.batch_no, claim=unit.claim, finalize_inline=True)
         except BatchFailed as failed:
             # execute_batch recorded the error; the attempt was counted by the claim.
-            defer_failed_unit(unit.job_id, unit.batch_no, None, attempts=failed.attempts)
-            return
-        except DATABASE_UNAVAILABLE:
-            send_now("resets.run_batch", [unit.job_id, unit.batch_no], countdown=reset_steps.retry_countdown(1))
+            defer_failed_unit(unit.job_id, unit.batch_no, attempts=failed.attempts)
             return
     send_now("resets.work", [])
 
@@ -321,9 +290,6 @@ def finalize_now(job_id: str) -> reset_steps.FinalizeResult:
         return reset_steps.finalize_job(session, job_id)
 
 
-@project_task("resets.finalize", bind=True, max_retries=None)
-def finalize(self, job_id: str) -> None:
-    try:
-        finalize_now(job_id)
-    except DATABASE_UNAVAILABLE as exc:
-        raise retry_later(self, job_id, exc) from None
+@project_task("resets.finalize")
+def finalize(job_id: str) -> None:
+    finalize_now(job_id)

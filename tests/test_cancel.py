@@ -1,5 +1,8 @@
 """The cancel path (issue 13, items 3, 11 and 12): cancelling until the work in flight ends, the true
-count in the audit trail, clean-up after a worker died holding a batch, and no deadlock with purge steps."""
+count in the audit trail, clean-up after a worker died holding a batch, and no deadlock with purge steps.
+
+The plain-function tests run on PostgreSQL and on SQLite (``pipeline_db``); the others need
+PostgreSQL: real workers on Redis, and row locks between concurrent transactions."""
 
 from __future__ import annotations
 
@@ -16,9 +19,11 @@ from models.db import dispose_engine, session_scope
 from models.jobs import utcnow
 from models.schema import AuditEvent, CourseAssignment, ResetBatch
 from models.seed import seed
+from models.states import JobState
 from producer import resets
 from tasks import maintenance, reset_steps
 from tests import fault_support as fs
+from tests.db_backends import pipeline_db  # noqa: F401 - the fixture
 
 
 def _confirm(session, org, course) -> str:
@@ -48,43 +53,43 @@ def _final_audit(session, job_id: str) -> AuditEvent:
                            .order_by(AuditEvent.id.desc())).first()
 
 
-def test_item11_a_cancelled_job_whose_worker_died_holding_a_batch_is_cleaned_up(db_session):
-    org = seed(db_session, learners=120, lessons=4, courses=1, random_seed=21)
+def test_item11_a_cancelled_job_whose_worker_died_holding_a_batch_is_cleaned_up(pipeline_db):
+    org = seed(pipeline_db, learners=120, lessons=4, courses=1, random_seed=21)
     course = org.course_ids[0]
-    job_id = _confirm(db_session, org, course)
-    start = reset_steps.start_job(db_session, job_id, batch_size=20)
+    job_id = _confirm(pipeline_db, org, course)
+    start = reset_steps.start_job(pipeline_db, job_id, batch_size=20)
     held, done = start.batch_nos[0], start.batch_nos[1]
     # A worker claimed `held` and died (its work rolled back with it); `done` finished.
-    assert reset_steps.claim_batch(db_session, job_id, held, 5, lease_seconds=30).runnable
-    reset_steps.claim_batch(db_session, job_id, done, 5, 30)
-    learners = reset_steps.run_batch(db_session, job_id, done).learners
-    assert resets.cancel(db_session, job_id, org.admin_id)["state"] == "cancelling"
+    assert reset_steps.claim_batch(pipeline_db, job_id, held, 5, lease_seconds=30).runnable
+    reset_steps.claim_batch(pipeline_db, job_id, done, 5, 30)
+    learners = reset_steps.run_batch(pipeline_db, job_id, done).learners
+    assert resets.cancel(pipeline_db, job_id, org.admin_id)["state"] == "cancelling"
     # A batch that finds its job cancelling hands on to the clean-up.
     third = start.batch_nos[2]
-    reset_steps.claim_batch(db_session, job_id, third, 5, 30)
-    assert reset_steps.run_batch(db_session, job_id, third).job_state == reset_steps.CANCELLING
+    reset_steps.claim_batch(pipeline_db, job_id, third, 5, 30)
+    assert reset_steps.run_batch(pipeline_db, job_id, third).job_state == JobState.CANCELLING
     # While the dead worker's lease lasts, the clean-up waits for it ...
-    assert not reset_steps.finalize_job(db_session, job_id).finished
+    assert not reset_steps.finalize_job(pipeline_db, job_id).finished
     # ... and once it ran out, the sweep sends the finalize again and the clean-up completes.
     later = utcnow() + timedelta(seconds=61)  # past the lease and PUBLISH_STALE_SECONDS
-    assert maintenance.sweep(db_session, now=later).finalizes_published >= 1
-    assert reset_steps.finalize_job(db_session, job_id, now=later).finished
-    st = resets.status(db_session, job_id)
+    assert maintenance.sweep(pipeline_db, now=later).finalizes_published >= 1
+    assert reset_steps.finalize_job(pipeline_db, job_id, now=later).finished
+    st = resets.status(pipeline_db, job_id)
     assert (st["state"], st["learners_done"]) == ("cancelled", learners)
-    assert db_session.get(ResetBatch, (uuid.UUID(job_id), held)).state == "cancelled"
-    reset_ids = _reset_learners(db_session, job_id, course)
-    assert len(reset_ids) == learners and _earlier_attempt_rows(db_session, course, reset_ids) == 0
-    final = _final_audit(db_session, job_id)
+    assert pipeline_db.get(ResetBatch, (uuid.UUID(job_id), held)).state == "cancelled"
+    reset_ids = _reset_learners(pipeline_db, job_id, course)
+    assert len(reset_ids) == learners and _earlier_attempt_rows(pipeline_db, course, reset_ids) == 0
+    final = _final_audit(pipeline_db, job_id)
     assert (final.action, final.learner_count) == ("reset.cancelled", learners)
 
 
-def test_a_queued_job_is_cancelled_at_once(db_session):
-    org = seed(db_session, learners=30, lessons=2, courses=1, random_seed=22)
-    job_id = _confirm(db_session, org, org.course_ids[0])
-    st = resets.cancel(db_session, job_id, org.admin_id)
+def test_a_queued_job_is_cancelled_at_once(pipeline_db):
+    org = seed(pipeline_db, learners=30, lessons=2, courses=1, random_seed=22)
+    job_id = _confirm(pipeline_db, org, org.course_ids[0])
+    st = resets.cancel(pipeline_db, job_id, org.admin_id)
     assert st["state"] == "cancelled" and st["finished_at"] is not None
-    assert not reset_steps.start_job(db_session, job_id, batch_size=10).started
-    assert _final_audit(db_session, job_id).action == "reset.cancelled"
+    assert not reset_steps.start_job(pipeline_db, job_id, batch_size=10).started
+    assert _final_audit(pipeline_db, job_id).action == "reset.cancelled"
 
 
 @pytest.fixture
@@ -97,6 +102,7 @@ def env(fresh_db, use_env, redis_url, tmp_path):
 
 
 def test_item3_the_final_audit_event_counts_every_learner_the_cancelled_job_reset(env, celery_worker_proc):
+    # PostgreSQL only: real workers on Redis (the SQLite path end to end is the demo's test).
     with session_scope() as session:
         org = seed(session, learners=600, lessons=4, courses=1, random_seed=23)
     course = org.course_ids[0]
@@ -137,6 +143,7 @@ def test_item3_the_final_audit_event_counts_every_learner_the_cancelled_job_rese
 
 
 def test_item12_cancel_during_the_purge_never_deadlocks(env):
+    # PostgreSQL only: row locks between concurrent transactions (SQLite serialises writers).
     with session_scope() as session:
         org = seed(session, learners=60, lessons=10, courses=20, random_seed=24)
     for course in org.course_ids:

@@ -1,21 +1,24 @@
 """Fair turns (decision record 0005): organizations and jobs take turns for worker capacity.
 
-The plain pickers are tested against real PostgreSQL; the end-to-end test runs a real
-worker on every queue over a backlog of one organization's jobs.
+The plain pickers are tested on PostgreSQL and on SQLite (``pipeline_db``); the end-to-end test
+runs a real worker on every queue over a backlog of one organization's jobs.
 """
 
 from __future__ import annotations
 
 import time
+from datetime import timedelta
 
 import pytest
 from sqlalchemy import func, select
 
 from models.db import dispose_engine, session_scope
+from models.jobs import utcnow
 from models.schema import LessonProgress, ResetJob
 from models.seed import seed
 from producer import resets
 from tasks import reset_steps
+from tests.db_backends import pipeline_db  # noqa: F401 - the fixture
 
 
 def _confirm_all(session, org, course_ids):
@@ -30,24 +33,24 @@ def _org_of(session, job_id) -> int:
     return session.scalar(select(ResetJob.organization_id).where(ResetJob.id == reset_steps.job_uuid(job_id)))
 
 
-def test_units_alternate_between_organizations_and_round_robin_over_a_backlog(db_session):
-    a = seed(db_session, learners=60, lessons=3, courses=3, random_seed=1)
-    b = seed(db_session, learners=60, lessons=3, courses=1, random_seed=2)
-    a_jobs = _confirm_all(db_session, a, a.course_ids)
+def test_units_alternate_between_organizations_and_round_robin_over_a_backlog(pipeline_db):
+    a = seed(pipeline_db, learners=60, lessons=3, courses=3, random_seed=1)
+    b = seed(pipeline_db, learners=60, lessons=3, courses=1, random_seed=2)
+    a_jobs = _confirm_all(pipeline_db, a, a.course_ids)
     for job_id in a_jobs:  # organization A's backlog is planned first: several batches per job
-        assert reset_steps.start_job(db_session, job_id, batch_size=10).started
+        assert reset_steps.start_job(pipeline_db, job_id, batch_size=10).started
     # Organization A has been served for a while before B's job arrives.
     for _ in range(4):
-        unit = reset_steps.claim_next_unit(db_session, max_attempts=5, lease_seconds=60)
-        assert _org_of(db_session, unit.job_id) == a.organization_id
-    (b_job,) = _confirm_all(db_session, b, b.course_ids)
-    b_batches = len(reset_steps.start_job(db_session, b_job, batch_size=10).batch_nos)
+        unit = reset_steps.claim_next_unit(pipeline_db, max_attempts=5, lease_seconds=60)
+        assert _org_of(pipeline_db, unit.job_id) == a.organization_id
+    (b_job,) = _confirm_all(pipeline_db, b, b.course_ids)
+    b_batches = len(reset_steps.start_job(pipeline_db, b_job, batch_size=10).batch_nos)
     assert b_batches >= 3
 
     order = []
-    while (unit := reset_steps.claim_next_unit(db_session, max_attempts=5, lease_seconds=60)) is not None:
+    while (unit := reset_steps.claim_next_unit(pipeline_db, max_attempts=5, lease_seconds=60)) is not None:
         order.append(unit.job_id)
-    orgs = [_org_of(db_session, job_id) for job_id in order]
+    orgs = [_org_of(pipeline_db, job_id) for job_id in order]
     # B waits for about one unit per other active organization: its units alternate with A's.
     first_b = orgs.index(b.organization_id)
     assert first_b <= 1, orgs
@@ -60,41 +63,41 @@ def test_units_alternate_between_organizations_and_round_robin_over_a_backlog(db
         assert len(set(a_order[window:window + 3])) == 3, a_order
 
 
-def test_the_queued_job_of_the_least_recently_served_organization_starts_first(db_session):
-    a = seed(db_session, learners=20, lessons=2, courses=3, random_seed=3)
-    b = seed(db_session, learners=20, lessons=2, courses=1, random_seed=4)
-    a_jobs = _confirm_all(db_session, a, a.course_ids)
-    first = reset_steps.next_queued_job(db_session)
+def test_the_queued_job_of_the_least_recently_served_organization_starts_first(pipeline_db):
+    a = seed(pipeline_db, learners=20, lessons=2, courses=3, random_seed=3)
+    b = seed(pipeline_db, learners=20, lessons=2, courses=1, random_seed=4)
+    a_jobs = _confirm_all(pipeline_db, a, a.course_ids)
+    first = reset_steps.next_queued_job(pipeline_db)
     assert str(first) == a_jobs[0]
-    reset_steps.start_job(db_session, first, batch_size=10)
-    (b_job,) = _confirm_all(db_session, b, b.course_ids)  # confirmed after all of A's
-    assert str(reset_steps.next_queued_job(db_session)) == b_job
+    reset_steps.start_job(pipeline_db, first, batch_size=10)
+    (b_job,) = _confirm_all(pipeline_db, b, b.course_ids)  # confirmed after all of A's
+    assert str(reset_steps.next_queued_job(pipeline_db)) == b_job
 
 
-def test_a_unit_whose_lease_ran_out_is_claimed_again_and_a_deferred_one_waits(db_session):
-    org = seed(db_session, learners=30, lessons=2, courses=1, random_seed=5)
-    (job_id,) = _confirm_all(db_session, org, org.course_ids)
-    reset_steps.start_job(db_session, job_id, batch_size=10)
-    first = reset_steps.claim_next_unit(db_session, max_attempts=5, lease_seconds=60)
-    reset_steps.defer_unit(db_session, job_id, first.batch_no, seconds=30)
+def test_a_unit_whose_lease_ran_out_is_claimed_again_and_a_deferred_one_waits(pipeline_db):
+    org = seed(pipeline_db, learners=30, lessons=2, courses=1, random_seed=5)
+    (job_id,) = _confirm_all(pipeline_db, org, org.course_ids)
+    reset_steps.start_job(pipeline_db, job_id, batch_size=10)
+    first = reset_steps.claim_next_unit(pipeline_db, max_attempts=5, lease_seconds=60)
+    reset_steps.defer_unit(pipeline_db, job_id, first.batch_no, seconds=30)
     claimed = {first.batch_no}
-    while (unit := reset_steps.claim_next_unit(db_session, max_attempts=5, lease_seconds=60)) is not None:
+    while (unit := reset_steps.claim_next_unit(pipeline_db, max_attempts=5, lease_seconds=60)) is not None:
         claimed.add(unit.batch_no)
-    assert len(claimed) == 3 and reset_steps.runnable_units(db_session, job_id) == 0
-    later = reset_steps.utcnow() + reset_steps.timedelta(seconds=61)
-    again = reset_steps.claim_next_unit(db_session, max_attempts=5, lease_seconds=60, now=later)
+    assert len(claimed) == 3 and reset_steps.runnable_units(pipeline_db, job_id) == 0
+    later = utcnow() + timedelta(seconds=61)
+    again = reset_steps.claim_next_unit(pipeline_db, max_attempts=5, lease_seconds=60, now=later)
     assert again is not None and again.claim.attempts == 2
 
 
-def test_small_components_are_cleared_by_the_learner_batches_and_large_ones_purged(db_session):
-    org = seed(db_session, learners=200, lessons=10, courses=1, random_seed=6)
-    (job_id,) = _confirm_all(db_session, org, org.course_ids)
-    lessons = db_session.scalar(select(func.count()).select_from(LessonProgress)
+def test_small_components_are_cleared_by_the_learner_batches_and_large_ones_purged(pipeline_db):
+    org = seed(pipeline_db, learners=200, lessons=10, courses=1, random_seed=6)
+    (job_id,) = _confirm_all(pipeline_db, org, org.course_ids)
+    lessons = pipeline_db.scalar(select(func.count()).select_from(LessonProgress)
                                 .where(LessonProgress.course_id == org.course_ids[0]))
     assert 1000 < lessons <= 2000  # and a few hundred rows of each other component
-    start = reset_steps.start_job(db_session, job_id, batch_size=100, purge_partitions=4, purge_chunk_rows=500,
+    start = reset_steps.start_job(pipeline_db, job_id, batch_size=100, purge_partitions=4, purge_chunk_rows=500,
                                   purge_min_rows=1000)
-    job = db_session.get(ResetJob, reset_steps.job_uuid(job_id))
+    job = pipeline_db.get(ResetJob, reset_steps.job_uuid(job_id))
     assert set(job.watermarks) == {"lesson_progress"}
     # One partition per chunk of rows, rounded up (and never more than the partitions).
     assert start.purge_total == job.purge_total == -(-lessons // 500)
@@ -111,6 +114,7 @@ def env(fresh_db, use_env, redis_url, tmp_path):
 def test_another_organizations_job_finishes_before_a_backlog_drains(env, celery_worker_proc):
     """Organization A queues 20 course-wide resets (4 batches each) before any worker runs; then
     organization B confirms one. One worker serves every queue; B must not wait behind A."""
+    # PostgreSQL + Redis: a real worker (the SQLite path end to end is the demo's test).
     with session_scope() as session:
         a = seed(session, learners=100, lessons=4, courses=20, random_seed=7)
         b = seed(session, learners=100, lessons=4, courses=1, random_seed=8)
@@ -135,15 +139,15 @@ def test_another_organizations_job_finishes_before_a_backlog_drains(env, celery_
     assert after_b >= len(a_jobs) * 3 // 4, (after_b, len(a_jobs))
 
 
-def test_a_redelivered_wake_up_takes_back_the_unit_its_dead_worker_held(db_session):
-    org = seed(db_session, learners=30, lessons=2, courses=1, random_seed=9)
-    (job_id,) = _confirm_all(db_session, org, org.course_ids)
-    reset_steps.start_job(db_session, job_id, batch_size=10)
-    held = reset_steps.claim_next_unit(db_session, max_attempts=5, lease_seconds=60, owner="message-1")
-    other = reset_steps.claim_next_unit(db_session, max_attempts=5, lease_seconds=60, owner="message-2")
+def test_a_redelivered_wake_up_takes_back_the_unit_its_dead_worker_held(pipeline_db):
+    org = seed(pipeline_db, learners=30, lessons=2, courses=1, random_seed=9)
+    (job_id,) = _confirm_all(pipeline_db, org, org.course_ids)
+    reset_steps.start_job(pipeline_db, job_id, batch_size=10)
+    held = reset_steps.claim_next_unit(pipeline_db, max_attempts=5, lease_seconds=60, owner="message-1")
+    other = reset_steps.claim_next_unit(pipeline_db, max_attempts=5, lease_seconds=60, owner="message-2")
     assert other.batch_no != held.batch_no
     # message-1 comes back (its worker was killed): same batch, lease or not, one more attempt.
-    again = reset_steps.claim_next_unit(db_session, max_attempts=5, lease_seconds=60, owner="message-1")
+    again = reset_steps.claim_next_unit(pipeline_db, max_attempts=5, lease_seconds=60, owner="message-1")
     assert (again.batch_no, again.claim.attempts) == (held.batch_no, 2)
 
 
@@ -151,6 +155,7 @@ def test_a_wake_up_that_finds_only_locked_units_comes_back_instead_of_ending(fre
     """A worker killed inside a unit leaves its row locked until PostgreSQL notices the closed
     connection. The redelivered wake-up must not read that as "no work" (nothing would wake the
     job's last units again): it sees the unit waiting and retries under its own id."""
+    # PostgreSQL only: a row lock held by another connection, skipped by SKIP LOCKED.
     use_env(DATABASE_URL=fresh_db(), CELERY_BROKER_URL=redis_url)
     with session_scope() as session:
         org = seed(session, learners=12, lessons=2, courses=1, random_seed=4)

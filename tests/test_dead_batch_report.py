@@ -1,0 +1,67 @@
+"""The dead-batches report (``models.batches.dead_batch_report``) is built on the pipeline's own
+predicates: what it lists is what the pipeline left undone, and its statement finishes a purge."""
+
+from __future__ import annotations
+
+import uuid
+
+from sqlalchemy import func, select, text
+
+from models.batches import dead_batch_report
+from models.components import RESET_COMPONENTS
+from models.schema import CourseAssignment, ResetBatch
+from models.seed import seed
+from producer import resets
+from tasks import reset_steps
+from tests.db_backends import pipeline_db  # noqa: F401 - the fixture
+
+
+def _job_with_a_dead_learner_batch_and_a_dead_purge_batch(session):
+    org = seed(session, learners=120, lessons=4, courses=1, completed_ratio=0.5, random_seed=31)
+    course = org.course_ids[0]
+    req = resets.request(session, org.admin_id, course, reason="dead batches")
+    job_id = resets.confirm(session, req.request_id, org.admin_id, req.token).job_id
+    poison, *healthy = reset_steps.start_job(session, job_id, batch_size=40, purge_partitions=1).batch_nos
+    assert reset_steps.claim_batch(session, job_id, poison, max_attempts=1, lease_seconds=60).runnable
+    reset_steps.record_batch_error(session, job_id, poison, "IntegrityError: learner is broken")
+    assert reset_steps.claim_batch(session, job_id, poison, max_attempts=1, lease_seconds=60).dead
+    released = []
+    for no in healthy:
+        reset_steps.claim_batch(session, job_id, no, 5, 60)
+        released += reset_steps.run_batch(session, job_id, no).purge
+    purge_no = session.scalar(select(ResetBatch.batch_no).where(
+        ResetBatch.job_id == uuid.UUID(job_id), ResetBatch.component == "lesson_progress"))
+    step = reset_steps.purge_step(session, job_id, purge_no, dict(released)[purge_no], 50, 60)
+    assert step.status == "progressed"
+    assert reset_steps.fail_purge_step(session, job_id, purge_no, "OperationalError: lock timeout", 1).dead
+    return org, course, job_id, poison, purge_no
+
+
+def test_the_report_lists_what_each_dead_batch_left_and_matches_the_cli_report(pipeline_db):
+    from producer.cli_ops import dead_batches
+
+    org, course, job_id, poison, purge_no = _job_with_a_dead_learner_batch_and_a_dead_purge_batch(pipeline_db)
+    report = dead_batch_report(pipeline_db, job_id)
+    assert report == dead_batches(pipeline_db, job_id)
+    assert dead_batch_report(pipeline_db) == dead_batches(pipeline_db)
+    found = {item["batch_no"]: item for item in report}
+    assert set(found) == {poison, purge_no}
+
+    batch = pipeline_db.get(ResetBatch, (uuid.UUID(job_id), poison))
+    a = CourseAssignment.__table__.c
+    with_progress = pipeline_db.scalars(select(a.user_id).where(
+        a.course_id == course, a.status != "not_started", a.user_id > batch.lo_user_id,
+        a.user_id <= batch.hi_user_id).order_by(a.user_id)).all()
+    assert with_progress and found[poison]["learners_not_reset"] == with_progress
+    assert found[poison]["learner_range"] == [batch.lo_user_id, batch.hi_user_id]
+
+    purge = found[purge_no]
+    assert purge["component"] == "lesson_progress" and purge["after_row_id"] < purge["up_to_row_id"]
+    assert f"NOT (user_id > {batch.lo_user_id} AND user_id <= {batch.hi_user_id})" in purge["manual_sql"]
+    # Run by hand, the statement does what the purge would have: only the dead batch's learners
+    # keep pre-job rows.
+    pipeline_db.execute(text(purge["manual_sql"]))
+    table = next(c.table for c in RESET_COMPONENTS if c.name == "lesson_progress")
+    left = pipeline_db.scalars(select(func.distinct(table.c.user_id)).where(
+        table.c.course_id == course, table.c.id <= purge["up_to_row_id"])).all()
+    assert left and all(batch.lo_user_id < user <= batch.hi_user_id for user in left)
