@@ -71,13 +71,14 @@ def rows_to_purge(course_id: int, after_row_id: int, up_to_row_id: int, dead_ran
 def dead_batch_report(session: Session, job_id: str | uuid.UUID | None = None, limit: int = 50) -> list[dict]:
     """Dead-lettered batches, newest first, each with what it left undone (read-only).
 
-    - a *learners* batch: the learners of its id range with progress whom the job did not reset
-      (``learners_not_reset``); re-run them as one-learner resets (docs/operations.md);
+    - a *learners* batch: the learners of its id range the job targets (its audience) whom it did
+      not reset (``learners_not_reset``); re-run them as one-learner resets (docs/operations.md);
     - a *purge* batch: the component and the row-id range of pre-job rows still to delete, and
       the statement that finishes it by hand (``manual_sql``, the purge's own predicate).
     """
     b, j, a = batches.c, ResetJob.__table__.c, assignments.c
-    query = (select(ResetBatch, j.course_id, j.state.label("job_state"), j.organization_id)
+    query = (select(ResetBatch, j.course_id, j.state.label("job_state"), j.organization_id, j.learner_id,
+                    j.completed_before)
              .join(ResetJob.__table__, j.id == b.job_id).where(b.state == BatchState.DEAD)
              .order_by(b.finished_at.desc(), b.batch_no).limit(limit))
     if job_id is not None:
@@ -85,7 +86,7 @@ def dead_batch_report(session: Session, job_id: str | uuid.UUID | None = None, l
     tables = {c.name: c.table.name for c in RESET_COMPONENTS}
     dialect = session.get_bind().dialect
     found = []
-    for batch, course_id, job_state, organization_id in session.execute(query).all():
+    for batch, course_id, job_state, organization_id, learner_id, completed_before in session.execute(query).all():
         item = {"job_id": str(batch.job_id), "job_state": job_state, "organization_id": organization_id,
                 "course_id": course_id, "batch_no": batch.batch_no, "kind": batch.kind,
                 "attempts": batch.attempts, "error": batch.error,
@@ -99,7 +100,8 @@ def dead_batch_report(session: Session, job_id: str | uuid.UUID | None = None, l
                         manual_sql=f"DELETE FROM {table} WHERE {rendered};")
         else:
             learners = session.scalars(select(a.user_id).where(
-                target_filter(course_id),
+                # The job's own audience: a campaign's learners, not everyone in the range.
+                target_filter(course_id, learner_id, as_utc(completed_before)),
                 learners_not_reset(batch.job_id, course_id, batch.lo_user_id, batch.hi_user_id),
             ).order_by(a.user_id)).all()
             item.update(learner_range=[batch.lo_user_id, batch.hi_user_id], learners_not_reset=list(learners))

@@ -309,7 +309,7 @@ class OrganizationTurn(Base):
 
     Organizations take turns oldest first; within one, jobs take turns in
     ``(created_at, id)`` order after the last one served. Only the fair
-    picker in ``tasks/reset_steps.py`` writes here (decision record 0005), so
+    picker in ``tasks/reset_steps/turns.py`` writes here (decision record 0005), so
     claiming a unit never locks a ``reset_jobs`` row.
     """
 

@@ -141,63 +141,17 @@ def health(timeout: float, queues: tuple[str, ...], as_json: bool) -> int:
     return 0
 
 
-def dead_batches(session, job_id: str | None = None, limit: int = 50) -> list[dict]:
-    """Dead-lettered batches, newest first, each with what it left undone (read-only).
-
-    - a *learners* batch: the learners of its id range who were not reset (still
-      with progress, their assignment not marked by this job); re-run them as
-      one-learner resets (docs/operations.md);
-    - a *purge* batch: the component and the row-id range of pre-job rows still
-      to delete, and the statement that finishes it by hand.
-    """
-    from sqlalchemy import or_, select
-
-    from models.components import RESET_COMPONENTS
-    from models.jobs import as_utc, get_job
-    from models.schema import CourseAssignment, ResetBatch, ResetJob
-
-    b, j, a = ResetBatch.__table__.c, ResetJob.__table__.c, CourseAssignment.__table__.c
-    query = (select(ResetBatch, j.course_id, j.state.label("job_state"), j.organization_id)
-             .join(ResetJob.__table__, j.id == b.job_id).where(b.state == "dead")
-             .order_by(b.finished_at.desc(), b.batch_no).limit(limit))
-    if job_id is not None:
-        query = query.where(b.job_id == get_job(session, job_id).id)
-    tables = {c.name: c.table.name for c in RESET_COMPONENTS}
-    found = []
-    for batch, course_id, job_state, organization_id in session.execute(query).all():
-        item = {"job_id": str(batch.job_id), "job_state": job_state, "organization_id": organization_id,
-                "course_id": course_id, "batch_no": batch.batch_no, "kind": batch.kind,
-                "attempts": batch.attempts, "error": batch.error,
-                "finished_at": as_utc(batch.finished_at).isoformat() if batch.finished_at else None}
-        if batch.kind == "purge":
-            dead_ranges = session.execute(select(b.lo_user_id, b.hi_user_id).where(
-                b.job_id == batch.job_id, b.kind == "learners", b.state == "dead")).all()
-            keep = "".join(f" AND NOT (user_id > {lo} AND user_id <= {hi})" for lo, hi in dead_ranges)
-            table = tables.get(batch.component or "", batch.component)
-            item.update(component=batch.component, after_row_id=batch.cursor_row_id, up_to_row_id=batch.hi_row_id,
-                        manual_sql=(f"DELETE FROM {table} WHERE course_id = {course_id} AND id > "
-                                    f"{batch.cursor_row_id or 0} AND id <= {batch.hi_row_id}{keep};"))
-        else:
-            learners = session.scalars(select(a.user_id).where(
-                a.course_id == course_id, a.user_id > batch.lo_user_id, a.user_id <= batch.hi_user_id,
-                a.status != "not_started",
-                or_(a.last_reset_job_id.is_(None), a.last_reset_job_id != batch.job_id),
-            ).order_by(a.user_id)).all()
-            item.update(learner_range=[batch.lo_user_id, batch.hi_user_id], learners_not_reset=list(learners))
-        found.append(item)
-    return found
-
-
 @click.command("dead-batches", cls=Command)
 @option("--job", default=None, help="Only this job's batches.")
 @option("--limit", type=COUNT, default=50, help="At most this many batches, newest first.")
 @json_option
 def dead_batches_command(job: str | None, limit: int, as_json: bool) -> int:
     """Dead-lettered batches: why, and what is left to do for each."""
+    from models.batches import dead_batch_report
     from models.db import session_scope
 
     with session_scope() as session:
-        found = dead_batches(session, job, limit)
+        found = dead_batch_report(session, job, limit)
     lines = []
     for item in found:
         head = (f"job {item['job_id']} ({item['job_state']}, course {item['course_id']}) batch {item['batch_no']} "

@@ -4,12 +4,13 @@ predicates: what it lists is what the pipeline left undone, and its statement fi
 from __future__ import annotations
 
 import uuid
+from datetime import datetime, timedelta, timezone
 
-from sqlalchemy import func, select, text
+from sqlalchemy import func, select, text, update
 
 from models.batches import dead_batch_report
 from models.components import RESET_COMPONENTS
-from models.schema import CourseAssignment, ResetBatch
+from models.schema import CourseAssignment, ResetBatch, ResetJob
 from models.seed import seed
 from producer import resets
 from tasks import reset_steps
@@ -37,13 +38,10 @@ def _job_with_a_dead_learner_batch_and_a_dead_purge_batch(session):
     return org, course, job_id, poison, purge_no
 
 
-def test_the_report_lists_what_each_dead_batch_left_and_matches_the_cli_report(pipeline_db):
-    from producer.cli_ops import dead_batches
-
+def test_the_report_lists_what_each_dead_batch_left(pipeline_db):
     org, course, job_id, poison, purge_no = _job_with_a_dead_learner_batch_and_a_dead_purge_batch(pipeline_db)
     report = dead_batch_report(pipeline_db, job_id)
-    assert report == dead_batches(pipeline_db, job_id)
-    assert dead_batch_report(pipeline_db) == dead_batches(pipeline_db)
+    assert dead_batch_report(pipeline_db) == report  # the only job with dead batches
     found = {item["batch_no"]: item for item in report}
     assert set(found) == {poison, purge_no}
 
@@ -65,3 +63,19 @@ def test_the_report_lists_what_each_dead_batch_left_and_matches_the_cli_report(p
     left = pipeline_db.scalars(select(func.distinct(table.c.user_id)).where(
         table.c.course_id == course, table.c.id <= purge["up_to_row_id"])).all()
     assert left and all(batch.lo_user_id < user <= batch.hi_user_id for user in left)
+
+
+def test_the_report_lists_only_learners_of_the_jobs_audience(pipeline_db):
+    """A campaign's job targets learners who completed before a date: the learners of a dead batch's
+    range outside that audience were never to be reset, so the runbook must not list them."""
+    org, course, job_id, poison, _purge_no = _job_with_a_dead_learner_batch_and_a_dead_purge_batch(pipeline_db)
+    everyone = dead_batch_report(pipeline_db, job_id)
+    listed = next(item for item in everyone if item["batch_no"] == poison)["learners_not_reset"]
+    pipeline_db.execute(update(ResetJob).where(ResetJob.id == uuid.UUID(job_id))
+                        .values(completed_before=datetime.now(timezone.utc) + timedelta(days=1)))
+    a = CourseAssignment.__table__.c
+    completed = set(pipeline_db.scalars(select(a.user_id).where(a.course_id == course, a.status == "completed")))
+    audience = next(item for item in dead_batch_report(pipeline_db, job_id)
+                    if item["batch_no"] == poison)["learners_not_reset"]
+    assert audience == [user for user in listed if user in completed]
+    assert 0 < len(audience) < len(listed)

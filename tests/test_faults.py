@@ -425,7 +425,7 @@ def test_postgres_restarted_mid_batch(fresh_db, stack_factory, request):
     assert not batches.failed_tasks(), batches.failed_tasks()
     RECOVERY.record(stack.label("6b. PostgreSQL restarted (fast shutdown, down 2 s)"), fault_at, job_id,
                     bound=stack.bound(60),
-                    database_retries=batches.count_events("reset.task.database_unavailable"))
+                    database_retries=batches.count_events("task.retry"))
     fs.assert_outcome(before, job_id, course, wanted, stack.console)
 
 

@@ -168,7 +168,7 @@ def test_dead_batches_lists_what_each_dead_letter_left_undone(db_session):
 
     from models.schema import CourseAssignment
     from models.seed import seed
-    from producer.cli_ops import dead_batches
+    from models.batches import dead_batch_report
 
     org = seed(db_session, learners=30, lessons=3, courses=1, completed_ratio=0.5, random_seed=2)
     course = org.course_ids[0]
@@ -194,7 +194,7 @@ def test_dead_batches_lists_what_each_dead_letter_left_undone(db_session):
                        .values(last_reset_job_id=job.id))
     db_session.flush()
 
-    found = {b["batch_no"]: b for b in dead_batches(db_session, str(job.id))}
+    found = {b["batch_no"]: b for b in dead_batch_report(db_session, str(job.id))}
     assert found[1]["learners_not_reset"] == with_progress[1:]
     assert found[1]["error"].endswith("boom") and found[1]["course_id"] == course
     assert found[2]["manual_sql"] == (f"DELETE FROM lesson_progress WHERE course_id = {course} AND id > 100 "

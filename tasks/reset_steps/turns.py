@@ -14,7 +14,6 @@ wake-up or retry that follows.
 
 from __future__ import annotations
 
-import random
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -26,6 +25,7 @@ from models.dialect import insert
 from models.jobs import utcnow
 from models.schema import ResetJob
 from models.states import BatchKind, BatchState, JobScope, JobState
+from tasks.base import backoff_seconds
 from tasks.reset_steps.batch import RUNNABLE_BATCH_STATES, ClaimResult, claim_batch
 from tasks.reset_steps.rows import batches, job_uuid, jobs, turns
 
@@ -121,9 +121,9 @@ def claim_next_unit(session: Session, max_attempts: int, lease_seconds: int, now
 
 
 def unit_backoff_seconds(attempts: int) -> float:
-    """How long a unit that failed ``attempts`` times in a row is held back: exponential with full
-    jitter, capped at a minute (well below the broker's visibility timeout)."""
-    return random.uniform(0, min(UNIT_BACKOFF_MAX_SECONDS, UNIT_BACKOFF_BASE_SECONDS * 2 ** max(0, attempts - 1)))
+    """How long a unit that failed ``attempts`` times in a row is held back: the project's one backoff
+    (:func:`tasks.base.backoff_seconds`), capped at a minute (well below the broker's visibility timeout)."""
+    return backoff_seconds(attempts, UNIT_BACKOFF_BASE_SECONDS, UNIT_BACKOFF_MAX_SECONDS)
 
 
 def defer_unit(session: Session, job_id: str | uuid.UUID, batch_no: int, seconds: float,
