@@ -39,7 +39,7 @@ from models.logs import log_event
 from models.messaging import publish_after_commit
 from models.schedule import completed_before_for, schedule_of, to_utc
 from models.schema import PERMISSION_TRAINING, CampaignOccurrence, Course, ResetJob, RetrainingCampaign, User
-from models.states import CampaignState, OccurrenceState
+from models.states import CampaignState, JobScope, JobState, OccurrenceState
 
 # Due campaigns are locked and handled this many at a time; a second dispatcher
 # skips the locked ones and takes the next chunk.
@@ -224,7 +224,7 @@ def _dispatch_campaign(session: Session, campaign: RetrainingCampaign, plan: _Pl
     summary = summarize(session, campaign.course_id, None, completed_before)
     job = ResetJob(
         id=uuid.uuid4(), organization_id=campaign.organization_id, course_id=campaign.course_id, learner_id=None,
-        scope="course", state="awaiting_confirmation", actor_id=campaign.created_by, reason=campaign.reason,
+        scope=JobScope.COURSE, state=JobState.AWAITING_CONFIRMATION, actor_id=campaign.created_by, reason=campaign.reason,
         origin="campaign", campaign_id=campaign.id, occurrence_at=latest, completed_before=completed_before,
         summary=summary, learners_total=summary["learners"], cleared={}, created_at=clock,
     )

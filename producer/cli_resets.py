@@ -10,6 +10,7 @@ import time
 
 import click
 
+from models.states import JobState
 from producer.cli import COUNT, ID, NUMBER, Command, Group, emit, json_option, option
 from producer.pages import DEFAULT_LIMIT, MAX_LIMIT
 
@@ -103,7 +104,7 @@ def watch(job_id: str, interval: float = 0.5, console=None) -> dict:
 def _phase(st: dict) -> str:
     """What the job is doing besides counting learners: the purge of older rows, once it runs."""
     total = st.get("purge_batches_total") or 0
-    if st["state"] != "running" or not total:
+    if st["state"] != JobState.RUNNING or not total:
         return ""
     done = st.get("purge_batches_done") or 0
     if st["batches_done"] - done < st.get("learner_batches_total", 0):
@@ -150,7 +151,7 @@ def cancel(job_id: str, actor: int, as_json: bool) -> int:
     with session_scope() as session:
         st = resets.cancel(session, job_id, actor)
     done = resets.plural(st["learners_done"], "learner")
-    if st["state"] == "cancelling":
+    if st["state"] == JobState.CANCELLING:
         text = (f"job {st['job_id']} cancelling: the batch in flight finishes, then it ends cancelled; "
                 f"{done} already reset stay reset")
     else:

@@ -38,6 +38,7 @@ import logging
 import time
 
 from models.db import session_scope
+from models.dialect import is_postgres
 from models.logs import log_event
 from models.messaging import publish_after_commit, send_now
 from models.settings import get_settings
@@ -61,7 +62,7 @@ def start(job_id: str) -> None:
             log_event("reset.start.skipped", job_id=job_id)
             return
         # SQLite serialises writers, so parallel purge batches would only queue behind each other.
-        partitions = settings.purge_partitions if settings.is_postgres else 1
+        partitions = settings.purge_partitions if is_postgres(session) else 1
         result = reset_steps.start_job(session, key, settings.batch_size, purge_partitions=partitions,
                                        purge_chunk_rows=settings.purge_chunk_rows,
                                        purge_min_rows=settings.purge_min_rows)
