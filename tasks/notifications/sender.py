@@ -233,7 +233,9 @@ def _send_chunk(
     try:
         for index, (claim, message) in enumerate(ready):
             unsent = [c for c, _ in ready[index:]]
-            if time.monotonic() - started >= budget_seconds:
+            if not slots and time.monotonic() - started >= budget_seconds:
+                # Slots already reserved are used first: they fall inside the run's budget (see
+                # below), and a slot reserved and never used is lost to every worker.
                 marks.flush()
                 _give_back(unsent, utcnow(), result, "budget")
                 return False
@@ -247,11 +249,12 @@ def _send_chunk(
             else:
                 try:
                     remaining = budget_seconds - (time.monotonic() - started)
-                    # Slots for the next messages in one round trip: no more than fit in the
-                    # run's remaining time, so a run that stops on time wastes few.
-                    count = max(1, min(len(unsent), MARK_BATCH_SIZE,
-                                       int(remaining * limiter.rate_per_second)))
-                    reservation = limiter.reserve(max(0.0, min(MAX_RATE_WAIT_SECONDS, remaining)), count)
+                    # Slots for the next messages in one round trip. Half the remaining time for
+                    # the wait (other workers' reservations come first) and half for the slots
+                    # themselves, so every slot granted falls inside the run and none is wasted.
+                    half = max(0.0, remaining / 2)
+                    count = max(1, min(len(unsent), MARK_BATCH_SIZE, int(half * limiter.rate_per_second)))
+                    reservation = limiter.reserve(min(MAX_RATE_WAIT_SECONDS, half), count)
                 except RateLimiterUnavailable as exc:
                     log_event("notification.rate_limiter_unavailable", logging.WARNING, job_id=result.job_id,
                               error=str(exc))
