@@ -78,14 +78,15 @@ class Workers:
     """The benchmark's worker processes, with peak RSS read from /proc (VmHWM) before they stop."""
 
     def __init__(self, env: dict[str, str], log_dir: Path):
+        from models import queues
         from workers.processes import start_worker
 
         self.procs = [
-            start_worker("reset_batches", 2, "bench-batches", env, log_dir),
-            start_worker("resets", 1, "bench-resets", env, log_dir),
+            start_worker(queues.RESET_BATCHES, 2, "bench-batches", env, log_dir),
+            start_worker(queues.RESETS, 1, "bench-resets", env, log_dir),
             # Notifications are not latency-critical: on this shared 2-core host they run at a lower
             # CPU priority, as docs/operations.md recommends when they share a host with resets.
-            start_worker("notifications", 1, "bench-notify", env, log_dir, niceness=10),
+            start_worker(queues.NOTIFICATIONS, 1, "bench-notify", env, log_dir, niceness=10),
         ]
         for p in self.procs:
             p.wait_ready()

@@ -38,14 +38,15 @@ from sqlalchemy import create_engine, select, text
 from sqlalchemy.pool import NullPool
 
 from bench import common
+from models import queues
 
 A_COURSES = 60
 A_LEARNERS = 300
 B_LEARNERS = 3000
 SMALL_RUNS = 5
 TOPOLOGIES = {
-    "compose": [("resets", 1, 0), ("reset_batches", 2, 0), ("notifications", 1, 10)],
-    "single": [("resets,reset_batches,notifications,maintenance", 2, 0)],
+    "compose": [(queues.RESETS, 1, 0), (queues.RESET_BATCHES, 2, 0), (queues.NOTIFICATIONS, 1, 10)],
+    "single": [(",".join((queues.RESETS, queues.RESET_BATCHES, queues.NOTIFICATIONS, queues.MAINTENANCE)), 2, 0)],
 }
 
 
