@@ -547,8 +547,8 @@ def process_gone(pid: int) -> bool:
     """Dead (reaped, or a zombie waiting for its parent)."""
     try:
         return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1].startswith(("Z", "X"))
-    except (FileNotFoundError, IndexError):
-        return True
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return True  # gone, or reaped between opening its stat file and reading it (ESRCH)
 
 
 def terminate_batch_backends(db_url: str) -> int:
