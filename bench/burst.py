@@ -39,6 +39,7 @@ from sqlalchemy.pool import NullPool
 
 from bench import common
 from models import queues
+from models.states import AssignmentStatus
 
 A_COURSES = 60
 A_LEARNERS = 300
@@ -160,7 +161,7 @@ def learners_with_progress(course: int) -> list[int]:
 
     with session_scope() as session:
         return list(session.scalars(select(CourseAssignment.user_id).where(
-            CourseAssignment.course_id == course, CourseAssignment.status != "not_started")
+            CourseAssignment.course_id == course, CourseAssignment.status != AssignmentStatus.NOT_STARTED)
             .order_by(CourseAssignment.user_id)))
 
 

@@ -28,13 +28,12 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from models.states import BatchState, CampaignState, DeliveryStatus, JobState, NotificationStatus
+from models.states import AssignmentStatus, BatchState, CampaignState, DeliveryStatus, JobState, NotificationStatus
 
 # SQLite only auto-increments INTEGER PRIMARY KEY, so big ids are BIGINT on
 # PostgreSQL and INTEGER on SQLite.
 BigId = BigInteger().with_variant(Integer(), "sqlite")
 
-ASSIGNMENT_STATUSES = ("not_started", "in_progress", "completed")
 ITEM_KINDS = ("lesson", "practical_assessment", "discussion", "assignment")
 
 PERMISSION_USERS = "platform.users"
@@ -104,7 +103,7 @@ class CourseAssignment(Base):
 
     course_id: Mapped[int] = mapped_column(ForeignKey("courses.id"), primary_key=True)
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), primary_key=True)
-    status: Mapped[str] = mapped_column(String(16), default="not_started")
+    status: Mapped[str] = mapped_column(String(16), default=AssignmentStatus.NOT_STARTED.value)
     progress_pct: Mapped[float] = mapped_column(Float, default=0.0)
     items_done: Mapped[int] = mapped_column(Integer, default=0)
     score: Mapped[float | None] = mapped_column(Float, nullable=True)
@@ -178,7 +177,7 @@ class CourseCompletion(Base):
     course_id: Mapped[int] = mapped_column(Integer)
     user_id: Mapped[int] = mapped_column(Integer)
     attempt: Mapped[int] = mapped_column(Integer)
-    status: Mapped[str] = mapped_column(String(16), default="completed")
+    status: Mapped[str] = mapped_column(String(16), default=AssignmentStatus.COMPLETED.value)
     score: Mapped[float | None] = mapped_column(Float, nullable=True)
     progress_pct: Mapped[float] = mapped_column(Float, default=100.0)
     completed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

@@ -33,6 +33,15 @@ class SettingsError(ValueError):
     """A configuration value is malformed."""
 
 
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+
+
+def is_redis_url(url: str) -> bool:
+    """True for a Redis URL (TCP, TLS or a unix socket); the first of several ``;``-separated
+    broker URLs (fail-over) decides."""
+    return url.split(";")[0].strip().startswith(REDIS_SCHEMES)
+
+
 class _Environ(EnvSettingsSource):
     """The environment source, over a given mapping instead of the process environment.
 
@@ -156,12 +165,16 @@ class Settings(BaseSettings):
     @classmethod
     def _broker_redis_by_default(cls, value: str, info: ValidationInfo) -> str:
         broker_url = info.data.get("broker_url", "")
-        return value or (broker_url if broker_url.startswith("redis") else "")
+        return value or (broker_url if is_redis_url(broker_url) else "")
 
     @property
     def embedded(self) -> bool:
         """True when running on the embedded default (SQLite + filesystem broker)."""
         return self.database_url.startswith("sqlite")
+
+    @property
+    def broker_is_redis(self) -> bool:
+        return is_redis_url(self.broker_url)
 
     @property
     def is_postgres(self) -> bool:
@@ -221,4 +234,4 @@ def reset_settings_cache() -> None:
     get_settings.cache_clear()
 
 
-__all__ = ["Settings", "SettingsError", "get_settings", "reset_settings_cache"]
+__all__ = ["Settings", "SettingsError", "get_settings", "is_redis_url", "reset_settings_cache"]

@@ -16,13 +16,13 @@ import json
 from collections.abc import Iterator
 from datetime import datetime
 
-from sqlalchemy import Select, select, tuple_
+from sqlalchemy import Select, select
 from sqlalchemy.orm import Session
 
 from models.errors import NotFound, ValidationFailed
-from models.jobs import as_utc
 from models.schema import AuditEvent, Organization
-from producer.pages import check_limit, cursor_datetime, decode_cursor, encode_cursor, parse_instant
+from models.times import as_utc, parse_instant
+from producer.pages import KeysetOrder, fetch_page, instant_key, int_key
 
 EXPORT_FORMATS = ("jsonl", "csv")
 COLUMNS = ("id", "created_at", "action", "organization_id", "actor_id", "course_id", "learner_id", "job_id",
@@ -31,6 +31,7 @@ MAX_ACTION = 64
 EXPORT_FETCH_ROWS = 2000
 
 a = AuditEvent.__table__.c
+OLDEST_EVENTS_FIRST = KeysetOrder((a.created_at, a.id), (instant_key, int_key))
 
 
 def describe_event(row) -> dict:
@@ -76,17 +77,10 @@ def list_events(session: Session, organization_id: int, *, date_from: str | date
 
     ``from`` is inclusive, ``to`` exclusive. Keyset pagination on ``(created_at, id)``.
     """
-    limit = check_limit(limit)
     query = _query(organization_id, parse_instant(date_from, "from"), parse_instant(date_to, "to"), action,
                    course_id)
-    key = decode_cursor(cursor, 2)
-    if key is not None:
-        if not isinstance(key[1], int):
-            raise ValidationFailed("cursor is not valid: pass back the next_cursor of the previous page unchanged")
-        query = query.where(tuple_(a.created_at, a.id) > tuple_(cursor_datetime(key[0]), key[1]))
-    rows = session.execute(query.order_by(a.created_at, a.id).limit(limit + 1)).all()
-    page = rows[:limit]
-    next_cursor = encode_cursor(as_utc(page[-1].created_at), page[-1].id) if len(rows) > limit else None
+    page, next_cursor = fetch_page(session, query, OLDEST_EVENTS_FIRST, lambda row: (row.created_at, row.id),
+                                   limit=limit, cursor=cursor)
     return {"items": [describe_event(r) for r in page], "next_cursor": next_cursor}
 
 

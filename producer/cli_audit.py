@@ -10,7 +10,7 @@ import sys
 
 import click
 
-from producer.cli import ID, Group, OneOf, option
+from producer.cli_parameters import ID, Group, OneOf, option
 
 
 @click.group("audit", cls=Group)

@@ -14,8 +14,18 @@ from pathlib import Path
 
 import click
 
-from producer.cli import (COUNT, EXIT_USAGE, ID, Command, DecimalNumber, Group, WholeNumber, emit, json_option,
-                          option)
+from producer.cli_parameters import (
+    COUNT,
+    EXIT_USAGE,
+    ID,
+    Command,
+    DecimalNumber,
+    Group,
+    WholeNumber,
+    emit,
+    json_option,
+    option,
+)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 OPENAPI_PATH = REPO_ROOT / "docs" / "openapi.json"
@@ -33,8 +43,7 @@ def serve(host: str | None, port: int | None, workers: int) -> int:
     """Run the HTTP producer (FastAPI on uvicorn)."""
     import uvicorn
 
-    from models.logs import logger
-    from models.logs import log_event
+    from models.logs import log_event, logger
     from models.settings import get_settings
 
     settings = get_settings()

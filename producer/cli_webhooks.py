@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import click
 
-from models.webhooks import EVENT_TYPES
-from producer.cli import COUNT, ID, WHOLE, Group, OneOf, emit, json_option, option
+from models.job_events import EVENT_TYPES
+from producer.cli_parameters import COUNT, ID, WHOLE, Group, OneOf, emit, json_option, option
 
 organization_option = option("--organization", type=ID, required=True, help="The organization the receiver belongs to.")
 endpoint_argument = click.argument("endpoint_id", type=ID, help="The receiver's id, as 'webhook list' shows it.")

@@ -15,10 +15,11 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import func, select, tuple_, update
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from models.audit import record_audit
 from models.errors import (
     Conflict,
     NotFound,
@@ -28,19 +29,8 @@ from models.errors import (
     TokenInvalid,
     ValidationFailed,
 )
-from models.jobs import (
-    activate_job,
-    already_active_error,
-    as_utc,
-    describe_status,
-    find_active_job,
-    get_job,
-    job_identity,
-    new_token,
-    record_audit,
-    summarize,
-    utcnow,
-)
+from models.job_status import describe_status, job_identity
+from models.jobs import activate_job, already_active_error, find_active_job, get_job, summarize
 from models.messaging import publish_after_commit
 from models.schema import (
     PERMISSION_TRAINING,
@@ -51,12 +41,15 @@ from models.schema import (
     User,
 )
 from models.settings import get_settings
-from models.text import check_storable
 from models.states import JobScope, JobState
-from producer.access import actor_of, check_token, checked_reason, course_of, iso
-from producer.pages import check_limit, cursor_datetime, decode_cursor, encode_cursor, parse_instant
+from models.text import check_storable
+from models.times import as_utc, iso, parse_instant, utcnow
+from models.tokens import new_token
+from producer.access import actor_of, check_token, checked_reason, course_of
+from producer.pages import KeysetOrder, fetch_page, instant_key, uuid_key
 
 MAX_IDEMPOTENCY_KEY = 200
+NEWEST_JOBS_FIRST = KeysetOrder((ResetJob.created_at, ResetJob.id), (instant_key, uuid_key), descending=True)
 
 
 @dataclass(frozen=True)
@@ -358,14 +351,12 @@ def list_jobs(
     inclusive, ``created_before`` exclusive. Requests never confirmed are jobs
     too (state ``awaiting_confirmation`` or ``expired``).
     """
-    limit = check_limit(limit)
     if state is not None and state not in set(JobState):
         raise ValidationFailed(f"state must be one of {', '.join(JobState)}, got {state[:40]!r}")
     if origin is not None and not 0 < len(origin) <= 64:
         raise ValidationFailed("origin must be 1 to 64 characters")
     after = parse_instant(created_after, "created_after")
     before = parse_instant(created_before, "created_before")
-    key = decode_cursor(cursor, 2)
     j = ResetJob.__table__.c
     query = select(ResetJob).where(j.organization_id == organization_id)
     for column, value in ((j.course_id, course_id), (j.learner_id, learner_id), (j.state, state),
@@ -376,14 +367,6 @@ def list_jobs(
         query = query.where(j.created_at >= after)
     if before is not None:
         query = query.where(j.created_at < before)
-    if key is not None:
-        try:
-            last_id = uuid.UUID(str(key[1]))
-        except ValueError:
-            raise ValidationFailed("cursor is not valid: pass back the next_cursor of the previous page "
-                                   "unchanged") from None
-        query = query.where(tuple_(j.created_at, j.id) < tuple_(cursor_datetime(key[0]), last_id))
-    rows = session.scalars(query.order_by(j.created_at.desc(), j.id.desc()).limit(limit + 1)).all()
-    page = rows[:limit]
-    next_cursor = encode_cursor(as_utc(page[-1].created_at), page[-1].id) if len(rows) > limit else None
+    page, next_cursor = fetch_page(session, query, NEWEST_JOBS_FIRST, lambda job: (job.created_at, job.id),
+                                   limit=limit, cursor=cursor, scalars=True)
     return {"items": [describe_job(job) for job in page], "next_cursor": next_cursor}

@@ -9,36 +9,42 @@ as not found, exactly like an id that does not exist. Each function takes a
 
 from __future__ import annotations
 
+import secrets
 from datetime import timedelta
 
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
+from models.audit import record_audit
 from models.errors import Conflict, NotFound, ValidationFailed
-from models.jobs import as_utc, record_audit, utcnow
+from models.job_events import DELIVER_TASK, EVENT_TYPES
 from models.messaging import publish_after_commit
+from models.receiver_urls import check_url
 from models.schema import Organization, WebhookDelivery, WebhookEndpoint, WebhookEvent
 from models.settings import get_settings
-from models.webhooks import DELIVER_TASK, EVENT_TYPES, check_url, new_secret
 from models.states import OPEN_DELIVERY_STATES, DeliveryStatus
-from producer.pages import check_limit, decode_cursor, encode_cursor
+from models.times import as_utc, iso, utcnow
+from producer.pages import KeysetOrder, fetch_page, int_key
 
 MAX_ENDPOINTS_PER_ORGANIZATION = 20
 MAX_OVERLAP_SECONDS = 7 * 24 * 3600
 DEFAULT_OVERLAP_SECONDS = 24 * 3600
 DELIVERY_STATES = tuple(DeliveryStatus)
+SECRET_PREFIX = "whsec_"
+NEWEST_DELIVERIES_FIRST = KeysetOrder((WebhookDelivery.__table__.c.id,), (int_key,), descending=True)
 
 
-def _iso(value):
-    return as_utc(value).isoformat() if value is not None else None
+def new_secret() -> str:
+    """A fresh signing secret, ``whsec_`` and random text; shown to the caller once."""
+    return SECRET_PREFIX + secrets.token_urlsafe(32)
 
 
 def describe_endpoint(row: WebhookEndpoint) -> dict:
     """The endpoint without its secrets."""
     rotating = row.previous_secret is not None and as_utc(row.previous_secret_expires_at) > utcnow()
     return {"id": row.id, "organization_id": row.organization_id, "url": row.url, "events": list(row.events),
-            "created_at": _iso(row.created_at), "deleted_at": _iso(row.deleted_at),
-            "previous_secret_expires_at": _iso(row.previous_secret_expires_at) if rotating else None}
+            "created_at": iso(row.created_at), "deleted_at": iso(row.deleted_at),
+            "previous_secret_expires_at": iso(row.previous_secret_expires_at) if rotating else None}
 
 
 def _check_events(events) -> list[str]:
@@ -125,9 +131,9 @@ def describe_delivery(row) -> dict:
     return {"delivery_id": row.id, "event_id": str(row.event_id), "event_type": row.type,
             "job_id": str(row.job_id) if row.job_id else None, "status": row.status, "attempts": row.attempts,
             "last_status_code": row.last_status_code, "last_error": row.last_error,
-            "next_attempt_at": _iso(row.next_attempt_at) if row.status in OPEN_DELIVERY_STATES else None,
-            "last_attempt_at": _iso(row.last_attempt_at), "delivered_at": _iso(row.delivered_at),
-            "created_at": _iso(row.created_at)}
+            "next_attempt_at": iso(row.next_attempt_at) if row.status in OPEN_DELIVERY_STATES else None,
+            "last_attempt_at": iso(row.last_attempt_at), "delivered_at": iso(row.delivered_at),
+            "created_at": iso(row.created_at)}
 
 
 def _delivery_query(endpoint_id: int):
@@ -140,7 +146,6 @@ def _delivery_query(endpoint_id: int):
 def list_deliveries(session: Session, organization_id: int, endpoint_id: int, *, status: str | None = None,
                     limit: int | None = None, cursor: str | None = None) -> dict:
     """The endpoint's delivery log, newest first: ``{"items", "next_cursor"}``."""
-    limit = check_limit(limit)
     if status is not None and status not in DELIVERY_STATES:
         raise ValidationFailed(f"status must be one of {', '.join(DELIVERY_STATES)}")
     _endpoint(session, organization_id, endpoint_id)
@@ -148,15 +153,9 @@ def list_deliveries(session: Session, organization_id: int, endpoint_id: int, *,
     query = _delivery_query(endpoint_id)
     if status is not None:
         query = query.where(d.status == status)
-    key = decode_cursor(cursor, 1)
-    if key is not None:
-        if not isinstance(key[0], int):
-            raise ValidationFailed("cursor is not valid: pass back the next_cursor of the previous page unchanged")
-        query = query.where(d.id < key[0])
-    rows = session.execute(query.order_by(d.id.desc()).limit(limit + 1)).all()
-    page = rows[:limit]
-    return {"items": [describe_delivery(r) for r in page],
-            "next_cursor": encode_cursor(page[-1].id) if len(rows) > limit else None}
+    page, next_cursor = fetch_page(session, query, NEWEST_DELIVERIES_FIRST, lambda row: (row.id,),
+                                   limit=limit, cursor=cursor)
+    return {"items": [describe_delivery(r) for r in page], "next_cursor": next_cursor}
 
 
 def redeliver(session: Session, organization_id: int, endpoint_id: int, delivery_id: int,

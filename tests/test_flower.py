@@ -16,8 +16,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from models.db import dispose_engine, session_scope
 from models.seed import seed
 from producer import resets
-from workers.processes import start_celery
 from tests.test_http_api import free_port
+from workers.processes import start_celery
 
 pytestmark = pytest.mark.e2e
 
@@ -126,7 +126,7 @@ def test_flower_shows_the_worker_and_id_only_reset_tasks_behind_basic_auth(flowe
         name = next(n for n in workers if n.startswith("flw@"))
         queues = {q["name"] for q in workers[name]["active_queues"]}
         assert queues == {"resets", "reset_batches", "notifications", "webhooks", "maintenance"}
-        assert {"resets.work", "resets.run_batch"} <= set(workers[name]["registered"])
+        assert {"resets.work", "resets.run_single"} <= set(workers[name]["registered"])
 
         # Flower's own Prometheus metrics are there too (Flower serves them without auth).
         metrics = flower.get("/metrics")

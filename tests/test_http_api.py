@@ -25,9 +25,9 @@ import redis
 from sqlalchemy import func, select, update
 
 from models.db import dispose_engine, session_scope
-from models.jobs import utcnow
 from models.schema import AuditEvent, CourseAssignment, ResetJob, User
 from models.seed import seed
+from models.times import utcnow
 from producer import apikeys
 
 pytestmark = pytest.mark.e2e

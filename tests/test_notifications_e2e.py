@@ -21,13 +21,14 @@ import redis
 from sqlalchemy import func, select
 
 from models.db import dispose_engine, session_scope
-from models.jobs import as_utc, target_filter
+from models.jobs import target_filter
+from models.messaging import send_now
 from models.schema import Course, CourseAssignment, Notification, User
 from models.seed import seed
 from models.states import NotificationStatus
+from models.times import as_utc
 from producer import resets
-from tasks import notifications as n
-from models.messaging import send_now
+from tasks.notifications import outbox
 from tests.notify_support import SmtpSink, WebhookSink, insert_outbox, measured_rate, wait_until
 
 pytestmark = pytest.mark.e2e
@@ -84,7 +85,7 @@ def settled(job_id: str, timeout: float, sweep_every: float | None = None) -> di
         nonlocal last_sweep
         if sweep_every is not None and time.monotonic() - last_sweep >= sweep_every:
             with session_scope() as session:
-                n.sweep_notifications(session)
+                outbox.sweep_notifications(session)
             last_sweep = time.monotonic()
         st = job_status(job_id)
         return st if st["state"] == "succeeded" and st["notifications"]["pending"] == 0 else None

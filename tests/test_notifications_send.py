@@ -15,14 +15,16 @@ import redis
 from sqlalchemy import select
 
 from models.db import dispose_engine, session_scope
-from models.jobs import utcnow
 from models.migrate import upgrade
 from models.schema import Notification, User
 from models.seed import seed
 from models.settings import get_settings
 from models.states import NotificationStatus
-from tasks import notifications as n
-from tasks.notify_backends import SmtpBackend
+from models.times import utcnow
+from tasks.notifications import outbox, sending
+from tasks.notifications import tasks as notification_tasks
+from tasks.notifications.backends import SmtpBackend
+from tasks.notifications.message import render_notifications
 from tasks.ratelimit import FileRateLimiter, notification_rate_limiter
 from tests.notify_support import SmtpSink, WebhookSink, insert_outbox
 
@@ -67,15 +69,15 @@ def run_until_settled(job_id, timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while any(r.status in (NotificationStatus.PENDING, NotificationStatus.SENDING) for r in rows_of(job_id).values()):
         assert time.monotonic() < deadline, "notifications did not settle"
-        n.send_due_notifications(str(job_id))
+        sending.send_due_notifications(str(job_id))
         time.sleep(0.1)
 
 
 def test_a_run_sends_every_due_row_once_and_marks_it_sent(committed):
     with WebhookSink() as sink:
         _org, job_id, users = committed(**sink.env())
-        result = n.send_due_notifications(str(job_id))
-        again = n.send_due_notifications(str(job_id))
+        result = sending.send_due_notifications(str(job_id))
+        again = sending.send_due_notifications(str(job_id))
     assert (result.claimed, result.sent, result.failed, result.stopped_by) == (len(users), len(users), 0, "drained")
     assert (again.claimed, again.sent) == (0, 0)
     assert sink.keys_per_learner() == {u: 1 for u in users}
@@ -89,7 +91,7 @@ def test_duplicate_runs_at_the_same_time_send_each_row_once(committed):
         _org, job_id, users = committed(learners=150, **sink.env())
         # Three copies of the job's task and two "any job" tasks, all at once.
         args = [str(job_id)] * 3 + [None] * 2
-        threads = [threading.Thread(target=n.send_due_notifications, args=(a,)) for a in args]
+        threads = [threading.Thread(target=sending.send_due_notifications, args=(a,)) for a in args]
         for t in threads:
             t.start()
         for t in threads:
@@ -103,8 +105,8 @@ def test_task_entry_point_round_trips_its_arguments_through_json(committed):
     with WebhookSink() as sink:
         _org, job_id, users = committed(**sink.env())
         (arg,) = json.loads(json.dumps([str(job_id)]))
-        n.send_notifications(arg)  # the task body, in-process
-        n.send_notifications("not-a-job-id")  # refused with a log line, nothing claimed
+        notification_tasks.send_notifications(arg)  # the task body, in-process
+        notification_tasks.send_notifications("not-a-job-id")  # refused with a log line, nothing claimed
     assert len(sink.accepted()) == len(users)
 
 
@@ -112,7 +114,7 @@ def test_provider_outage_holds_the_rows_then_they_catch_up(committed, redis_url)
     with WebhookSink() as sink:
         _org, job_id, users = committed(**sink.env())
         sink.state.fail_status, sink.state.retry_after = 503, "1"
-        down = n.send_due_notifications(str(job_id))
+        down = sending.send_due_notifications(str(job_id))
         # One request hit the dead provider; the rest of the chunk went back untried and every
         # due row of the job waits for the retry instead of spinning through the provider.
         assert (down.retried, down.sent, down.stopped_by) == (1, 0, "provider_unavailable")
@@ -122,7 +124,7 @@ def test_provider_outage_holds_the_rows_then_they_catch_up(committed, redis_url)
         tried = [r for r in rows.values() if r.attempts == 1]
         assert len(tried) == 1 and tried[0].error.startswith("HTTP 503")
         assert all(r.status == NotificationStatus.PENDING and r.next_attempt_at is not None for r in rows.values())
-        assert n.send_due_notifications(str(job_id)).claimed == 0  # nothing is due yet
+        assert sending.send_due_notifications(str(job_id)).claimed == 0  # nothing is due yet
         # The follow-up is on the broker with a countdown to the retry, far below the visibility timeout.
         (followup,) = queued_sends(redis_url)
         assert followup["task"] == "notifications.send" and followup["eta"] is not None
@@ -139,8 +141,8 @@ def test_a_refused_address_fails_with_its_reason_and_is_not_retried(committed):
         _org, job_id, users = committed(**sink.env())
         bad = min(users)
         sink.state.reject_emails.add(email_of(bad))
-        result = n.send_due_notifications(str(job_id))
-        again = n.send_due_notifications(str(job_id))
+        result = sending.send_due_notifications(str(job_id))
+        again = sending.send_due_notifications(str(job_id))
     assert (result.failed, result.sent, again.claimed) == (1, len(users) - 1, 0)
     row = rows_of(job_id)[bad]
     assert row.status == NotificationStatus.FAILED and row.attempts == 1
@@ -152,10 +154,10 @@ def test_transient_failures_give_up_after_max_attempts(committed):
     with WebhookSink() as sink:
         _org, job_id, users = committed(NOTIFY_MAX_ATTEMPTS="2", **sink.env())
         sink.state.fail_status = 500
-        first = n.send_due_notifications(str(job_id))
+        first = sending.send_due_notifications(str(job_id))
         wait = (min(r.next_attempt_at for r in rows_of(job_id).values()) - utcnow()).total_seconds()
         time.sleep(max(0.0, wait) + 0.05)
-        second = n.send_due_notifications(str(job_id))
+        second = sending.send_due_notifications(str(job_id))
     assert (first.retried, second.failed) == (1, 1)
     failed = [r for r in rows_of(job_id).values() if r.status == NotificationStatus.FAILED]
     assert len(failed) == 1 and failed[0].attempts == 2
@@ -170,16 +172,16 @@ def test_crash_between_send_and_mark_resends_with_the_same_message_id(committed)
         _org, job_id, users = committed(NOTIFY_STALE_SECONDS="30", **sink.env())
         settings = get_settings()
         with session_scope() as session:
-            claims = n.claim_notifications(session, str(job_id), limit=3)
-            ready, _ = n.render_notifications(session, claims, settings)
+            claims = outbox.claim_notifications(session, str(job_id), limit=3)
+            ready, _ = render_notifications(session, claims, settings)
         backend = SmtpBackend(settings)
         backend.send(ready[0][1])  # ... and the worker dies here, before mark_sent
         backend._drop()
         # Its other claimed rows and the crashed one are held until the claim is stale.
-        assert n.send_due_notifications(str(job_id)).sent == len(users) - 3
+        assert sending.send_due_notifications(str(job_id)).sent == len(users) - 3
         with session_scope() as session:
-            assert n.sweep_notifications(session, utcnow() + timedelta(seconds=31)) == 3
-        n.send_due_notifications(str(job_id))
+            assert outbox.sweep_notifications(session, utcnow() + timedelta(seconds=31)) == 3
+        sending.send_due_notifications(str(job_id))
     crashed = ready[0][0]
     per_rcpt = sink.by_recipient()
     resent = per_rcpt[ready[0][1].recipient_email]
@@ -204,7 +206,7 @@ def test_embedded_default_sqlite_and_console_file(tmp_path, use_env):
             org = seed(session, learners=60, lessons=2, random_seed=2)
             job_id, users = insert_outbox(session, org.course_ids[0])
         assert isinstance(notification_rate_limiter(get_settings()), FileRateLimiter)
-        threads = [threading.Thread(target=n.send_due_notifications, args=(a,)) for a in (str(job_id),) * 2 + (None,)]
+        threads = [threading.Thread(target=sending.send_due_notifications, args=(a,)) for a in (str(job_id),) * 2 + (None,)]
         for t in threads:
             t.start()
         for t in threads:
@@ -213,6 +215,6 @@ def test_embedded_default_sqlite_and_console_file(tmp_path, use_env):
         assert sorted(d["learner"]["id"] for d in lines) == sorted(users)
         assert {r.status for r in rows_of(job_id).values()} == {NotificationStatus.SENT}
         with session_scope() as session:  # the sweep's queries run on SQLite too
-            assert n.sweep_notifications(session, utcnow() + timedelta(hours=1)) == 0
+            assert outbox.sweep_notifications(session, utcnow() + timedelta(hours=1)) == 0
     finally:
         dispose_engine()

@@ -21,11 +21,13 @@ from models.errors import (
     TokenInvalid,
     ValidationFailed,
 )
-from models.jobs import utcnow
 from models.seed import seed
+from models.times import utcnow
 from models.training import create_user
 from producer import resets
-from tasks import reset_steps
+from tasks.resets.finalize import finalize_job
+from tasks.resets.learner_batch import claim_batch, reset_batch
+from tasks.resets.start import start_job
 from tests.reset_checks import fingerprint
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -116,10 +118,10 @@ def test_cancel_of_a_finished_job_is_refused(db_session, two_orgs):
     a, _ = two_orgs
     req = resets.request(db_session, a.admin_id, a.course_ids[0], learner_id=a.learner_id)
     job_id = resets.confirm(db_session, req.request_id, a.admin_id, req.token).job_id
-    start = reset_steps.start_job(db_session, job_id, 100)
-    reset_steps.claim_batch(db_session, job_id, start.batch_nos[0], 5, 60)
-    reset_steps.run_batch(db_session, job_id, start.batch_nos[0])
-    reset_steps.finalize_job(db_session, job_id)
+    start = start_job(db_session, job_id, 100)
+    claim_batch(db_session, job_id, start.batch_nos[0], 5, 60)
+    reset_batch(db_session, job_id, start.batch_nos[0])
+    finalize_job(db_session, job_id)
     refused(db_session, Conflict, resets.cancel, job_id, a.admin_id, match="succeeded")
     refused(db_session, PermissionDenied, resets.cancel, job_id, a.learner_id)
 

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from models.webhooks import verify_signature
+from tasks.webhooks.signing import verify_signature
 
 
 @dataclass

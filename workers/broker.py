@@ -29,18 +29,16 @@ from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import loads
 
 from models.logs import log_event
-from models.settings import Settings
 from models.queues import MALFORMED_COUNTS_KEY, malformed_key
+from models.settings import Settings
 
 TRANSPORT = "workers.broker:Transport"
 KEEP_PER_QUEUE = 1000
-_REDIS_SCHEMES = ("redis://", "rediss://")
 
 
 def transport_config(settings: Settings) -> dict:
     """Celery settings that select this transport for a Redis broker (and kombu's default otherwise)."""
-    url = settings.broker_url.split(";")[0].strip()
-    return {"broker_transport": TRANSPORT if url.startswith(_REDIS_SCHEMES) else None}
+    return {"broker_transport": TRANSPORT if settings.broker_is_redis else None}
 
 
 class Channel(kombu_redis.Channel):

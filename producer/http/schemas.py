@@ -14,7 +14,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from models.webhooks import EVENT_TYPES
+from models.job_events import EVENT_TYPES
 from producer import campaigns, webhooks
 from producer.access import MAX_REASON
 

@@ -26,20 +26,15 @@ from sqlalchemy import and_, bindparam, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from models.dialect import is_postgres
-from models.jobs import as_utc, utcnow
+from models.job_ids import job_uuid
 from models.logs import log_event
 from models.messaging import publish_after_commit
 from models.schema import Notification
 from models.settings import Settings, get_settings
 from models.states import NotificationStatus
-from tasks.base import backoff_seconds
-from tasks.notify_backends import redact
-
-__all__ = [
-    "RETRY_BASE_SECONDS", "RETRY_MAX_SECONDS", "TASK_NAME", "ClaimedNotification",
-    "claim_notifications", "defer_due_notifications", "mark_failed", "mark_retry", "mark_sent", "mark_sent_many",
-    "next_due_at", "release_notifications", "retry_delay", "sweep_notifications",
-]
+from models.times import as_utc, utcnow
+from tasks.backoff import backoff_seconds
+from tasks.outbound import redact
 
 TASK_NAME = "notifications.send"
 
@@ -70,9 +65,7 @@ class ClaimedNotification:
 
 
 def _job_uuid(job_id: str | uuid.UUID | None) -> uuid.UUID | None:
-    if job_id is None or isinstance(job_id, uuid.UUID):
-        return job_id
-    return uuid.UUID(str(job_id))
+    return None if job_id is None else job_uuid(job_id)
 
 
 def _of_job(stmt, job: uuid.UUID | None):

@@ -13,7 +13,7 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Query
 
 from models.db import session_scope
-from models.webhooks import EVENT_TYPES
+from models.job_events import EVENT_TYPES
 from producer import webhooks
 from producer.http.deps import Caller, PageLimit
 from producer.http.problems import COMMON_ERRORS, problem_responses

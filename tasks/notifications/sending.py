@@ -1,9 +1,9 @@
-"""The ``notifications.send`` task: turns due outbox rows into messages, a short slice at a time.
+"""Sending due notifications, a short slice at a time: what one ``notifications.send`` run does.
 
 The rows and their states are :mod:`tasks.notifications.outbox`'s; this module owns the
 transactions around them and never holds one open while talking to the provider: claim a
-chunk (commit), render it, send each message through the shared rate limit
-(:mod:`tasks.ratelimit`) and a backend (:mod:`tasks.notify_backends`), record the outcomes
+chunk (commit), render it (:mod:`tasks.notifications.message`), send each message through the
+shared rate limit (:mod:`tasks.ratelimit`) and a backend (:mod:`tasks.notifications.backends`), record the outcomes
 (commit, sent rows grouped). A run stops after ``TASK_SLICE_SECONDS`` and publishes itself
 again, so one task never holds a worker slot for long; a run that leaves rows waiting for a
 retry publishes a follow-up with a countdown to the earliest one.
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -25,11 +24,22 @@ from datetime import datetime, timedelta
 from sqlalchemy.orm import Session
 
 from models.db import session_scope
-from models.jobs import utcnow
+from models.job_ids import job_uuid
 from models.logs import log_event, logger
 from models.messaging import publish_after_commit
 from models.settings import Settings, get_settings
-from tasks.base import DATABASE_UNAVAILABLE, backoff_seconds, project_task
+from models.times import utcnow
+from tasks.backoff import backoff_seconds
+from tasks.base import DATABASE_UNAVAILABLE
+from tasks.notifications.backends import (
+    BackendConfigError,
+    NotificationBackend,
+    PermanentSendError,
+    SendError,
+    TransientSendError,
+    make_backend,
+)
+from tasks.notifications.message import OutgoingMessage, render_notifications
 from tasks.notifications.outbox import (
     RETRY_MAX_SECONDS,
     TASK_NAME,
@@ -43,18 +53,7 @@ from tasks.notifications.outbox import (
     release_notifications,
     retry_delay,
 )
-from tasks.notify_backends import (
-    BackendConfigError,
-    NotificationBackend,
-    PermanentSendError,
-    SendError,
-    TransientSendError,
-    make_backend,
-)
-from tasks.notify_message import OutgoingMessage, render_notifications
 from tasks.ratelimit import RateLimiter, RateLimiterUnavailable, notification_rate_limiter
-
-__all__ = ["SendRunResult", "max_countdown_seconds", "send_due_notifications", "send_notifications"]
 
 # A run waits at most this long for a rate-limit slot (and never past its slice of time,
 # ``TASK_SLICE_SECONDS``); beyond it, the chunk goes back with a countdown.
@@ -99,7 +98,7 @@ class SendRunResult:
     failed: int = 0
     released: int = 0
     followup_countdown: float | None = None
-    stopped_by: str = "drained"  # drained | budget | provider_unavailable | rate_limit | config
+    stopped_by: str = "drained"  # drained | budget | provider_unavailable | rate_limit | config | bad_arguments
     seconds: float = 0.0
     errors: dict[str, int] = field(default_factory=dict)
 
@@ -119,6 +118,12 @@ def send_due_notifications(
     record the outcomes in short transactions (sent rows grouped, see :class:`_SentMarks`).
     Safe to run any number of times at once.
     """
+    if job_id is not None:
+        try:
+            job_id = str(job_uuid(job_id))
+        except ValueError:  # never matches a row: a message not made by this system
+            log_event("notification.bad_task_args", logging.ERROR, job_id=str(job_id)[:64])
+            return SendRunResult(job_id=None, stopped_by="bad_arguments")
     settings = settings or get_settings()
     if budget_seconds is None:
         # One run holds its worker slot for about this long, then hands the rest back to the
@@ -369,17 +374,3 @@ def _publish_followup(job_id: str | None, settings: Settings, result: SendRunRes
             publish_after_commit(session, TASK_NAME, [job_id], **options)
     except Exception:  # noqa: BLE001 - see above
         log_event("notification.followup_failed", logging.WARNING, exc_info=True, job_id=job_id)
-
-
-# --- the task ---------------------------------------------------------------------------------
-
-@project_task(TASK_NAME, bind=True)
-def send_notifications(self, job_id: str | None = None) -> None:
-    """``notifications.send(job_id=None)``: send the job's due notifications (any job's when None)."""
-    if job_id is not None:
-        try:
-            job_id = str(uuid.UUID(str(job_id)))
-        except ValueError:
-            log_event("notification.bad_task_args", logging.ERROR, job_id=str(job_id)[:64])
-            return
-    send_due_notifications(job_id, owner=self.request.id)

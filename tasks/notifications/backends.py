@@ -7,45 +7,33 @@ decides retries the same way whatever the transport. A backend may keep a
 connection open across the messages of one task run; ``close()`` ends it.
 
 The message itself, with the identifiers a provider recognises a resend by, is
-made in :mod:`tasks.notify_message`; a backend only moves it.
+made in :mod:`tasks.notifications.message`; a backend only moves it.
 
 Failure reasons are stored on the outbox row and may be logged, so e-mail
-addresses are removed from them (:func:`redact`).
+addresses are removed from them (:func:`tasks.outbound.redact`).
 """
 
 from __future__ import annotations
 
-import email.utils
 import hashlib
 import hmac
 import json
 import os
-import re
 import smtplib
 import socket
 import ssl
 import time
-from datetime import timezone
 from pathlib import Path
 
 import httpx
 
 from models.settings import Settings
-from tasks.notify_message import OutgoingMessage, build_email
+from tasks.notifications.message import OutgoingMessage, build_email
+from tasks.outbound import parse_retry_after, redact
 
 USER_AGENT = "progress-reset-notifications/1"
 # SMTP connections idle longer than this are checked with NOOP before reuse.
 SMTP_IDLE_CHECK_SECONDS = 5.0
-# A Retry-After beyond this is treated as this (a provider asking for days is misconfigured).
-MAX_RETRY_AFTER_SECONDS = 3600.0
-
-_ADDRESS_RE = re.compile(r"[^\s<>\"'(),;:@]+@[^\s<>\"'(),;:@]+")
-
-
-def redact(text: str, limit: int = 500) -> str:
-    """``text`` with e-mail addresses replaced by ``<address>``, cut to ``limit`` characters."""
-    return _ADDRESS_RE.sub("<address>", text)[:limit]
-
 
 class SendError(Exception):
     """A send failed. ``code`` is a short machine token for logs (``smtp_550``, ``http_503``, ``timeout``)."""
@@ -269,24 +257,6 @@ class SmtpBackend(NotificationBackend):
 def sign_body(body: bytes, secret: str) -> str:
     """The ``X-Signature`` header value: ``sha256=`` + HMAC-SHA256 of the raw body, hex."""
     return "sha256=" + hmac.new(secret.encode("utf-8"), body, hashlib.sha256).hexdigest()
-
-
-def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
-    """Seconds from a ``Retry-After`` header (delta-seconds or HTTP-date); None if absent or unreadable."""
-    if not value:
-        return None
-    value = value.strip()
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError):
-            return None
-        if when.tzinfo is None:
-            when = when.replace(tzinfo=timezone.utc)
-        seconds = when.timestamp() - (time.time() if now is None else now)
-    return min(max(0.0, seconds), MAX_RETRY_AFTER_SECONDS)
 
 
 class WebhookBackend(NotificationBackend):
