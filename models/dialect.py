@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from sqlalchemy import ColumnElement, Integer, Table, any_, bindparam
+from sqlalchemy import ColumnElement, Integer, Table, any_, bindparam, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 from sqlalchemy.types import TypeEngine
@@ -34,3 +34,15 @@ def in_ids(session: Session, column, ids: Sequence[int],
     if is_postgres(session):
         return column == any_(bindparam(None, list(ids), type_=postgresql.ARRAY(element_type)))
     return column.in_(list(ids))
+
+
+def hold_transaction_lock(session: Session, namespace: int, key: int) -> None:
+    """Wait for the lock named ``(namespace, key)`` and hold it until the transaction ends.
+
+    PostgreSQL: a transaction-level advisory lock. Unlike a row lock (``FOR UPDATE`` needs the
+    UPDATE privilege on the table) it needs no privilege, and it ends with the transaction, so
+    it also holds behind a transaction-pooling PgBouncer. SQLite serialises writers
+    (``BEGIN IMMEDIATE``): the transaction already holds the only write lock.
+    """
+    if is_postgres(session):
+        session.execute(select(func.pg_advisory_xact_lock(namespace, key)))
