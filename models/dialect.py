@@ -7,6 +7,7 @@ place where the two databases are treated differently is listed here or calls in
 from __future__ import annotations
 
 from collections.abc import Sequence
+from enum import IntEnum
 
 from sqlalchemy import ColumnElement, Integer, Table, any_, bindparam, func, select
 from sqlalchemy.dialects import postgresql, sqlite
@@ -36,7 +37,14 @@ def in_ids(session: Session, column, ids: Sequence[int],
     return column.in_(list(ids))
 
 
-def hold_transaction_lock(session: Session, namespace: int, key: int) -> None:
+class LockSpace(IntEnum):
+    """What a :func:`hold_transaction_lock` key names: one space per kind of object, so keys never collide."""
+
+    COURSE_ACTIVATION = 0x70720001  # a job of the course being activated (models.jobs)
+    WEBHOOK_ENDPOINTS = 0x70720002  # an organization's endpoints being counted and added (producer.webhooks)
+
+
+def hold_transaction_lock(session: Session, namespace: LockSpace, key: int) -> None:
     """Wait for the lock named ``(namespace, key)`` and hold it until the transaction ends.
 
     PostgreSQL: a transaction-level advisory lock. Unlike a row lock (``FOR UPDATE`` needs the
@@ -45,4 +53,4 @@ def hold_transaction_lock(session: Session, namespace: int, key: int) -> None:
     (``BEGIN IMMEDIATE``): the transaction already holds the only write lock.
     """
     if is_postgres(session):
-        session.execute(select(func.pg_advisory_xact_lock(namespace, key)))
+        session.execute(select(func.pg_advisory_xact_lock(int(namespace), key)))

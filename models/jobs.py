@@ -17,16 +17,12 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import ColumnElement
 
-from models.dialect import hold_transaction_lock
+from models.dialect import LockSpace, hold_transaction_lock
 from models.errors import Conflict, NotFound
 from models.job_ids import job_uuid
 from models.schema import Certificate, CourseAssignment, CourseCompletion, ResetJob, User
 from models.states import ACTIVE_JOB_STATES, AssignmentStatus, JobScope, JobState
 from models.times import utcnow
-
-# Namespace of the per-course lock taken while a job is activated (an advisory lock, not a row
-# lock on ``courses``: the application role may read courses, never update them).
-COURSE_ACTIVATION_LOCK = 0x70726573  # "pres"
 
 
 # --- who a reset targets --------------------------------------------------------------
@@ -99,11 +95,12 @@ def activate_job(session: Session, job: ResetJob, now: datetime | None = None) -
     """Move a confirmed job to ``queued``, refusing if the course or learner already has an active reset.
 
     The partial unique indexes over active jobs decide same-scope races; a lock on the
-    course (:data:`COURSE_ACTIVATION_LOCK`) serialises a learner reset against a course-wide one.
+    course serialises a learner reset against a course-wide one (an advisory lock, not a row
+    lock: the application only reads courses).
     Raises :class:`Conflict` naming the active job. Does not commit.
     """
     now = now or utcnow()
-    hold_transaction_lock(session, COURSE_ACTIVATION_LOCK, job.course_id)
+    hold_transaction_lock(session, LockSpace.COURSE_ACTIVATION, job.course_id)
     blocking = find_active_job(session, job.course_id, job.learner_id if job.scope == JobScope.LEARNER else None)
     if blocking is not None and blocking.id != job.id:
         raise already_active_error(blocking, job.course_id, job.learner_id)
