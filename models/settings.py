@@ -81,6 +81,11 @@ class Settings(BaseSettings):
     # run as the tables' owner, creates it when missing and grants it what the code needs.
     database_app_role: str = Field("", validation_alias="DATABASE_APP_ROLE")
     database_app_password: str = Field("", validation_alias="DATABASE_APP_PASSWORD", repr=False)
+    # Connections: each process's pool, and whether psycopg may prepare statements on the server
+    # (false behind a transaction-pooling PgBouncer that does not track them, docs/operations.md).
+    database_pool_size: int = Field(5, ge=1, validation_alias="DATABASE_POOL_SIZE")
+    database_max_overflow: int = Field(5, ge=0, validation_alias="DATABASE_MAX_OVERFLOW")
+    database_prepared_statements: bool = Field(True, validation_alias="DATABASE_PREPARED_STATEMENTS")
     broker_url: str = Field("filesystem://", validation_alias="CELERY_BROKER_URL")
     # Reset pipeline
     batch_size: int = Field(5000, ge=1, validation_alias="RESET_BATCH_SIZE")
