@@ -18,11 +18,8 @@ from sqlalchemy.pool import NullPool
 from tests.conftest import _pid_alive
 
 
-def test_role_name(suffix: str) -> str:
+def process_role_name(suffix: str) -> str:
     return f"pr_t{os.getpid()}_{suffix}"
-
-
-test_role_name.__test__ = False  # a helper, not a test
 
 
 def url_as(url: str, role: str, password: str | None = None) -> str:

@@ -27,7 +27,7 @@ from models.privileges import APP_PRIVILEGES
 from models.schema import Base
 from models.seed import seed
 from producer import apikeys
-from tests.roles_support import drop_role, drop_stale_test_roles, test_role_name, url_as
+from tests.roles_support import drop_role, drop_stale_test_roles, process_role_name, url_as
 from tests.test_cli_foundation import invoke
 from tests.test_http_api import cli_argv, run_cli, start_api, wait_for_state  # noqa: F401 - fixture
 from tests.webhook_support import Receiver
@@ -53,7 +53,7 @@ class Roles:
 @pytest.fixture(scope="module")
 def app_role(admin_db_url):
     drop_stale_test_roles(admin_db_url)
-    role = test_role_name("app")
+    role = process_role_name("app")
     drop_role(admin_db_url, role)
     yield role
     drop_role(admin_db_url, role)
@@ -140,8 +140,8 @@ def test_as_the_application_role_changing_the_audit_trail_is_refused(roles, chan
 
 
 def test_db_upgrade_refuses_a_role_that_could_bypass_the_guard(roles, admin_db_url):
-    owner = test_role_name("owner")
-    superuser = test_role_name("super")
+    owner = process_role_name("owner")
+    superuser = process_role_name("super")
     for role in (owner, superuser):
         drop_role(admin_db_url, role)
     engine = create_engine(roles.owner_url, poolclass=NullPool, isolation_level="AUTOCOMMIT")
