@@ -19,6 +19,7 @@ naming the variable, which the CLI prints as one line.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
@@ -27,6 +28,9 @@ from typing import Any, Literal
 from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
 from pydantic_settings.sources.utils import parse_env_vars
+
+
+_ROLE_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 
 
 class SettingsError(ValueError):
@@ -73,6 +77,15 @@ class Settings(BaseSettings):
     data_dir: Path = Field(Path("data"), validation_alias="PROGRESS_RESET_DATA_DIR")
     # Empty: the embedded SQLite file under data_dir.
     database_url: str = Field("", validation_alias="DATABASE_URL")
+    # Least privilege (PostgreSQL): the role the API, workers and beat connect as. ``db upgrade``,
+    # run as the tables' owner, creates it when missing and grants it what the code needs.
+    database_app_role: str = Field("", validation_alias="DATABASE_APP_ROLE")
+    database_app_password: str = Field("", validation_alias="DATABASE_APP_PASSWORD", repr=False)
+    # Connections: each process's pool, and whether psycopg may prepare statements on the server
+    # (false behind a transaction-pooling PgBouncer that does not track them, docs/operations.md).
+    database_pool_size: int = Field(5, ge=1, validation_alias="DATABASE_POOL_SIZE")
+    database_max_overflow: int = Field(5, ge=0, validation_alias="DATABASE_MAX_OVERFLOW")
+    database_prepared_statements: bool = Field(True, validation_alias="DATABASE_PREPARED_STATEMENTS")
     broker_url: str = Field("filesystem://", validation_alias="CELERY_BROKER_URL")
     # Reset pipeline
     batch_size: int = Field(5000, ge=1, validation_alias="RESET_BATCH_SIZE")
@@ -147,6 +160,22 @@ class Settings(BaseSettings):
                 value = "postgresql+psycopg://" + value[len(scheme):]
         if not (value.startswith("sqlite") or value.startswith("postgresql")):
             raise ValueError(f"must be a postgresql:// or sqlite:/// URL, got {value.split(':')[0]!r}")
+        return value
+
+    @field_validator("database_app_role")
+    @classmethod
+    def _role_name(cls, value: str) -> str:
+        # Lowercase, so the name in DATABASE_URL and the role PostgreSQL folds it to are the same.
+        if value and (not _ROLE_NAME.fullmatch(value) or value.startswith("pg_") or value == "public"):
+            raise ValueError(f"must be a PostgreSQL role name (lowercase letters, digits and _, at most 63, "
+                             f"not starting with a digit, pg_ or public), got {value[:70]!r}")
+        return value
+
+    @field_validator("database_app_password")
+    @classmethod
+    def _no_nul(cls, value: str) -> str:
+        if "\x00" in value:
+            raise ValueError("must not contain the NUL character")
         return value
 
     @field_validator("notify_backend", "log_format", mode="before")

@@ -141,12 +141,18 @@ def db() -> None:
 @db.command("upgrade")
 @json_option
 def db_upgrade(as_json: bool) -> int:
-    """Apply the migrations (safe to run again)."""
+    """Apply the migrations, then the application role's grants (DATABASE_APP_ROLE); safe to run again."""
     from models.migrate import current_revision, upgrade
+    from models.privileges import grant_app_role
 
     upgrade()
+    grants = grant_app_role()
     revision = current_revision()
-    emit(as_json, {"revision": revision}, f"database at revision {revision}")
+    role = None if grants is None else grants.role
+    human = f"database at revision {revision}"
+    if grants is not None:
+        human += f"; application role {role} {'created and ' if grants.created else ''}granted its privileges"
+    emit(as_json, {"revision": revision, "app_role": role, "app_role_created": bool(grants and grants.created)}, human)
     return 0
 
 

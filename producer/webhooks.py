@@ -16,6 +16,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from models.audit import record_audit
+from models.dialect import LockSpace, hold_transaction_lock
 from models.errors import Conflict, NotFound, ValidationFailed
 from models.job_events import DELIVER_TASK, EVENT_TYPES
 from models.messaging import publish_after_commit
@@ -68,8 +69,10 @@ def create_endpoint(session: Session, organization_id: int, url: str, events, or
     """Register a receiver for the organization's job events; the result holds the secret, shown this once."""
     events = _check_events(events)
     url = check_url(url, get_settings().webhooks_allow_http_loopback)
-    if session.get(Organization, organization_id, with_for_update=True) is None:
+    if session.get(Organization, organization_id) is None:
         raise NotFound(f"organization {organization_id} not found")
+    # One count-then-add at a time per organization (not a row lock: the application only reads organizations).
+    hold_transaction_lock(session, LockSpace.WEBHOOK_ENDPOINTS, organization_id)
     count = session.scalar(select(func.count()).select_from(WebhookEndpoint).where(
         WebhookEndpoint.organization_id == organization_id, WebhookEndpoint.deleted_at.is_(None))) or 0
     if count >= MAX_ENDPOINTS_PER_ORGANIZATION:
