@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import ast
+import os
 import re
+import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -254,8 +257,79 @@ def assert_broker_page_counts_a_backlog(flower: httpx.Client, auth, worker) -> N
         assert send_now("maintenance.sweep")
     assert send_now("webhooks.deliver", [1])
     expected = idle | backlog
+    # RabbitMQ's management API refreshes its figures every few seconds; Redis answers at once.
     wait_for(lambda: queue_counts(flower.get("/broker", auth=auth).text), lambda counts: counts == expected, 30,
              f"the Broker page to show {expected}")
+
+
+@pytest.fixture
+def rabbitmq_with_management(tmp_path):
+    """A RabbitMQ node of this test's own, with the management plugin the Broker page reads.
+
+    The shared RabbitMQ runs without that plugin and its configuration is not ours to change;
+    this node listens on free loopback ports, keeps its files in ``tmp_path`` and is stopped
+    at the end. Skipped where RabbitMQ is not installed.
+    """
+    server = shutil.which("rabbitmq-server", path="/usr/lib/rabbitmq/bin:/usr/sbin:/usr/bin")
+    if server is None:
+        pytest.skip("rabbitmq-server is not installed")
+    folder = tmp_path / "rabbitmq"
+    folder.mkdir()
+    amqp_port, api_port, dist_port = free_port(), free_port(), free_port()
+    (folder / "enabled_plugins").write_text("[rabbitmq_management].\n")
+    (folder / "rabbitmq.conf").write_text(f"listeners.tcp.default = 127.0.0.1:{amqp_port}\n"
+                                          f"management.tcp.ip = 127.0.0.1\nmanagement.tcp.port = {api_port}\n")
+    (folder / "rabbitmq-env.conf").write_text("")  # not the system node's name and ports
+    env = {"PATH": "/usr/lib/rabbitmq/bin:/usr/sbin:/usr/bin:/bin", "HOME": str(folder), "LANG": "C.UTF-8",
+           "RABBITMQ_CONF_ENV_FILE": str(folder / "rabbitmq-env.conf"),
+           "RABBITMQ_CONFIG_FILE": str(folder / "rabbitmq.conf"),
+           "RABBITMQ_ENABLED_PLUGINS_FILE": str(folder / "enabled_plugins"),
+           "RABBITMQ_NODENAME": f"flower-test-{os.getpid()}@localhost", "RABBITMQ_DIST_PORT": str(dist_port),
+           "RABBITMQ_MNESIA_BASE": str(folder / "mnesia"), "RABBITMQ_LOG_BASE": str(folder / "log")}
+    with open(folder / "server.log", "wb") as log:
+        node = subprocess.Popen([server], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    api = f"http://127.0.0.1:{api_port}/api/"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert node.poll() is None, (folder / "server.log").read_text()[-2000:]
+            try:
+                if httpx.get(f"{api}overview", auth=("guest", "guest"), timeout=2.0).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, (folder / "server.log").read_text()[-2000:]
+            time.sleep(0.5)
+        yield f"amqp://guest:guest@127.0.0.1:{amqp_port}//", api
+    finally:
+        os.killpg(node.pid, signal.SIGTERM)
+        try:
+            node.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(node.pid, signal.SIGKILL)
+            node.wait(10)
+
+
+def test_on_rabbitmq_the_broker_page_counts_each_queue_from_the_management_api(
+        fresh_db, use_env, tmp_path, rabbitmq_with_management, start_flower, celery_worker_proc):
+    broker_url, api = rabbitmq_with_management
+    env = use_env(DATABASE_URL=fresh_db(), CELERY_BROKER_URL=broker_url, RABBITMQ_MANAGEMENT_URL=api.rstrip("/"),
+                  NOTIFY_CONSOLE_PATH=str(tmp_path / "notifications.jsonl"), LOG_FORMAT="json",
+                  FLOWER_USER=FLOWER_USER, FLOWER_PASSWORD=FLOWER_PASSWORD)
+    try:
+        worker = celery_worker_proc(env, concurrency=1, name="rabbit")  # declares the five queues
+        _flower, base = start_flower(env)
+        auth = (FLOWER_USER, FLOWER_PASSWORD)
+        with httpx.Client(base_url=base, timeout=30.0) as flower:
+            wait_for(lambda: flower.get("/api/workers", params={"refresh": "true"}, auth=auth).json(),
+                     lambda found: any(n.startswith("rabbit@") and "active_queues" in w for n, w in found.items()),
+                     30, "the worker's queues in flower")
+            page = flower.get("/broker", auth=auth)
+            assert page.status_code == 200 and "amqp://guest:**@127.0.0.1:" in page.text, page.text[:300]
+            assert flower.get("/broker").status_code == 401
+            assert_broker_page_counts_a_backlog(flower, auth, worker)
+    finally:
+        dispose_engine()
 
 
 def test_redis_urls_keep_their_scheme_and_take_the_hardened_transport(use_env, redis_url):
@@ -273,3 +347,11 @@ def test_redis_urls_keep_their_scheme_and_take_the_hardened_transport(use_env, r
     assert late.returncode != 0
     assert "redis:// was resolved before workers.broker.register() ran" in late.stderr
 
+
+def test_flower_refuses_a_malformed_management_url_in_one_line(flower_env, start_flower):
+    env = {**flower_env, "RABBITMQ_MANAGEMENT_URL": "guest:secret@rabbitmq:15672/api"}
+    process, _base = start_flower(env, wait=False)
+    assert process.wait(30) not in (None, 0)
+    log = process.log_text()
+    assert "error: configuration: RABBITMQ_MANAGEMENT_URL must be an http:// or https:// URL" in log, log
+    assert "Traceback" not in log and "secret" not in log
