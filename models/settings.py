@@ -24,6 +24,7 @@ from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
@@ -139,6 +140,8 @@ class Settings(BaseSettings):
     redis_url: str = Field("", validation_alias="REDIS_URL")
     flower_user: str = Field("", validation_alias="FLOWER_USER")
     flower_password: str = Field("", validation_alias="FLOWER_PASSWORD", repr=False)
+    # RabbitMQ's management HTTP API, read by Flower's Broker page; empty: the broker host's port 15672.
+    rabbitmq_management_url: str = Field("", validation_alias="RABBITMQ_MANAGEMENT_URL", repr=False)
     http_host: str = Field("127.0.0.1", validation_alias="HTTP_HOST")
     http_port: int = Field(8080, ge=1, validation_alias="HTTP_PORT")
     log_format: Literal["json", "text"] = Field("json", validation_alias="LOG_FORMAT")
@@ -195,6 +198,15 @@ class Settings(BaseSettings):
     def _broker_redis_by_default(cls, value: str, info: ValidationInfo) -> str:
         broker_url = info.data.get("broker_url", "")
         return value or (broker_url if is_redis_url(broker_url) else "")
+
+    @field_validator("rabbitmq_management_url")
+    @classmethod
+    def _http_api_folder(cls, value: str) -> str:
+        url = urlsplit(value)  # never echoed in the error: it may hold a password
+        if value and (url.scheme not in ("http", "https") or not url.hostname):
+            raise ValueError("must be an http:// or https:// URL such as http://rabbitmq:15672/api/")
+        # Flower joins "queues/<vhost>" to it: without the trailing slash the last segment would be lost.
+        return value if not value or value.endswith("/") else value + "/"
 
     @property
     def embedded(self) -> bool:
