@@ -23,6 +23,8 @@ from typing import Any
 
 import click
 
+from producer.pages import MAX_LIMIT
+
 EXIT_REFUSED = 1
 EXIT_USAGE = 2
 EXIT_UNAVAILABLE = 3
@@ -90,6 +92,9 @@ class DecimalNumber(_Worded, click.FloatRange):
 
 ID = WholeNumber("a numeric id", ("ids are positive", f"ids are at most {MAX_ID}"), metavar="ID", min=1, max=MAX_ID)
 COUNT = WholeNumber("a whole number", ("must be at least 1", f"must be at most {MAX_ID}"), min=1, max=MAX_ID)
+# Rows per page of a listing: the bound the listing functions check, so --help shows the real range.
+PAGE_LIMIT = WholeNumber("a whole number", ("must be at least 1", f"must be at most {MAX_LIMIT}"),
+                         min=1, max=MAX_LIMIT)
 WHOLE = WholeNumber("a whole number")
 NUMBER = DecimalNumber("a number")
 RATIO = DecimalNumber("a number between 0 and 1", "must be between 0 and 1", metavar="RATIO", min=0.0, max=1.0)

@@ -9,8 +9,8 @@ from __future__ import annotations
 import click
 
 from models.states import JobState
-from producer.cli_parameters import COUNT, ID, NUMBER, Command, Group, emit, json_option, option
-from producer.pages import DEFAULT_LIMIT, MAX_LIMIT
+from producer.cli_parameters import COUNT, ID, NUMBER, PAGE_LIMIT, Command, Group, emit, json_option, option
+from producer.pages import DEFAULT_LIMIT
 from producer.watch import read_status, watch
 
 
@@ -131,7 +131,7 @@ def jobs() -> None:
 @option("--campaign", type=ID, default=None, help="Only jobs of this campaign.")
 @option("--created-after", default=None, help="Only jobs created at or after this ISO-8601 instant.")
 @option("--created-before", default=None, help="Only jobs created before this ISO-8601 instant.")
-@option("--limit", type=COUNT, default=DEFAULT_LIMIT, help=f"Jobs per page, at most {MAX_LIMIT}.")
+@option("--limit", type=PAGE_LIMIT, default=DEFAULT_LIMIT, help="Jobs per page.")
 @option("--cursor", default=None, help="The next_cursor of the previous page.")
 @json_option
 def jobs_list(organization: int, course: int | None, learner: int | None, state: str | None, origin: str | None,
