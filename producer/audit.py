@@ -29,6 +29,10 @@ COLUMNS = ("id", "created_at", "action", "organization_id", "actor_id", "course_
            "campaign_id", "learner_count", "reason", "origin", "details")
 MAX_ACTION = 64
 EXPORT_FETCH_ROWS = 2000
+# What a spreadsheet may evaluate at the start of a cell (OWASP, CSV injection), and what else
+# gets the leading "'" so that it reads back unambiguously.
+FORMULA_STARTS = frozenset("=+-@\uff1d\uff0b\uff0d\uff20")
+CELL_ESCAPED = FORMULA_STARTS | frozenset("\t\r\n'")
 
 a = AuditEvent.__table__.c
 OLDEST_EVENTS_FIRST = KeysetOrder((a.created_at, a.id), (instant_key, int_key))
@@ -102,8 +106,26 @@ def export_events(session: Session, organization_id: int, *, date_from: str | da
     return _render(session.execute(query), fmt)
 
 
+def spreadsheet_safe(value: object) -> object:
+    """A CSV cell no spreadsheet evaluates: text that could start a formula gets a leading ``'``.
+
+    The OWASP rule for CSV injection: a cell must not begin with ``=``, ``+``,
+    ``-``, ``@``, a tab or a carriage return (nor a line feed, nor the full-width
+    ``＝ ＋ － ＠`` some spreadsheets also read as formulas), and whitespace in front
+    of them does not make them safe. A cell that already begins with ``'`` gets
+    one too, so the rule reads back exactly: drop one leading ``'`` from any text
+    cell that has one. Numbers are written as they are (ids and counts are never
+    negative).
+    """
+    if not isinstance(value, str) or not value:
+        return value
+    if value[0] in CELL_ESCAPED or value.lstrip()[:1] in FORMULA_STARTS:
+        return "'" + value
+    return value
+
+
 def _render(rows, fmt: str) -> Iterator[str]:
-    if fmt == "jsonl":
+    if fmt == "jsonl":  # exact: JSON has no formulas
         for row in rows:
             yield json.dumps(describe_event(row), sort_keys=True, separators=(",", ":")) + "\n"
         return
@@ -113,7 +135,7 @@ def _render(rows, fmt: str) -> Iterator[str]:
     for row in rows:
         event = describe_event(row)
         event["details"] = json.dumps(event["details"], sort_keys=True, separators=(",", ":"))
-        writer.writerow(["" if event[c] is None else event[c] for c in COLUMNS])
+        writer.writerow(["" if event[c] is None else spreadsheet_safe(event[c]) for c in COLUMNS])
         if buffer.tell() > 64 * 1024:
             yield buffer.getvalue()
             buffer.seek(0)
