@@ -6,11 +6,10 @@ constant memory, to stdout or a file.
 
 from __future__ import annotations
 
-import sys
-
 import click
 
 from producer.cli_parameters import ID, Group, OneOf, option
+from producer.output import write_output
 
 
 @click.group("audit", cls=Group)
@@ -36,15 +35,7 @@ def export(organization: int, date_from: str, date_to: str, fmt: str, action: st
         # Validated before anything is written: a refusal leaves no half-written file.
         chunks = audit_trail.export_events(session, organization, date_from=date_from, date_to=date_to,
                                            action=action, course_id=course, fmt=fmt)
-        out = open(output, "w", encoding="utf-8", newline="") if output else sys.stdout
-        try:
-            for chunk in chunks:
-                out.write(chunk)
-        finally:
-            if output:
-                out.close()
-            else:
-                out.flush()
+        write_output(output, chunks)
     return 0
 
 

@@ -4,8 +4,11 @@ exit statuses and output.
 Scripts and runbooks depend on how the CLI answers, so the contract is kept here once:
 
 - every refusal is one line on stderr, ``error: ...``, never a usage dump or a traceback;
-- exit 0 done, 1 refused (the input was read and turned down), 2 the command
-  line itself is wrong, 3 the database is unavailable, 130 interrupted;
+- exit 0 done, 1 refused (the input was read and turned down, or the output
+  file cannot be written), 2 the command line itself is wrong, 3 the database is
+  unavailable, 130 interrupted, 141 the reader of standard output went away (a
+  closed pipe, as in ``| head -1``: nothing printed, the status a shell reports
+  for any Unix tool ended by SIGPIPE; :mod:`producer.output`);
 - ``--json`` prints machine-readable output on stdout.
 
 A wrong value is refused while the command line is read, before anything runs,
@@ -23,6 +26,7 @@ from typing import Any
 
 import click
 
+from producer.output import write_output
 from producer.pages import MAX_LIMIT
 
 EXIT_REFUSED = 1
@@ -216,7 +220,4 @@ class Group(click.Group):
 
 def emit(as_json: bool, payload: dict, human: str) -> None:
     """Print ``payload`` as JSON with ``--json``, else the human-readable text."""
-    if as_json:
-        print(json.dumps(payload, default=str, sort_keys=True))
-    else:
-        print(human)
+    write_output(None, [(json.dumps(payload, default=str, sort_keys=True) if as_json else human) + "\n"])

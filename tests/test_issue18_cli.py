@@ -1,7 +1,8 @@
-"""Issue 18, CLI findings: formulas in CSV exports (item 2) and docs that differ from behaviour
-(item 8: beat in the README, ``--limit``).
+"""Issue 18, CLI findings: formulas in CSV exports (item 2), output that cannot be written and closed
+pipes (item 6), and docs that differ from behaviour (item 8: beat in the README, ``--limit``).
 
-Real PostgreSQL and the real ``progress-reset`` CLI, in this process through click's ``CliRunner``.
+Real PostgreSQL and the real ``progress-reset`` CLI: in this process through click's ``CliRunner``,
+and in subprocesses where a real pipe, a real closed reader or a full disk is the point.
 """
 
 from __future__ import annotations
@@ -9,19 +10,32 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
+import stat
+import subprocess
 from pathlib import Path
+
+import pytest
 
 from models.audit import record_audit
 from models.db import session_scope
 from models.queues import QUEUES
 from models.settings import get_settings
 from producer import webhooks
+from tests.reset_checks import fingerprint
+from tests.test_audit_export import bulk_audit
 from tests.test_cli_foundation import invoke
+from tests.test_http_api import cli_argv
 from tests.test_issue13_cli import assert_refused, tenant  # noqa: F401 - fixture
 from workers.config import TASK_ROUTES, celery_config
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 WHOLE_TRAIL = ["--from", "2000-01-01", "--to", "2100-01-01"]
+
+
+def database_state():
+    with session_scope() as session:
+        return fingerprint(session)
 
 
 # --- item 2: formulas in CSV exports -----------------------------------------------------------
@@ -75,6 +89,99 @@ def test_item2_csv_export_neutralises_formulas_and_jsonl_stays_exact(tenant):
     assert reasons[:4] == ["'" + r for r in REASONS[:4]]
     assert reasons[7] == "''quoted already" and reasons[8] == 'plain, "with" quotes'
     assert [rows[-1][c] for c in ("action", "reason", "origin")] == ["'@SUM(1+1)", "'  -1", "' =cmd|' /C calc'!A0"]
+
+
+# --- item 6: output that cannot be written, readers that go away -------------------------------
+
+EXPORT = ["audit", "export", "--organization", "{org}", *WHOLE_TRAIL]
+WRITERS_TO_A_FILE = {"audit export": EXPORT, "audit export csv": [*EXPORT, "--format", "csv"],
+                     "openapi": ["openapi"]}
+
+
+@pytest.fixture
+def trail(tenant):
+    """The tenant with 3,000 audit events (about 1 MB of JSON lines: far more than a pipe holds)."""
+    with session_scope() as session:
+        bulk_audit(session, tenant.organization_id, 3000)
+    return tenant
+
+
+@pytest.mark.parametrize("command", sorted(WRITERS_TO_A_FILE))
+@pytest.mark.parametrize("target", ["missing folder", "a directory", "a full disk"])
+def test_item6_output_file_that_cannot_be_written_is_one_error_line(trail, tmp_path, command, target):
+    path = {"missing folder": str(tmp_path / "no" / "such" / "dir" / "x.out"), "a directory": str(tmp_path),
+            "a full disk": "/dev/full"}[target]
+    reason = {"missing folder": "No such file or directory", "a directory": "Is a directory",
+              "a full disk": "No space left on device"}[target]
+    args = [a.format(org=trail.organization_id) for a in WRITERS_TO_A_FILE[command]]
+    before, listing = database_state(), sorted(os.listdir(tmp_path))
+    line = assert_refused(invoke(*args, "--output", path), f"cannot write {path}: {reason}")
+    assert line == f"error: cannot write {path}: {reason}"
+    assert database_state() == before and sorted(os.listdir(tmp_path)) == listing
+    assert stat.S_ISCHR(os.stat("/dev/full").st_mode)  # a device is written to, never removed
+
+
+def test_item6_output_file_is_written_and_replaced(tenant, tmp_path):
+    target = tmp_path / "trail.jsonl"
+    target.write_text("old content that is longer than the export\n" * 100)
+    done = invoke(*[a.format(org=tenant.organization_id) for a in EXPORT], "--output", str(target))
+    assert done.returncode == 0 and done.stdout == "" and done.stderr == ""
+    assert target.read_text() == export(tenant.organization_id, "jsonl")
+    openapi = tmp_path / "openapi.json"
+    assert invoke("openapi", "--output", str(openapi)).returncode == 0
+    assert openapi.read_text() == (REPO_ROOT / "docs" / "openapi.json").read_text()
+
+
+# Commands that write to standard output, one of each kind: the streams (exports, the schema),
+# a listing, a report, a change that prints its result, and --help.
+PIPED = {
+    "audit export": EXPORT,
+    "audit export csv": [*EXPORT, "--format", "csv"],
+    "openapi": ["openapi"],
+    "jobs list": ["jobs", "list", "--organization", "{org}", "--json"],
+    "api-key list": ["api-key", "list"],
+    "dead-batches": ["dead-batches", "--json"],
+    "request": ["request", "--actor", "{admin}", "--course", "{course}", "--json"],
+    "db upgrade": ["db", "upgrade"],
+    "--help": ["--help"],
+}
+
+
+def popen(args: list[str], **kwargs) -> subprocess.Popen:
+    return subprocess.Popen(cli_argv(*args), cwd=REPO_ROOT, env=dict(os.environ), **kwargs)
+
+
+@pytest.mark.parametrize("command", sorted(PIPED))
+def test_item6_closed_pipe_ends_quietly_with_141(trail, tmp_path, command):
+    args = [a.format(org=trail.organization_id, admin=trail.admin_id, course=trail.course_ids[0])
+            for a in PIPED[command]]
+    with open(tmp_path / "stderr", "w+") as stderr:
+        proc = popen(args, stdout=subprocess.PIPE, stderr=stderr)
+        proc.stdout.close()  # the reader goes away before the command has written anything
+        assert proc.wait(timeout=120) == 141
+        stderr.seek(0)
+        assert stderr.read() == ""
+
+
+def test_item6_export_into_head_prints_no_traceback(trail):
+    writer = popen([a.format(org=trail.organization_id) for a in EXPORT], stdout=subprocess.PIPE,
+                   stderr=subprocess.PIPE)
+    head = subprocess.Popen(["head", "-1"], stdin=writer.stdout, stdout=subprocess.PIPE)
+    writer.stdout.close()  # only head holds the pipe now, as in a shell
+    first, _ = head.communicate(timeout=120)
+    _, errors = writer.communicate(timeout=120)
+    assert json.loads(first)["organization_id"] == trail.organization_id and first.count(b"\n") == 1
+    assert (writer.returncode, errors) == (141, b"")
+
+
+@pytest.mark.parametrize("command", ["openapi", "jobs list", "audit export"])
+def test_item6_full_standard_output_is_one_error_line(trail, command):
+    args = [a.format(org=trail.organization_id) for a in PIPED[command]]
+    with open("/dev/full", "w") as full:
+        proc = popen(args, stdout=full, stderr=subprocess.PIPE, text=True)
+        _, errors = proc.communicate(timeout=120)
+    assert proc.returncode == 1
+    assert errors == "error: cannot write standard output: No space left on device\n"
 
 
 # --- item 8: docs that differ from behaviour -------------------------------------------------------
