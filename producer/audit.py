@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 from models.errors import NotFound, ValidationFailed
 from models.schema import AuditEvent, Organization
 from models.times import as_utc, parse_instant
-from producer.pages import KeysetOrder, fetch_page, instant_key, int_key
+from producer.pages import Filter, KeysetOrder, fetch_page, filter_values, instant_key, int_key
 
 EXPORT_FORMATS = ("jsonl", "csv")
 COLUMNS = ("id", "created_at", "action", "organization_id", "actor_id", "course_id", "learner_id", "job_id",
@@ -56,9 +56,10 @@ def describe_event(row) -> dict:
     }
 
 
-def _query(organization_id: int, date_from: datetime | None, date_to: datetime | None, action: str | None,
-           course_id: int | None) -> Select:
-    if action is not None and not 0 < len(action) <= MAX_ACTION:
+def _query(organization_id: int, date_from: datetime | None, date_to: datetime | None, action: Filter[str],
+           course_id: Filter[int]) -> Select:
+    actions, courses = filter_values("action", action), filter_values("course_id", course_id)
+    if any(not 0 < len(value) <= MAX_ACTION for value in actions):
         raise ValidationFailed(f"action must be 1 to {MAX_ACTION} characters, e.g. reset.confirmed")
     if date_from is not None and date_to is not None and date_from >= date_to:
         raise ValidationFailed("from must be earlier than to")
@@ -67,19 +68,20 @@ def _query(organization_id: int, date_from: datetime | None, date_to: datetime |
         query = query.where(a.created_at >= date_from)
     if date_to is not None:
         query = query.where(a.created_at < date_to)
-    if action is not None:
-        query = query.where(a.action == action)
-    if course_id is not None:
-        query = query.where(a.course_id == course_id)
+    if actions:
+        query = query.where(a.action.in_(actions))
+    if courses:
+        query = query.where(a.course_id.in_(courses))
     return query
 
 
 def list_events(session: Session, organization_id: int, *, date_from: str | datetime | None = None,
-                date_to: str | datetime | None = None, action: str | None = None, course_id: int | None = None,
+                date_to: str | datetime | None = None, action: Filter[str] = None, course_id: Filter[int] = None,
                 limit: int | None = None, cursor: str | None = None) -> dict:
     """One page of the organization's audit events, oldest first: ``{"items", "next_cursor"}``.
 
     ``from`` is inclusive, ``to`` exclusive. Keyset pagination on ``(created_at, id)``.
+    ``action`` and ``course_id`` take one value or a list (any of them matches).
     """
     query = _query(organization_id, parse_instant(date_from, "from"), parse_instant(date_to, "to"), action,
                    course_id)
@@ -89,7 +91,7 @@ def list_events(session: Session, organization_id: int, *, date_from: str | date
 
 
 def export_events(session: Session, organization_id: int, *, date_from: str | datetime | None = None,
-                  date_to: str | datetime | None = None, action: str | None = None, course_id: int | None = None,
+                  date_to: str | datetime | None = None, action: Filter[str] = None, course_id: Filter[int] = None,
                   fmt: str = "jsonl") -> Iterator[str]:
     """The organization's audit events in the range as text chunks (JSON lines, or CSV with a header).
 

@@ -22,11 +22,11 @@ def audit() -> None:
 @option("--from", "date_from", required=True, help="ISO-8601 date or date-time, inclusive.")
 @option("--to", "date_to", required=True, help="ISO-8601 date or date-time, exclusive.")
 @option("--format", "fmt", type=OneOf(("jsonl", "csv")), default="jsonl", help="JSON lines or CSV.")
-@option("--action", default=None, help="Only this action, e.g. reset.succeeded.")
-@option("--course", type=ID, default=None, help="Only events of this course.")
+@option("--action", multiple=True, help="Only this action, e.g. reset.succeeded (repeatable: any of them).")
+@option("--course", type=ID, multiple=True, help="Only events of this course (repeatable).")
 @option("--output", default=None, help="Write to this file instead of standard output.")
-def export(organization: int, date_from: str, date_to: str, fmt: str, action: str | None, course: int | None,
-           output: str | None) -> int:
+def export(organization: int, date_from: str, date_to: str, fmt: str, action: tuple[str, ...],
+           course: tuple[int, ...], output: str | None) -> int:
     """Stream an organization's audit events (any size, constant memory)."""
     from models.db import session_scope
     from producer import audit as audit_trail

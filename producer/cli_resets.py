@@ -124,19 +124,19 @@ def jobs() -> None:
 
 @jobs.command("list")
 @option("--organization", type=ID, required=True, help="The organization whose jobs are listed.")
-@option("--course", type=ID, default=None, help="Only jobs of this course.")
-@option("--learner", type=ID, default=None, help="Only one-learner jobs of this learner.")
-@option("--state", default=None, help="Only jobs in this state, e.g. running.")
-@option("--origin", default=None, help="Only jobs started from here: cli, http:<name> or campaign.")
-@option("--campaign", type=ID, default=None, help="Only jobs of this campaign.")
+@option("--course", type=ID, multiple=True, help="Only jobs of this course (repeatable: any of them).")
+@option("--learner", type=ID, multiple=True, help="Only one-learner jobs of this learner (repeatable).")
+@option("--state", multiple=True, help="Only jobs in this state, e.g. running (repeatable).")
+@option("--origin", multiple=True, help="Only jobs started from here: cli, http:<name> or campaign (repeatable).")
+@option("--campaign", type=ID, multiple=True, help="Only jobs of this campaign (repeatable).")
 @option("--created-after", default=None, help="Only jobs created at or after this ISO-8601 instant.")
 @option("--created-before", default=None, help="Only jobs created before this ISO-8601 instant.")
 @option("--limit", type=PAGE_LIMIT, default=DEFAULT_LIMIT, help="Jobs per page.")
 @option("--cursor", default=None, help="The next_cursor of the previous page.")
 @json_option
-def jobs_list(organization: int, course: int | None, learner: int | None, state: str | None, origin: str | None,
-              campaign: int | None, created_after: str | None, created_before: str | None, limit: int,
-              cursor: str | None, as_json: bool) -> int:
+def jobs_list(organization: int, course: tuple[int, ...], learner: tuple[int, ...], state: tuple[str, ...],
+              origin: tuple[str, ...], campaign: tuple[int, ...], created_after: str | None,
+              created_before: str | None, limit: int, cursor: str | None, as_json: bool) -> int:
     """An organization's jobs, newest first (the same as GET /v1/resets)."""
     from models.db import session_scope
     from producer import resets

@@ -100,11 +100,11 @@ def rotate_secret(endpoint_id: int, organization: int, overlap_seconds: int, as_
 @webhook.command("deliveries")
 @endpoint_argument
 @organization_option
-@option("--status", default=None, help="Only deliveries in this status, e.g. failed.")
+@option("--status", multiple=True, help="Only deliveries in this status, e.g. failed (repeatable: any of them).")
 @option("--limit", type=PAGE_LIMIT, default=DEFAULT_LIMIT, help="Deliveries per page.")
 @option("--cursor", default=None, help="The next_cursor of the previous page.")
 @json_option
-def deliveries(endpoint_id: int, organization: int, status: str | None, limit: int, cursor: str | None,
+def deliveries(endpoint_id: int, organization: int, status: tuple[str, ...], limit: int, cursor: str | None,
                as_json: bool) -> int:
     """A receiver's delivery log, newest first."""
     from producer import webhooks

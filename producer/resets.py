@@ -46,7 +46,7 @@ from models.text import check_storable
 from models.times import as_utc, iso, parse_instant, utcnow
 from models.tokens import new_token
 from producer.access import actor_of, check_token, checked_reason, course_of
-from producer.pages import KeysetOrder, fetch_page, instant_key, uuid_key
+from producer.pages import Filter, KeysetOrder, fetch_page, filter_values, instant_key, uuid_key
 
 MAX_IDEMPOTENCY_KEY = 200
 NEWEST_JOBS_FIRST = KeysetOrder((ResetJob.created_at, ResetJob.id), (instant_key, uuid_key), descending=True)
@@ -332,11 +332,11 @@ def list_jobs(
     session: Session,
     organization_id: int,
     *,
-    course_id: int | None = None,
-    learner_id: int | None = None,
-    state: str | None = None,
-    origin: str | None = None,
-    campaign_id: int | None = None,
+    course_id: Filter[int] = None,
+    learner_id: Filter[int] = None,
+    state: Filter[str] = None,
+    origin: Filter[str] = None,
+    campaign_id: Filter[int] = None,
     created_after: str | datetime | None = None,
     created_before: str | datetime | None = None,
     limit: int | None = None,
@@ -349,24 +349,33 @@ def list_jobs(
     / per-state siblings), so a page costs the same however many jobs exist, and
     jobs created between pages never repeat or skip a job. ``created_after`` is
     inclusive, ``created_before`` exclusive. Requests never confirmed are jobs
-    too (state ``awaiting_confirmation`` or ``expired``).
+    too (state ``awaiting_confirmation`` or ``expired``). Each filter but the
+    two instants takes one value or a list of them (any of them matches); the
+    first indexed one with several values is read one range scan per value.
     """
-    if state is not None and state not in set(JobState):
-        raise ValidationFailed(f"state must be one of {', '.join(JobState)}, got {state[:40]!r}")
-    if origin is not None and not 0 < len(origin) <= 64:
+    states, origins = filter_values("state", state), filter_values("origin", origin)
+    for value in states:
+        if value not in set(JobState):
+            raise ValidationFailed(f"state must be one of {', '.join(JobState)}, got {str(value)[:40]!r}")
+    if any(not 0 < len(value) <= 64 for value in origins):
         raise ValidationFailed("origin must be 1 to 64 characters")
     after = parse_instant(created_after, "created_after")
     before = parse_instant(created_before, "created_before")
     j = ResetJob.__table__.c
     query = select(ResetJob).where(j.organization_id == organization_id)
-    for column, value in ((j.course_id, course_id), (j.learner_id, learner_id), (j.state, state),
-                          (j.origin, origin), (j.campaign_id, campaign_id)):
-        if value is not None:
-            query = query.where(column == value)
+    any_of = None
+    for column, values in ((j.course_id, filter_values("course_id", course_id)),
+                           (j.learner_id, filter_values("learner_id", learner_id)),
+                           (j.campaign_id, filter_values("campaign_id", campaign_id)), (j.state, states),
+                           (j.origin, origins)):
+        if len(values) > 1 and any_of is None and column is not j.origin:
+            any_of = (column, values)
+        elif values:
+            query = query.where(column.in_(values))
     if after is not None:
         query = query.where(j.created_at >= after)
     if before is not None:
         query = query.where(j.created_at < before)
     page, next_cursor = fetch_page(session, query, NEWEST_JOBS_FIRST, lambda job: (job.created_at, job.id),
-                                   limit=limit, cursor=cursor, scalars=True)
+                                   limit=limit, cursor=cursor, scalars=True, any_of=any_of)
     return {"items": [describe_job(job) for job in page], "next_cursor": next_cursor}

@@ -10,21 +10,31 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query
+from pydantic import Field
 
 from models.db import session_scope
 from producer import resets
-from producer.http.deps import Caller, JsonBody, PageCursor, PageLimit, session_as
+from models.states import JobState
+from producer.http.deps import Caller, JsonBody, PageCursor, PageLimit, session_as, several
 from producer.http.problems import COMMON_ERRORS, problem_responses
 from producer.http.schemas import (
-    MAX_ID,
     ActorIn,
     ConfirmIn,
     ConfirmOut,
+    Id,
     JobPage,
     ResetRequestIn,
     ResetRequestOut,
     StatusOut,
 )
+
+# The list filters of GET /v1/resets: each takes several values (any of them matches).
+CourseIds = several(Id, "Jobs of this course.")
+LearnerIds = several(Id, "One-learner jobs of this learner.")
+States = several(Annotated[str, Field(max_length=32)], f"Jobs in this state: {', '.join(JobState)}.")
+Origins = several(Annotated[str, Field(min_length=1, max_length=64)],
+                  "Jobs started from here: cli, campaign, http:<key name>, ...")
+CampaignIds = several(Id, "Jobs of this campaign.")
 
 router = APIRouter(tags=["resets"])
 
@@ -60,12 +70,11 @@ def confirm_reset(caller: Caller, request_id: str, body: ConfirmIn) -> dict:
             responses=problem_responses(*COMMON_ERRORS))
 def list_resets(
     caller: Caller,
-    course_id: Annotated[int | None, Query(ge=1, le=MAX_ID)] = None,
-    learner_id: Annotated[int | None, Query(ge=1, le=MAX_ID)] = None,
-    state: Annotated[str | None, Query(max_length=32, description="e.g. queued, running, succeeded")] = None,
-    origin: Annotated[str | None, Query(min_length=1, max_length=64,
-                                        description="cli, campaign, http:<key name>, ...")] = None,
-    campaign_id: Annotated[int | None, Query(ge=1, le=MAX_ID)] = None,
+    course_id: CourseIds = None,
+    learner_id: LearnerIds = None,
+    state: States = None,
+    origin: Origins = None,
+    campaign_id: CampaignIds = None,
     created_after: Annotated[str | None, Query(max_length=64, description="ISO-8601, inclusive")] = None,
     created_before: Annotated[str | None, Query(max_length=64, description="ISO-8601, exclusive")] = None,
     limit: PageLimit = 50,
