@@ -20,7 +20,8 @@ from producer.watch import read_status, watch
 @option("--learner", type=ID, default=None, help="Reset one learner (default: every learner with progress).")
 @option("--reason", default="", show_default=False, help="Why, for the audit trail.")
 @option("--idempotency-key", default=None,
-        help="Ask again with the same key and parameters to get the same request (a fresh token).")
+        help="Ask again with the same key and parameters to get the same answer, token included; nothing "
+             "changes. Use a random key: who holds it can read the token.")
 @json_option
 def request(actor: int, course: int, learner: int | None, reason: str, idempotency_key: str | None,
             as_json: bool) -> int:
@@ -32,11 +33,13 @@ def request(actor: int, course: int, learner: int | None, reason: str, idempoten
         result = resets.request(session, actor, course, learner_id=learner, reason=reason,
                                 idempotency_key=idempotency_key, origin="cli")
     human = f"request {result.request_id}: {result.summary['description']}\n"
+    if result.replayed:
+        human += "  (the answer to the earlier request with this idempotency key; nothing changed)\n"
     if result.token:
         human += (f"  confirm before {result.expires_at.isoformat()} with:\n"
                   f"  progress-reset confirm {result.request_id} --actor {actor} --token {result.token}")
     else:
-        human += f"  already {result.state}; no new token"
+        human += f"  {result.state}; its token no longer confirms (used or expired)"
     emit(as_json, result.as_json(), human)
     return 0
 

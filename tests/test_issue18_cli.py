@@ -1,5 +1,6 @@
-"""Issue 18, CLI findings: formulas in CSV exports (item 2), output that cannot be written and closed
-pipes (item 6), and docs that differ from behaviour (item 8: beat in the README, ``--limit``).
+"""Issue 18, CLI findings: formulas in CSV exports (item 2), a replayed idempotency key (item 5: the
+CLI, and the migration of the keys already stored), output that cannot be written and closed pipes
+(item 6), and docs that differ from behaviour (item 8: beat in the README, ``--limit``).
 
 Real PostgreSQL and the real ``progress-reset`` CLI: in this process through click's ``CliRunner``,
 and in subprocesses where a real pipe, a real closed reader or a full disk is the point.
@@ -13,15 +14,20 @@ import json
 import os
 import stat
 import subprocess
+import uuid
 from pathlib import Path
 
 import pytest
+from alembic import command
+from sqlalchemy import inspect, text
 
 from models.audit import record_audit
-from models.db import session_scope
+from models.db import make_engine, session_scope
+from models.migrate import alembic_config, upgrade
+from models.times import utcnow
 from models.queues import QUEUES
 from models.settings import get_settings
-from producer import webhooks
+from producer import idempotency, webhooks
 from tests.reset_checks import fingerprint
 from tests.test_audit_export import bulk_audit
 from tests.test_cli_foundation import invoke
@@ -89,6 +95,55 @@ def test_item2_csv_export_neutralises_formulas_and_jsonl_stays_exact(tenant):
     assert reasons[:4] == ["'" + r for r in REASONS[:4]]
     assert reasons[7] == "''quoted already" and reasons[8] == 'plain, "with" quotes'
     assert [rows[-1][c] for c in ("action", "reason", "origin")] == ["'@SUM(1+1)", "'  -1", "' =cmd|' /C calc'!A0"]
+
+
+# --- item 5: replaying an idempotency key --------------------------------------------------------
+
+def test_item5_cli_request_replay_returns_the_same_token(tenant):
+    args = ["request", "--actor", str(tenant.admin_id), "--course", str(tenant.course_ids[0]), "--reason", "again",
+            "--idempotency-key", "c1e3a0d4-cli", "--json"]
+    first = invoke(*args)
+    assert first.returncode == 0, first.stderr
+    made = json.loads(first.stdout)
+    before = database_state()
+    again = invoke(*args)
+    assert again.returncode == 0 and json.loads(again.stdout) == {**made, "replayed": True}
+    human = invoke(*args[:-1])
+    assert "nothing changed" in human.stdout and made["token"] in human.stdout
+    assert database_state() == before
+
+    line = assert_refused(invoke(*args[:6], "another reason", *args[7:]), "already used", made["request_id"])
+    assert line.startswith("error: idempotency key 'c1e3a0d4-cli' was already used")
+    assert database_state() == before
+    confirmed = invoke("confirm", made["request_id"], "--actor", str(tenant.admin_id), "--token", made["token"])
+    assert confirmed.returncode == 0, confirmed.stderr
+    done = json.loads(invoke(*args).stdout)
+    assert (done["state"], done["token"], done["replayed"]) == ("queued", None, True)
+
+
+@pytest.mark.parametrize("backend", ["postgresql", "sqlite"])
+def test_item5_migration_keeps_only_a_digest_of_the_keys_already_stored(fresh_db, tmp_path, use_env, backend):
+    url = fresh_db() if backend == "postgresql" else f"sqlite:///{tmp_path / 'pr.db'}"
+    upgrade(url)
+    command.downgrade(alembic_config(url), "0007")
+    engine = make_engine(url)
+    job_id = uuid.uuid4()
+    try:
+        with engine.begin() as conn:
+            conn.execute(text(
+                "INSERT INTO reset_jobs (id, organization_id, course_id, scope, state, actor_id, reason, origin, "
+                "idempotency_key, params_hash, summary, created_at, learners_total, learners_done, batches_total, "
+                "batches_done, batches_dead, cleared, watermarks, purge_total, purge_done) VALUES (:id, 1, 1, "
+                "'course', 'expired', 7, '', 'cli', 'lms-7781', '', '{}', :now, 0, 0, 0, 0, 0, '{}', '{}', 0, 0)"),
+                {"id": job_id.hex if backend == "sqlite" else job_id, "now": utcnow()})
+        upgrade(url)
+        assert "idempotency_key" not in {c["name"] for c in inspect(engine).get_columns("reset_jobs")}
+        with engine.connect() as conn:
+            stored = conn.execute(text("SELECT idempotency_key_hash, sealed_token FROM reset_jobs")).one()
+    finally:
+        engine.dispose()
+    assert stored == (idempotency.key_digest("lms-7781"), None)
+    assert "lms-7781" not in stored[0]
 
 
 # --- item 6: output that cannot be written, readers that go away -------------------------------

@@ -1,21 +1,22 @@
 """Issue 18 over HTTP: a real uvicorn (``progress-reset serve``), a real client, real PostgreSQL.
 
-Item 3 (a NUL byte in a query parameter) and item 4 (unknown and repeated query parameters,
-list filters).
+Item 3 (a NUL byte in a query parameter), item 4 (unknown and repeated query parameters,
+list filters) and item 5 (a replayed Idempotency-Key keeps the first token valid).
 """
 
 from __future__ import annotations
 
 import json
+import uuid
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import func, inspect, select
 
-from models.db import session_scope
+from models.db import get_engine, session_scope
 from models.jobs import utcnow
-from models.schema import ResetJob
-from producer import webhooks
+from models.schema import AuditEvent, ResetJob
+from producer import resets, webhooks
 from tests.listing_support import insert_jobs
 from tests.reset_checks import fingerprint
 from tests.test_cli_foundation import invoke
@@ -193,3 +194,79 @@ def test_item4_list_filters_take_several_values_and_page_exactly(api_env, tenant
                     "--state", "failed", "--limit", "200", "--json")
     assert listed.returncode == 0, listed.stderr
     assert [i["job_id"] for i in json.loads(listed.stdout)["items"]] == two_states
+
+
+# --- item 5: replaying an Idempotency-Key -------------------------------------------------------
+
+def stored_request(request_id: str) -> ResetJob:
+    with session_scope() as session:
+        job = session.get(ResetJob, uuid.UUID(request_id))
+        session.expunge(job)
+        return job
+
+
+def test_item5_replay_returns_the_same_answer_and_the_first_token_stays_valid(api_env, tenants, start_api):
+    a = tenants.a
+    server = start_api(api_env)
+    body = {"actor_id": a.admin_id, "course_id": a.course_ids[0], "reason": "procedure changed"}
+    key = {"Idempotency-Key": "7f1c9a52-5d0e-4b8e-9a57-0c1f3e6b2d44"}
+    with server.client(a.key) as api:
+        first = api.post("/v1/resets", json=body, headers=key)
+        assert first.status_code == 201 and "idempotent-replayed" not in first.headers, first.text
+        req = first.json()
+        assert req["replayed"] is False and req["token"]
+        before = unchanged()
+        for _ in range(2):
+            again = api.post("/v1/resets", json=body, headers=key)
+            assert again.status_code == 201 and again.headers["idempotent-replayed"] == "true", again.text
+            assert again.json() == {**req, "replayed": True}  # same request, same token, same expiry
+        assert unchanged() == before  # a replay writes nothing: not the token, not the audit trail
+
+        # The same key with another body: 422, and nothing changes.
+        other = api.post("/v1/resets", json={**body, "reason": "another reason"}, headers=key)
+        problem = assert_problem(other, 422, "idempotency_key_reused")
+        assert req["request_id"] in problem["detail"] and "other parameters" in problem["detail"]
+        assert unchanged() == before
+
+        # What is stored can confirm nothing: a digest of the key and the token sealed under it.
+        job = stored_request(req["request_id"])
+        assert job.idempotency_key_hash and key["Idempotency-Key"] not in (job.idempotency_key_hash,
+                                                                            job.sealed_token)
+        assert job.sealed_token and req["token"] not in job.sealed_token
+        assert bytes.fromhex(job.sealed_token) != req["token"].encode()
+        assert "idempotency_key" not in {c["name"] for c in inspect(get_engine()).get_columns("reset_jobs")}
+
+        # The first token confirms; a replay then says so, without a token, and the token is used up.
+        confirm = {"actor_id": a.admin_id, "token": req["token"]}
+        confirmed = api.post(f"/v1/resets/{req['request_id']}/confirm", json=confirm)
+        assert confirmed.status_code == 202, confirmed.text
+        after = api.post("/v1/resets", json=body, headers=key)
+        assert after.status_code == 201 and after.headers["idempotent-replayed"] == "true"
+        assert (after.json()["request_id"], after.json()["state"], after.json()["token"]) == (
+            req["request_id"], "queued", None)
+        assert stored_request(req["request_id"]).sealed_token is None
+        assert_problem(api.post(f"/v1/resets/{req['request_id']}/confirm", json=confirm), 409, "token_invalid")
+    with session_scope() as session:
+        requested = session.scalar(select(func.count()).select_from(AuditEvent).where(
+            AuditEvent.action == "reset.requested", AuditEvent.job_id == uuid.UUID(req["request_id"])))
+    assert requested == 1
+    assert_no_server_error(server)
+
+
+def test_item5_request_still_in_progress_with_the_key_is_409(api_env, tenants, start_api):
+    a = tenants.a
+    server = start_api(api_env)
+    body = {"actor_id": a.admin_id, "course_id": a.course_ids[1]}
+    key = {"Idempotency-Key": "b0d1e8f2-in-progress"}
+    with server.client(a.key) as api:
+        with session_scope() as session:
+            # The first request with the key, not committed yet (as a slow first attempt would be).
+            first = resets.request(session, a.admin_id, a.course_ids[1], idempotency_key=key["Idempotency-Key"])
+            busy = assert_problem(api.post("/v1/resets", json=body, headers=key), 409, "conflict")
+            assert "still in progress" in busy["detail"]
+            assert api.post("/v1/resets", json=body, headers={"Idempotency-Key": "another-key"}).status_code == 201
+        # Committed: the retry gets the first answer.
+        again = api.post("/v1/resets", json=body, headers=key)
+        assert again.status_code == 201 and again.headers["idempotent-replayed"] == "true", again.text
+        assert (again.json()["request_id"], again.json()["token"]) == (first.request_id, first.token)
+    assert_no_server_error(server)

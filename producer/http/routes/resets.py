@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Query
+from fastapi import APIRouter, Header, Query, Response
 from pydantic import Field
 
 from models.db import session_scope
@@ -36,22 +36,34 @@ Origins = several(Annotated[str, Field(min_length=1, max_length=64)],
                   "Jobs started from here: cli, campaign, http:<key name>, ...")
 CampaignIds = several(Id, "Jobs of this campaign.")
 
+# Marks the answer to a repeated Idempotency-Key (the name Stripe and others use).
+REPLAYED_HEADER = "Idempotent-Replayed"
+
 router = APIRouter(tags=["resets"])
 
 
 @router.post("/v1/resets", status_code=201, response_model=ResetRequestOut,
              summary="Step 1: validate a reset and get a summary and a one-time confirmation token",
-             responses=problem_responses(*COMMON_ERRORS, 403, 409),
+             responses={**problem_responses(*COMMON_ERRORS, 403, 409), 201: {"headers": {REPLAYED_HEADER: {
+                 "description": "`true` on the answer to a repeated Idempotency-Key (absent otherwise)",
+                 "schema": {"type": "string", "enum": ["true"]}}}}},
              dependencies=[JsonBody])
 def request_reset(
     caller: Caller,
     body: ResetRequestIn,
-    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", min_length=1,
-                                                  max_length=resets.MAX_IDEMPOTENCY_KEY)] = None,
+    response: Response,
+    idempotency_key: Annotated[str | None, Header(
+        alias="Idempotency-Key", min_length=1, max_length=resets.MAX_IDEMPOTENCY_KEY,
+        description="Repeat the request with the same key and body to get the same answer (token included), "
+                    "marked `Idempotent-Replayed: true`; the same key with another body is a 422, and while "
+                    "the first request is in progress a 409. Use a random key (a UUID): who holds it can "
+                    "read the token.")] = None,
 ) -> dict:
     with session_as(caller, body.actor_id) as session:
         result = resets.request(session, body.actor_id, body.course_id, learner_id=body.learner_id,
                                 reason=body.reason, idempotency_key=idempotency_key, origin=caller.origin)
+    if result.replayed:
+        response.headers[REPLAYED_HEADER] = "true"
     return result.as_json()
 
 
