@@ -27,7 +27,7 @@ from models.migrate import alembic_config, upgrade
 from models.times import utcnow
 from models.queues import QUEUES
 from models.settings import get_settings
-from producer import idempotency, webhooks
+from producer import idempotency, resets, webhooks
 from tests.reset_checks import fingerprint
 from tests.test_audit_export import bulk_audit
 from tests.test_cli_foundation import invoke
@@ -187,19 +187,40 @@ def test_item6_output_file_is_written_and_replaced(tenant, tmp_path):
     assert openapi.read_text() == (REPO_ROOT / "docs" / "openapi.json").read_text()
 
 
-# Commands that write to standard output, one of each kind: the streams (exports, the schema),
-# a listing, a report, a change that prints its result, and --help.
+# Commands that write to standard output, one of each group: the streams (exports, the schema),
+# listings, reports, changes that print their result, and --help. Every command prints through
+# producer.output (or, for the demo's live screen, rich), and a closed pipe anywhere ends in run().
 PIPED = {
     "audit export": EXPORT,
     "audit export csv": [*EXPORT, "--format", "csv"],
     "openapi": ["openapi"],
-    "jobs list": ["jobs", "list", "--organization", "{org}", "--json"],
-    "api-key list": ["api-key", "list"],
-    "dead-batches": ["dead-batches", "--json"],
-    "request": ["request", "--actor", "{admin}", "--course", "{course}", "--json"],
-    "db upgrade": ["db", "upgrade"],
     "--help": ["--help"],
+    "db upgrade": ["db", "upgrade"],
+    "seed": ["seed", "--learners", "2", "--json"],
+    "request": ["request", "--actor", "{admin}", "--course", "{course}", "--json"],
+    "confirm": ["confirm", "{request}", "--actor", "{admin}", "--token", "{token}"],
+    "status": ["status", "{request}", "--json"],
+    "cancel": ["cancel", "{job}", "--actor", "{admin}"],
+    "jobs list": ["jobs", "list", "--organization", "{org}", "--json"],
+    "campaign create": ["campaign", "create", "--actor", "{admin}", "--course", "{course}", "--cron", "0 9 * * 1"],
+    "campaign list": ["campaign", "list", "--actor", "{admin}"],
+    "campaign run-due": ["campaign", "run-due", "--json"],
+    "api-key create": ["api-key", "create", "--organization", "{org}", "--name", "piped"],
+    "api-key list": ["api-key", "list"],
+    "webhook list": ["webhook", "list", "--organization", "{org}"],
+    "dead-batches": ["dead-batches", "--json"],
 }
+
+
+@pytest.fixture
+def piped(trail):
+    """What the commands above name: the tenant, a request awaiting confirmation and a queued job."""
+    with session_scope() as session:
+        made = resets.request(session, trail.admin_id, trail.course_ids[0])
+        queued = resets.request(session, trail.admin_id, trail.course_ids[1])
+        job = resets.confirm(session, queued.request_id, trail.admin_id, queued.token).job_id
+    return {"org": trail.organization_id, "admin": trail.admin_id, "course": trail.course_ids[0],
+            "request": made.request_id, "token": made.token, "job": job}
 
 
 def popen(args: list[str], **kwargs) -> subprocess.Popen:
@@ -207,15 +228,18 @@ def popen(args: list[str], **kwargs) -> subprocess.Popen:
 
 
 @pytest.mark.parametrize("command", sorted(PIPED))
-def test_item6_closed_pipe_ends_quietly_with_141(trail, tmp_path, command):
-    args = [a.format(org=trail.organization_id, admin=trail.admin_id, course=trail.course_ids[0])
-            for a in PIPED[command]]
+def test_item6_closed_pipe_ends_quietly_with_141(piped, tmp_path, command):
+    args = [a.format(**piped) for a in PIPED[command]]
     with open(tmp_path / "stderr", "w+") as stderr:
         proc = popen(args, stdout=subprocess.PIPE, stderr=stderr)
         proc.stdout.close()  # the reader goes away before the command has written anything
         assert proc.wait(timeout=120) == 141
         stderr.seek(0)
         assert stderr.read() == ""
+    if command in ("confirm", "cancel"):  # a change is made before its result is printed; only the print is cut
+        with session_scope() as session:
+            state = resets.status(session, piped["request" if command == "confirm" else "job"])["state"]
+        assert state == {"confirm": "queued", "cancel": "cancelled"}[command]
 
 
 def test_item6_export_into_head_prints_no_traceback(trail):
@@ -229,14 +253,17 @@ def test_item6_export_into_head_prints_no_traceback(trail):
     assert (writer.returncode, errors) == (141, b"")
 
 
-@pytest.mark.parametrize("command", ["openapi", "jobs list", "audit export"])
-def test_item6_full_standard_output_is_one_error_line(trail, command):
-    args = [a.format(org=trail.organization_id) for a in PIPED[command]]
+@pytest.mark.parametrize("command", ["openapi", "jobs list", "audit export", "status", "--help"])
+def test_item6_full_standard_output_is_one_error_line(piped, command):
+    args = [a.format(**piped) for a in PIPED[command]]
     with open("/dev/full", "w") as full:
         proc = popen(args, stdout=full, stderr=subprocess.PIPE, text=True)
         _, errors = proc.communicate(timeout=120)
     assert proc.returncode == 1
-    assert errors == "error: cannot write standard output: No space left on device\n"
+    assert errors.startswith("error: ") and errors.endswith("No space left on device\n"), errors
+    assert errors.count("\n") == 1 and "Traceback" not in errors
+    if command != "--help":  # click writes the help itself; the error still is one line
+        assert errors == "error: cannot write standard output: No space left on device\n"
 
 
 # --- item 8: docs that differ from behaviour -------------------------------------------------------
