@@ -42,6 +42,7 @@ class LockSpace(IntEnum):
 
     COURSE_ACTIVATION = 0x70720001  # a job of the course being activated (models.jobs)
     WEBHOOK_ENDPOINTS = 0x70720002  # an organization's endpoints being counted and added (producer.webhooks)
+    IDEMPOTENCY_KEYS = 0x70720003  # a request made with an actor's idempotency key (producer.idempotency)
 
 
 def hold_transaction_lock(session: Session, namespace: LockSpace, key: int) -> None:
@@ -54,3 +55,11 @@ def hold_transaction_lock(session: Session, namespace: LockSpace, key: int) -> N
     """
     if is_postgres(session):
         session.execute(select(func.pg_advisory_xact_lock(int(namespace), key)))
+
+
+def try_transaction_lock(session: Session, namespace: LockSpace, key: int) -> bool:
+    """Take the lock named ``(namespace, key)`` for the rest of the transaction if it is free; False if
+    another transaction holds it (no waiting). SQLite: always True (see :func:`hold_transaction_lock`)."""
+    if not is_postgres(session):
+        return True
+    return bool(session.scalar(select(func.pg_try_advisory_xact_lock(int(namespace), key))))

@@ -236,7 +236,10 @@ class ResetJob(Base):
     occurrence_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     # Audience filter: only learners whose completion is older than this.
     completed_before: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
-    idempotency_key: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    # An idempotency key is never stored: only a digest to find the request again, and the
+    # token sealed under the key, so a replay can answer with it (producer/idempotency.py).
+    idempotency_key_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    sealed_token: Mapped[str | None] = mapped_column(String(64), nullable=True)
     params_hash: Mapped[str] = mapped_column(String(64), default="")
     token_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
     token_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
@@ -284,10 +287,10 @@ class ResetJob(Base):
         Index(
             "uq_reset_jobs_idempotency",
             "actor_id",
-            "idempotency_key",
+            "idempotency_key_hash",
             unique=True,
-            postgresql_where=text("idempotency_key IS NOT NULL"),
-            sqlite_where=text("idempotency_key IS NOT NULL"),
+            postgresql_where=text("idempotency_key_hash IS NOT NULL"),
+            sqlite_where=text("idempotency_key_hash IS NOT NULL"),
         ),
         Index("ix_reset_jobs_course_state", "course_id", "state"),
         Index("ix_reset_jobs_state_created", "state", "created_at"),

@@ -25,7 +25,7 @@ from models.schema import Organization, WebhookDelivery, WebhookEndpoint, Webhoo
 from models.settings import get_settings
 from models.states import OPEN_DELIVERY_STATES, DeliveryStatus
 from models.times import as_utc, iso, utcnow
-from producer.pages import KeysetOrder, fetch_page, int_key
+from producer.pages import Filter, KeysetOrder, fetch_page, filter_values, int_key
 
 MAX_ENDPOINTS_PER_ORGANIZATION = 20
 MAX_OVERLAP_SECONDS = 7 * 24 * 3600
@@ -146,16 +146,17 @@ def _delivery_query(endpoint_id: int):
             .join(WebhookEvent.__table__, ev.id == d.event_id).where(d.endpoint_id == endpoint_id))
 
 
-def list_deliveries(session: Session, organization_id: int, endpoint_id: int, *, status: str | None = None,
+def list_deliveries(session: Session, organization_id: int, endpoint_id: int, *, status: Filter[str] = None,
                     limit: int | None = None, cursor: str | None = None) -> dict:
-    """The endpoint's delivery log, newest first: ``{"items", "next_cursor"}``."""
-    if status is not None and status not in DELIVERY_STATES:
+    """The endpoint's delivery log, newest first: ``{"items", "next_cursor"}``; ``status``: one or a list."""
+    statuses = filter_values("status", status)
+    if any(value not in DELIVERY_STATES for value in statuses):
         raise ValidationFailed(f"status must be one of {', '.join(DELIVERY_STATES)}")
     _endpoint(session, organization_id, endpoint_id)
     d = WebhookDelivery.__table__.c
     query = _delivery_query(endpoint_id)
-    if status is not None:
-        query = query.where(d.status == status)
+    if statuses:
+        query = query.where(d.status.in_(statuses))
     page, next_cursor = fetch_page(session, query, NEWEST_DELIVERIES_FIRST, lambda row: (row.id,),
                                    limit=limit, cursor=cursor)
     return {"items": [describe_delivery(r) for r in page], "next_cursor": next_cursor}

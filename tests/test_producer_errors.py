@@ -14,6 +14,7 @@ from freezegun import freeze_time
 from models.db import dispose_engine, session_scope
 from models.errors import (
     Conflict,
+    IdempotencyKeyReused,
     NotFound,
     PermissionDenied,
     ProgressResetError,
@@ -105,11 +106,11 @@ def test_idempotency_key(db_session, two_orgs):
     course = a.course_ids[0]
     first = resets.request(db_session, a.admin_id, course, reason="x", idempotency_key="k-1")
     again = resets.request(db_session, a.admin_id, course, reason="x", idempotency_key="k-1")
-    assert again.request_id == first.request_id and again.token  # a fresh token, same request
-    # The old token was replaced: only the newest one confirms.
-    refused(db_session, TokenInvalid, resets.confirm, first.request_id, a.admin_id, first.token)
-    refused(db_session, Conflict, resets.request, a.admin_id, course, reason="other", idempotency_key="k-1",
-            match="other parameters")
+    # The same answer, token included, marked as a replay.
+    assert (again.request_id, again.token, again.expires_at) == (first.request_id, first.token, first.expires_at)
+    assert again.replayed and not first.replayed
+    refused(db_session, IdempotencyKeyReused, resets.request, a.admin_id, course, reason="other",
+            idempotency_key="k-1", match="other parameters")
     refused(db_session, ValidationFailed, resets.request, a.admin_id, course, idempotency_key="k" * 201)
     refused(db_session, ValidationFailed, resets.request, a.admin_id, course, reason="r" * 2001)
 
