@@ -134,9 +134,10 @@ def get_job(session: Session, job_id: str | uuid.UUID, organization_id: int | No
 
 
 def expire_requests(session: Session, now: datetime) -> int:
-    """Unconfirmed requests past their token's lifetime become ``expired`` (they never blocked anything)."""
+    """Unconfirmed requests past their token's lifetime become ``expired`` (they never blocked anything);
+    nothing that could open their token is kept."""
     j = ResetJob.__table__
     return session.execute(
         update(j).where(j.c.state == JobState.AWAITING_CONFIRMATION, j.c.token_expires_at < now)
-        .values(state=JobState.EXPIRED, token_hash=None)
+        .values(state=JobState.EXPIRED, token_hash=None, sealed_token=None)
     ).rowcount or 0

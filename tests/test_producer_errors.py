@@ -17,11 +17,13 @@ from models.errors import (
     IdempotencyKeyReused,
     NotFound,
     PermissionDenied,
-    ProgressResetError,
     TokenExpired,
     TokenInvalid,
     ValidationFailed,
 )
+from models.job_ids import job_uuid
+from models.jobs import expire_requests
+from models.schema import ResetJob
 from models.seed import seed
 from models.times import utcnow
 from models.training import create_user
@@ -181,3 +183,14 @@ def test_cli_refusals_are_one_line_and_change_nothing(fresh_db, use_env, redis_u
     bad_db = {**env, "DATABASE_URL": "postgresql://postgres@127.0.0.1:1/nowhere"}
     assert_refused(cli(bad_db, "status", json.loads(ok.stdout)["job_id"]), "database unavailable")
     dispose_engine()
+
+
+def test_an_expired_request_keeps_nothing_that_opens_its_token(db_session, two_orgs):
+    a, _b = two_orgs
+    req = resets.request(db_session, a.admin_id, a.course_ids[0], idempotency_key="retry-7f3c2a")
+    job = db_session.get(ResetJob, job_uuid(req.request_id))
+    assert job.sealed_token is not None and job.token_hash is not None
+    assert expire_requests(db_session, utcnow()) == 0  # still within its lifetime
+    assert expire_requests(db_session, utcnow() + timedelta(hours=1)) == 1
+    db_session.refresh(job)
+    assert (job.state, job.token_hash, job.sealed_token) == ("expired", None, None)
