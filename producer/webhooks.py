@@ -9,6 +9,7 @@ as not found, exactly like an id that does not exist. Each function takes a
 
 from __future__ import annotations
 
+import base64
 import secrets
 from datetime import timedelta
 
@@ -36,8 +37,9 @@ NEWEST_DELIVERIES_FIRST = KeysetOrder((WebhookDelivery.__table__.c.id,), (int_ke
 
 
 def new_secret() -> str:
-    """A fresh signing secret, ``whsec_`` and random text; shown to the caller once."""
-    return SECRET_PREFIX + secrets.token_urlsafe(32)
+    """A fresh signing secret in the Standard Webhooks form: ``whsec_`` and the base64 of 32 random
+    bytes (any Standard Webhooks SDK takes it as is); shown to the caller once."""
+    return SECRET_PREFIX + base64.b64encode(secrets.token_bytes(32)).decode()
 
 
 def describe_endpoint(row: WebhookEndpoint) -> dict:

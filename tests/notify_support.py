@@ -33,6 +33,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from sqlalchemy import insert, select
 from sqlalchemy.orm import Session
+from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from models.jobs import target_filter
 from models.schema import CourseAssignment, Notification, User
@@ -250,6 +251,11 @@ class _WebhookHandler(BaseHTTPRequestHandler):
         key = self.headers.get("Idempotency-Key") or ""
         expected = "sha256=" + hmac.new(state.secret.encode(), body, hashlib.sha256).hexdigest()
         signature_ok = hmac.compare_digest(expected, self.headers.get("X-Signature") or "")
+        try:  # and the Standard Webhooks form, keyed with the secret's bytes, naming the same key
+            Webhook(state.secret.encode()).verify(body, dict(self.headers.items()), json_parse=False)
+            signature_ok = signature_ok and self.headers.get("webhook-id") == key
+        except WebhookVerificationError:
+            signature_ok = False
         try:
             payload = json.loads(body)
         except ValueError:
@@ -309,7 +315,7 @@ class WebhookSink:
         return f"http://127.0.0.1:{self.port}/hooks/course-assigned"
 
     def env(self) -> dict[str, str]:
-        return {"NOTIFY_BACKEND": "webhook", "WEBHOOK_URL": self.url, "WEBHOOK_SECRET": self.state.secret}
+        return {"NOTIFY_BACKEND": "webhook", "NOTIFY_WEBHOOK_URL": self.url, "NOTIFY_WEBHOOK_SECRET": self.state.secret}
 
     def start(self) -> "WebhookSink":
         handler = type("Handler", (_WebhookHandler,), {"state": self.state})

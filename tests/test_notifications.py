@@ -331,7 +331,7 @@ def test_smtp_backend_starttls_and_login(tmp_path, monkeypatch):
 
 def test_webhook_backend_signs_and_keys_each_message():
     with WebhookSink(secret="k3y") as sink:
-        backend = WebhookBackend(settings_for(webhook_url=sink.url, webhook_secret="k3y"))
+        backend = WebhookBackend(settings_for(notify_webhook_url=sink.url, notify_webhook_secret="k3y"))
         try:
             first = backend.send(outgoing(1))
             again = backend.send(outgoing(1))
@@ -350,7 +350,7 @@ def test_webhook_backend_signs_and_keys_each_message():
 
 def test_webhook_backend_classifies_failures():
     with WebhookSink(secret="k") as sink:
-        backend = WebhookBackend(settings_for(webhook_url=sink.url, webhook_secret="k", webhook_timeout_seconds=0.5))
+        backend = WebhookBackend(settings_for(notify_webhook_url=sink.url, notify_webhook_secret="k", notify_webhook_timeout_seconds=0.5))
         try:
             sink.state.fail_status, sink.state.retry_after = 503, "7"
             with pytest.raises(TransientSendError) as busy:
@@ -372,7 +372,7 @@ def test_webhook_backend_classifies_failures():
             sink.state.stall_seconds = 0
             backend.close()
     with pytest.raises(BackendConfigError):
-        make_backend(settings_for(notify_backend="webhook", webhook_url="", webhook_secret="x"))
+        make_backend(settings_for(notify_backend="webhook", notify_webhook_url="", notify_webhook_secret="x"))
 
 
 def test_retry_after_and_redaction():

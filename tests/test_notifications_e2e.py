@@ -226,7 +226,7 @@ def test_duplicated_sends_and_a_worker_killed_between_send_and_mark(
 def test_provider_outage_does_not_slow_resets_and_notifications_catch_up(setup_env, celery_worker_proc):
     sink = WebhookSink().start()
     try:
-        env = setup_env(WEBHOOK_TIMEOUT_SECONDS="0.5", **sink.env())
+        env = setup_env(NOTIFY_WEBHOOK_TIMEOUT_SECONDS="0.5", **sink.env())
         with session_scope() as session:
             org = seed(session, learners=2000, lessons=2, courses=2, completed_ratio=0.35, random_seed=23)
         healthy_course, outage_course = org.course_ids

@@ -29,7 +29,7 @@ import httpx
 
 from models.settings import Settings
 from tasks.notifications.message import OutgoingMessage, build_email
-from tasks.outbound import parse_retry_after, redact
+from tasks.outbound import parse_retry_after, redact, standard_webhook_headers
 
 USER_AGENT = "progress-reset-notifications/1"
 # SMTP connections idle longer than this are checked with NOOP before reuse.
@@ -255,23 +255,25 @@ class SmtpBackend(NotificationBackend):
 # --- webhook --------------------------------------------------------------------------------
 
 def sign_body(body: bytes, secret: str) -> str:
-    """The ``X-Signature`` header value: ``sha256=`` + HMAC-SHA256 of the raw body, hex."""
+    """The older ``X-Signature`` header value: ``sha256=`` + HMAC-SHA256 of the raw body, hex (kept
+    for receivers built on it; the Standard Webhooks headers are the current form)."""
     return "sha256=" + hmac.new(secret.encode("utf-8"), body, hashlib.sha256).hexdigest()
 
 
 class WebhookBackend(NotificationBackend):
-    """An HTTP POST of the JSON payload, signed, with an idempotency key the receiver dedupes by."""
+    """An HTTP POST of the JSON payload, signed with Standard Webhooks (``webhook-id`` is the
+    idempotency key) and the older ``X-Signature``, with an ``Idempotency-Key`` the receiver dedupes by."""
 
     name = "webhook"
 
     def __init__(self, settings: Settings):
-        if not settings.webhook_url:
-            raise BackendConfigError("WEBHOOK_URL is not set; set it or choose another NOTIFY_BACKEND")
-        if not settings.webhook_secret:
-            raise BackendConfigError("WEBHOOK_SECRET is not set; the receiver could not verify the signature")
-        self.url = settings.webhook_url
-        self.secret = settings.webhook_secret
-        self._client = httpx.Client(timeout=settings.webhook_timeout_seconds, follow_redirects=False,
+        if not settings.notify_webhook_url:
+            raise BackendConfigError("NOTIFY_WEBHOOK_URL is not set; set it or choose another NOTIFY_BACKEND")
+        if not settings.notify_webhook_secret:
+            raise BackendConfigError("NOTIFY_WEBHOOK_SECRET is not set; the receiver could not verify the signature")
+        self.url = settings.notify_webhook_url
+        self.secret = settings.notify_webhook_secret
+        self._client = httpx.Client(timeout=settings.notify_webhook_timeout_seconds, follow_redirects=False,
                                     headers={"User-Agent": USER_AGENT})
 
     def send(self, message: OutgoingMessage) -> str:
@@ -279,6 +281,7 @@ class WebhookBackend(NotificationBackend):
         headers = {
             "Content-Type": "application/json",
             "Idempotency-Key": message.idempotency_key,
+            **standard_webhook_headers([self.secret], message.idempotency_key, int(time.time()), body),
             "X-Signature": sign_body(body, self.secret),
         }
         try:

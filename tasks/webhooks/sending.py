@@ -15,7 +15,7 @@ from models.receiver_urls import check_url
 from models.settings import Settings
 from tasks.outbound import parse_retry_after
 from tasks.webhooks.deliveries import MAX_ERROR_TEXT, AttemptOutcome, ClaimedDelivery
-from tasks.webhooks.signing import EVENT_ID_HEADER, SIGNATURE_HEADER, body_bytes, signature_header
+from tasks.webhooks.signing import body_bytes, signed_headers
 
 USER_AGENT = "progress-reset-webhooks/1"
 
@@ -31,8 +31,7 @@ def send_delivery(claimed: ClaimedDelivery, settings: Settings, client: httpx.Cl
     headers = {
         "Content-Type": "application/json",
         "User-Agent": USER_AGENT,
-        SIGNATURE_HEADER: signature_header(claimed.secrets, timestamp, body),
-        EVENT_ID_HEADER: str(claimed.event_id),
+        **signed_headers(claimed.secrets, str(claimed.event_id), timestamp, body),
         "X-Event-Type": claimed.event_type,
         "X-Delivery-Id": str(claimed.delivery_id),
         "X-Delivery-Attempt": str(claimed.attempt),
