@@ -107,7 +107,7 @@ class Settings(BaseSettings):
     campaign_min_interval_seconds: int = Field(86400, ge=60, validation_alias="CAMPAIGN_MIN_INTERVAL_SECONDS")
     job_stale_seconds: int = Field(300, ge=1, validation_alias="RESET_JOB_STALE_SECONDS")
     publish_stale_seconds: int = Field(60, ge=1, validation_alias="PUBLISH_STALE_SECONDS")
-    sweep_interval_seconds: float = Field(30.0, ge=0.1, validation_alias="SWEEP_INTERVAL_SECONDS")
+    sweep_interval_seconds: float = Field(10.0, ge=0.1, validation_alias="SWEEP_INTERVAL_SECONDS")
     # Broker: a Redis message unacked this long is delivered again. It must be
     # longer than any task's time limit and any retry countdown.
     visibility_timeout_seconds: int = Field(3600, ge=10, validation_alias="BROKER_VISIBILITY_TIMEOUT_SECONDS")
@@ -118,7 +118,6 @@ class Settings(BaseSettings):
     notify_rate_per_second: float = Field(50.0, ge=0.01, validation_alias="NOTIFY_RATE_PER_SECOND")
     notify_max_attempts: int = Field(8, ge=1, validation_alias="NOTIFY_MAX_ATTEMPTS")
     notify_chunk_size: int = Field(50, ge=1, validation_alias="NOTIFY_CHUNK_SIZE")
-    notify_stale_seconds: int = Field(300, ge=1, validation_alias="NOTIFY_STALE_SECONDS")
     course_base_url: str = Field("https://training.example.com/courses", validation_alias="COURSE_BASE_URL")
     smtp_host: str = Field("127.0.0.1", validation_alias="SMTP_HOST")
     smtp_port: int = Field(25, ge=1, validation_alias="SMTP_PORT")
@@ -135,6 +134,10 @@ class Settings(BaseSettings):
                                        repr=False)
     notify_webhook_timeout_seconds: float = Field(
         10.0, ge=0.1, validation_alias=AliasChoices("NOTIFY_WEBHOOK_TIMEOUT_SECONDS", "WEBHOOK_TIMEOUT_SECONDS"))
+    # Calls out of the system (webhook deliveries, notification sends) run on background threads
+    # of the worker process that claimed them, never in a pool slot (decision record 0009).
+    outbound_concurrency: int = Field(8, ge=1, validation_alias="OUTBOUND_CONCURRENCY")
+    webhooks_per_organization: int = Field(2, ge=1, validation_alias="WEBHOOKS_PER_ORGANIZATION")
     # Job events for subscribing services (webhook endpoints, queue ``webhooks``)
     webhooks_allow_http_loopback: bool = Field(False, validation_alias="WEBHOOKS_ALLOW_HTTP_LOOPBACK")
     webhooks_timeout_seconds: float = Field(5.0, ge=0.1, validation_alias="WEBHOOKS_TIMEOUT_SECONDS")

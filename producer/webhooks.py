@@ -70,7 +70,7 @@ def _endpoint(session: Session, organization_id: int, endpoint_id: int, lock: bo
 def create_endpoint(session: Session, organization_id: int, url: str, events, origin: str = "cli") -> dict:
     """Register a receiver for the organization's job events; the result holds the secret, shown this once."""
     events = _check_events(events)
-    url = check_url(url, get_settings().webhooks_allow_http_loopback)
+    url = check_url(url, get_settings().webhooks_allow_http_loopback).url
     if session.get(Organization, organization_id) is None:
         raise NotFound(f"organization {organization_id} not found")
     # One count-then-add at a time per organization (not a row lock: the application only reads organizations).

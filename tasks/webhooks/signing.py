@@ -20,7 +20,7 @@ import hashlib
 import hmac
 import json
 
-from tasks.outbound import standard_webhook_headers
+from tasks.outbound.signatures import standard_webhook_headers
 
 SIGNATURE_HEADER = "X-Signature"
 EVENT_ID_HEADER = "X-Event-Id"
