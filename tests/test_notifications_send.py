@@ -100,20 +100,20 @@ def test_a_dispatch_hands_a_group_to_the_courier_which_sends_each_row_once(commi
 
 def test_slots_in_the_future_are_reserved_and_carried_by_the_next_message_instead_of_waited_for(committed, redis_url):
     with WebhookSink() as sink:
-        _org, job_id, users = committed(NOTIFY_RATE_PER_SECOND="20", NOTIFY_CHUNK_SIZE="4", **sink.env())
-        group = 4  # 0.2 s of a 20/s rate
+        # 2/s: a group is one notification, and the next slot is half a second away.
+        _org, job_id, users = committed(learners=12, NOTIFY_RATE_PER_SECOND="2", **sink.env())
         handed = dispatch_and_send(job_id)
         started = time.monotonic()
-        second = dispatching.dispatch_notifications(str(job_id))  # the next group's slots are 0.2 s away
-        assert time.monotonic() - started < 0.15, "a dispatch never waits for its slots"
-        assert (handed.claimed, second.outcome, second.reserved) == (group, "reserved", group)
-        assert 0 < second.next_in <= 0.25
+        second = dispatching.dispatch_notifications(str(job_id))
+        assert time.monotonic() - started < 0.2, "a dispatch never waits for its slots"
+        assert (handed.claimed, second.outcome, second.reserved) == (1, "reserved", 1)
+        assert 0 < second.next_in <= 0.55
         (carrying,) = [h for h in queued_sends(redis_url) if h["eta"]]
-        assert json.loads(carrying["argsrepr"].replace("'", '"')) == [str(job_id), group]
+        assert json.loads(carrying["argsrepr"].replace("'", '"')) == [str(job_id), 1]
         # Another message for the job (a batch's, or a redelivery) stands aside: the chain goes on.
         assert dispatching.dispatch_notifications(str(job_id)).outcome == "waiting"
         time.sleep(second.next_in)
-        assert dispatch_and_send(job_id, second.reserved).claimed == group
+        assert dispatch_and_send(job_id, second.reserved).claimed == 1
         run_until_settled(job_id)
     assert sink.keys_per_learner() == {u: 1 for u in users}
 
