@@ -14,6 +14,7 @@ and how many body bytes were written to it; and how many connections are open at
 
 from __future__ import annotations
 
+import select
 import socket
 import socketserver
 import threading
@@ -104,7 +105,8 @@ class BadReceiver:
             for _ in range(100):
                 conn.sendall(b"x")
                 record.written += 1
-                time.sleep(self.every)
+                if _hung_up(conn, self.every):
+                    return
         elif self.mode == "huge":
             conn.sendall(b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: %d\r\n\r\n" % self.huge_bytes)
             while record.written < self.huge_bytes:
@@ -117,6 +119,12 @@ class BadReceiver:
         else:  # slow_ok
             time.sleep(self.every)
             conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+
+def _hung_up(conn: socket.socket, seconds: float) -> bool:
+    """Wait ``seconds``, or less if the caller hangs up meanwhile (then True)."""
+    readable, _, _ = select.select([conn], [], [], seconds)
+    return bool(readable) and not conn.recv(1, socket.MSG_PEEK)
 
 
 def rss_bytes(pids: list[int]) -> int:
