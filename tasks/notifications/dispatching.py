@@ -49,10 +49,19 @@ from tasks.notifications.outbox import (
 )
 from tasks.notifications.sending import claim_lease_seconds, send_group
 from tasks.outbound.courier import NOTIFICATIONS_LANE, courier_for
-from tasks.ratelimit import RateLimiter, RateLimiterUnavailable, notification_group_size, notification_rate_limiter
+from tasks.ratelimit import (
+    GROUP_SECONDS,
+    RateLimiter,
+    RateLimiterUnavailable,
+    notification_group_size,
+    notification_rate_limiter,
+)
 
 # Slots due within this are used at once.
 NOW_SECONDS = 0.02
+# A dispatch that arrives later than this after its slots (a busy worker) reserves anew: the slots
+# it missed are gone, and sending them now would bunch with later groups, past the provider's rate.
+LATE_SECONDS = GROUP_SECONDS
 # When the rate limiter itself is unreachable, the chain looks again this much later.
 LIMITER_DOWN_RETRY_SECONDS = 5.0
 # When this process's courier has no room for notifications, the chain looks again this much later.
@@ -75,13 +84,14 @@ class DispatchResult:
     reserved: int = 0  # slots that next dispatch carries
 
 
-def dispatch_notifications(job_id: str | None = None, reserved: int = 0, settings: Settings | None = None,
-                           limiter: RateLimiter | None = None) -> DispatchResult:
+def dispatch_notifications(job_id: str | None = None, reserved: int = 0, slot_at: float | None = None,
+                           settings: Settings | None = None, limiter: RateLimiter | None = None) -> DispatchResult:
     """Line up the next group of ``job_id``'s notifications (of any job's with None); see the module.
 
-    ``reserved`` is the number of slots an earlier dispatch of this chain reserved for now.
-    Never waits: safe to run in a worker slot, and any number of times at once (claims are
-    disjoint; a second chain of one job stands aside).
+    ``reserved`` is the number of slots an earlier dispatch of this chain reserved for ``slot_at``
+    (Unix seconds); arriving more than ``LATE_SECONDS`` after them, it reserves anew. Never waits:
+    safe to run in a worker slot, and any number of times at once (claims are disjoint; a second
+    chain of one job stands aside).
     """
     if job_id is not None:
         try:
@@ -99,6 +109,10 @@ def dispatch_notifications(job_id: str | None = None, reserved: int = 0, setting
         return DispatchResult(job_id, "config")
     lease = claim_lease_seconds(settings)
     now = utcnow()
+    if reserved and slot_at is not None and now.timestamp() - slot_at > LATE_SECONDS:
+        log_event("notification.slots_missed", job_id=job_id, slots=reserved,
+                  late_seconds=round(now.timestamp() - slot_at, 3))
+        reserved = 0
     if not reserved:
         with session_scope() as session:
             due_at = wake_due_at(session, job_id) if job_id is not None else None
@@ -166,7 +180,7 @@ def _schedule(job_id: str | None, settings: Settings, at: datetime | None, outco
         # A chain's reserved dispatch goes out whatever else is scheduled: its slots are its own.
         if job_id is not None and not claim_wake(session, job_id, at, now) and not reserved:
             return result
-        args = [job_id, reserved] if reserved else [job_id]
+        args = [job_id, reserved, round(at.timestamp(), 3)] if reserved else [job_id]
         publish_after_commit(session, TASK_NAME, args, **({"countdown": round(countdown, 3)} if countdown else {}))
     result.next_in, result.reserved = round(countdown, 3), reserved
     return result
