@@ -265,6 +265,8 @@ class ResetJob(Base):
     purge_total: Mapped[int] = mapped_column(Integer, default=0)
     purge_done: Mapped[int] = mapped_column(Integer, default=0)
     finalized_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    # When the job's next ``notifications.send`` is due: one chain of sends per job (tasks/notifications).
+    notify_wake_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
     __table_args__ = (
         # R11: at most one active reset per course and per learner-in-course,
@@ -371,8 +373,7 @@ class Notification(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     claimed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
-    # The ``notifications.send`` message whose run claimed the row: delivered again after its
-    # worker died, it takes its rows back at once instead of after NOTIFY_STALE_SECONDS.
+    # The token of the claim that owns the row while it is ``sending`` (every write checks it).
     claimed_by: Mapped[str | None] = mapped_column(String(64), nullable=True)
     sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     provider_id: Mapped[str | None] = mapped_column(String(300), nullable=True)
@@ -386,6 +387,9 @@ class Notification(Base):
         # index, so a claim never walks past the rows already sent.
         Index("ix_notifications_pending_job", "reset_job_id", "id",
               postgresql_where=text("status = 'pending'"), sqlite_where=text("status = 'pending'")),
+        # Claims whose lease ran out are taken back per job: only rows being sent are in this index.
+        Index("ix_notifications_sending_job", "reset_job_id", "claimed_at",
+              postgresql_where=text("status = 'sending'"), sqlite_where=text("status = 'sending'")),
     )
 
 

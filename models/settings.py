@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, ValidationError, ValidationInfo, field_validator
+from pydantic import AliasChoices, Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
 from pydantic_settings.sources.utils import parse_env_vars
 
@@ -106,7 +107,7 @@ class Settings(BaseSettings):
     campaign_min_interval_seconds: int = Field(86400, ge=60, validation_alias="CAMPAIGN_MIN_INTERVAL_SECONDS")
     job_stale_seconds: int = Field(300, ge=1, validation_alias="RESET_JOB_STALE_SECONDS")
     publish_stale_seconds: int = Field(60, ge=1, validation_alias="PUBLISH_STALE_SECONDS")
-    sweep_interval_seconds: float = Field(30.0, ge=0.1, validation_alias="SWEEP_INTERVAL_SECONDS")
+    sweep_interval_seconds: float = Field(10.0, ge=0.1, validation_alias="SWEEP_INTERVAL_SECONDS")
     # Broker: a Redis message unacked this long is delivered again. It must be
     # longer than any task's time limit and any retry countdown.
     visibility_timeout_seconds: int = Field(3600, ge=10, validation_alias="BROKER_VISIBILITY_TIMEOUT_SECONDS")
@@ -117,7 +118,6 @@ class Settings(BaseSettings):
     notify_rate_per_second: float = Field(50.0, ge=0.01, validation_alias="NOTIFY_RATE_PER_SECOND")
     notify_max_attempts: int = Field(8, ge=1, validation_alias="NOTIFY_MAX_ATTEMPTS")
     notify_chunk_size: int = Field(50, ge=1, validation_alias="NOTIFY_CHUNK_SIZE")
-    notify_stale_seconds: int = Field(300, ge=1, validation_alias="NOTIFY_STALE_SECONDS")
     course_base_url: str = Field("https://training.example.com/courses", validation_alias="COURSE_BASE_URL")
     smtp_host: str = Field("127.0.0.1", validation_alias="SMTP_HOST")
     smtp_port: int = Field(25, ge=1, validation_alias="SMTP_PORT")
@@ -127,9 +127,17 @@ class Settings(BaseSettings):
     smtp_password: str = Field("", validation_alias="SMTP_PASSWORD", repr=False)
     smtp_from: str = Field("training@example.com", validation_alias="SMTP_FROM")
     smtp_timeout_seconds: float = Field(10.0, ge=0.1, validation_alias="SMTP_TIMEOUT_SECONDS")
-    webhook_url: str = Field("", validation_alias="WEBHOOK_URL")
-    webhook_secret: str = Field("", validation_alias="WEBHOOK_SECRET", repr=False)
-    webhook_timeout_seconds: float = Field(10.0, ge=0.1, validation_alias="WEBHOOK_TIMEOUT_SECONDS")
+    # The ``webhook`` notification backend (a provider's HTTP endpoint). Its variables were named
+    # WEBHOOK_* before job events got their own WEBHOOKS_*; the old names are still read (and warned of).
+    notify_webhook_url: str = Field("", validation_alias=AliasChoices("NOTIFY_WEBHOOK_URL", "WEBHOOK_URL"))
+    notify_webhook_secret: str = Field("", validation_alias=AliasChoices("NOTIFY_WEBHOOK_SECRET", "WEBHOOK_SECRET"),
+                                       repr=False)
+    notify_webhook_timeout_seconds: float = Field(
+        10.0, ge=0.1, validation_alias=AliasChoices("NOTIFY_WEBHOOK_TIMEOUT_SECONDS", "WEBHOOK_TIMEOUT_SECONDS"))
+    # Calls out of the system (webhook deliveries, notification sends) run on background threads
+    # of the worker process that claimed them, never in a pool slot (decision record 0009).
+    outbound_concurrency: int = Field(8, ge=1, validation_alias="OUTBOUND_CONCURRENCY")
+    webhooks_per_organization: int = Field(2, ge=1, validation_alias="WEBHOOKS_PER_ORGANIZATION")
     # Job events for subscribing services (webhook endpoints, queue ``webhooks``)
     webhooks_allow_http_loopback: bool = Field(False, validation_alias="WEBHOOKS_ALLOW_HTTP_LOOPBACK")
     webhooks_timeout_seconds: float = Field(5.0, ge=0.1, validation_alias="WEBHOOKS_TIMEOUT_SECONDS")
@@ -236,16 +244,37 @@ class Settings(BaseSettings):
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
         """Settings from ``env`` (default: the process environment); :class:`SettingsError` if malformed."""
         # Only this environment: no .env file, secrets folder or other source is read.
-        source = _Environ(cls, os.environ if env is None else env)
+        environ = os.environ if env is None else env
+        source = _Environ(cls, environ)
         try:
-            return cls(_build_sources=((source,), {}))
+            settings = cls(_build_sources=((source,), {}))
         except ValidationError as exc:
-            raise SettingsError("; ".join(_describe(error) for error in exc.errors())) from None
+            raise SettingsError("; ".join(_describe(error, environ) for error in exc.errors())) from None
+        _warn_of_renamed(environ)
+        return settings
 
 
-def _describe(error: Any) -> str:
-    """``<VARIABLE> must be ...``: pydantic's error, in the terms of the environment variable."""
+# Variables read under an older name: old name -> current name.
+RENAMED = {
+    "WEBHOOK_URL": "NOTIFY_WEBHOOK_URL",
+    "WEBHOOK_SECRET": "NOTIFY_WEBHOOK_SECRET",
+    "WEBHOOK_TIMEOUT_SECONDS": "NOTIFY_WEBHOOK_TIMEOUT_SECONDS",
+}
+
+
+def _warn_of_renamed(environ: Mapping[str, str]) -> None:
+    """One warning per variable still set under its older name (it is read all the same)."""
+    for old, new in RENAMED.items():
+        if environ.get(old):
+            warnings.warn(f"{old} is deprecated and will stop being read; set {new} instead", FutureWarning,
+                          stacklevel=3)
+
+
+def _describe(error: Any, environ: Mapping[str, str]) -> str:
+    """``<VARIABLE> must be ...``: pydantic's error, in the terms of the environment variable that was set."""
     variable = str(error["loc"][0]) if error["loc"] else "configuration"
+    if not environ.get(variable):
+        variable = next((old for old, new in RENAMED.items() if new == variable and environ.get(old)), variable)
     kind, raw, context = error["type"], error["input"], error.get("ctx") or {}
     if kind == "value_error":
         problem = str(context["error"])

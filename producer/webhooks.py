@@ -9,6 +9,7 @@ as not found, exactly like an id that does not exist. Each function takes a
 
 from __future__ import annotations
 
+import base64
 import secrets
 from datetime import timedelta
 
@@ -36,8 +37,9 @@ NEWEST_DELIVERIES_FIRST = KeysetOrder((WebhookDelivery.__table__.c.id,), (int_ke
 
 
 def new_secret() -> str:
-    """A fresh signing secret, ``whsec_`` and random text; shown to the caller once."""
-    return SECRET_PREFIX + secrets.token_urlsafe(32)
+    """A fresh signing secret in the Standard Webhooks form: ``whsec_`` and the base64 of 32 random
+    bytes (any Standard Webhooks SDK takes it as is); shown to the caller once."""
+    return SECRET_PREFIX + base64.b64encode(secrets.token_bytes(32)).decode()
 
 
 def describe_endpoint(row: WebhookEndpoint) -> dict:
@@ -68,7 +70,7 @@ def _endpoint(session: Session, organization_id: int, endpoint_id: int, lock: bo
 def create_endpoint(session: Session, organization_id: int, url: str, events, origin: str = "cli") -> dict:
     """Register a receiver for the organization's job events; the result holds the secret, shown this once."""
     events = _check_events(events)
-    url = check_url(url, get_settings().webhooks_allow_http_loopback)
+    url = check_url(url, get_settings().webhooks_allow_http_loopback).url
     if session.get(Organization, organization_id) is None:
         raise NotFound(f"organization {organization_id} not found")
     # One count-then-add at a time per organization (not a row lock: the application only reads organizations).
