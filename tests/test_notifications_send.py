@@ -173,6 +173,23 @@ def test_provider_outage_holds_the_rows_then_they_catch_up(committed):
     assert {r.status for r in rows_of(job_id).values()} == {NotificationStatus.SENT}
 
 
+def test_a_dispatch_whose_reserved_rows_were_put_off_meanwhile_keeps_the_chain_going(committed, redis_url):
+    with WebhookSink() as sink:
+        _org, job_id, users = committed(**sink.env())
+        sink.state.fail_status, sink.state.retry_after = 503, "1"
+        dispatch_and_send(job_id)  # the provider is down: every due row of the job waits a second
+        redis.Redis.from_url(redis_url).flushdb()
+        # The chain's next message had reserved slots for a group before the outage put the rows off.
+        arrived = dispatch_and_send(job_id, int(FAST["NOTIFY_CHUNK_SIZE"]), time.time())
+        assert (arrived.outcome, arrived.claimed) == ("idle", 0)
+        assert arrived.next_in is not None and 0.5 <= arrived.next_in <= 1.1, arrived  # not the chain's end
+        assert [h["task"] for h in queued_sends(redis_url)] == ["notifications.send"]
+        sink.state.fail_status = None
+        time.sleep(arrived.next_in)
+        run_until_settled(job_id)
+    assert sink.keys_per_learner() == {u: 1 for u in users}
+
+
 def test_a_refused_address_fails_with_its_reason_and_is_not_retried(committed):
     with WebhookSink() as sink:
         _org, job_id, users = committed(**sink.env())

@@ -160,7 +160,16 @@ def _hand_over(job_id: str | None, count: int, settings: Settings, lease: float)
                          partial(send_group, ready, settings, lease_ends))
     else:
         courier.release(NOTIFICATIONS_LANE)
-    result = _schedule(job_id, settings, utcnow(), "handed") if claims else DispatchResult(job_id, "idle")
+    if claims:
+        result = _schedule(job_id, settings, utcnow(), "handed")
+    elif job_id is not None:
+        # The counted rows were put off (a provider outage) or taken since: follow them, or the
+        # chain would end with rows still pending.
+        with session_scope() as session:
+            next_at = next_due_at(session, job_id, lease)
+        result = _schedule(job_id, settings, next_at, "idle")
+    else:
+        result = DispatchResult(job_id, "idle")
     result.claimed = len(claims)
     return result
 
