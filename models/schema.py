@@ -262,6 +262,9 @@ class ResetJob(Base):
     purge_total: Mapped[int] = mapped_column(Integer, default=0)
     purge_done: Mapped[int] = mapped_column(Integer, default=0)
     finalized_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    # The W3C traceparent of the span that confirmed the job (null when tracing was off): every
+    # unit, the finalize and the job's notifications and webhook deliveries join that trace.
+    traceparent: Mapped[str | None] = mapped_column(String(55), nullable=True)
 
     __table_args__ = (
         # R11: at most one active reset per course and per learner-in-course,

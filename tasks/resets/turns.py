@@ -67,6 +67,7 @@ class UnitClaim:
     batch_no: int
     kind: str  # BatchKind
     claim: ClaimResult
+    traceparent: str | None = None  # the job's trace (models/tracing.py)
 
 
 def claim_next_unit(session: Session, max_attempts: int, lease_seconds: int, now: datetime | None = None,
@@ -103,14 +104,16 @@ def claim_next_unit(session: Session, max_attempts: int, lease_seconds: int, now
     if row is None:
         return None
     key, batch_no, kind = row
-    take_turn(session, session.get(ResetJob, key), now)
+    job = session.get(ResetJob, key)
+    take_turn(session, job, now)
     if kind == BatchKind.PURGE:  # a purge chunk counts an attempt only when it fails (fail_purge_step)
         session.execute(update(batches).where(batches.c.job_id == key, batches.c.batch_no == batch_no).values(
             state=BatchState.RUNNING, claimed_at=now, claimed_by=owner,
             lease_expires_at=now + timedelta(seconds=lease_seconds)))
-        return UnitClaim(str(key), int(batch_no), kind, ClaimResult(True))
+        return UnitClaim(str(key), int(batch_no), kind, ClaimResult(True), job.traceparent)
     return UnitClaim(str(key), int(batch_no), kind,
-                     claim_batch(session, key, batch_no, max_attempts, lease_seconds, now, owner=owner))
+                     claim_batch(session, key, batch_no, max_attempts, lease_seconds, now, owner=owner),
+                     job.traceparent)
 
 
 def runnable_units(session: Session, job_id: str | uuid.UUID | None = None, now: datetime | None = None,
