@@ -146,11 +146,12 @@ def test_one_trace_from_the_callers_confirm_to_every_unit_notification_and_webho
     assert finalize and all(s.trace_id == CALLER_TRACE and s.parent_id == confirm.span_id for s in finalize)
 
     # Notifications and webhook deliveries of the job: in its trace (published from its spans),
-    # and each run links to the jobs it served.
+    # and each run links to the job it served (link_jobs after each claim).
     for name in ("run/notifications.send", "run/webhooks.deliver"):
-        of_job = [s for s in spans if s.name == name
-                  and (s.trace_id == CALLER_TRACE or any(link[0] == CALLER_TRACE for link in s.links))]
-        assert of_job, name
+        runs = [s for s in spans if s.name == name]
+        assert runs and all(s.trace_id == CALLER_TRACE for s in runs), name
+        assert any((CALLER_TRACE, confirm.span_id, job_id) == (t, sp, attrs.get("progress_reset.job_id"))
+                   for s in runs for t, sp, attrs in s.links), name
     # The receiver continues the job's trace: every delivery carried a traceparent in it.
     for received in hooks.got():
         assert received.headers["traceparent"].split("-")[1] == CALLER_TRACE, received.headers

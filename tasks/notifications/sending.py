@@ -29,6 +29,7 @@ from models.logs import log_event, logger
 from models.messaging import publish_after_commit
 from models.settings import Settings, get_settings
 from models.times import utcnow
+from models.tracing import link_jobs
 from tasks.backoff import backoff_seconds
 from tasks.base import DATABASE_UNAVAILABLE
 from tasks.notifications.backends import (
@@ -148,6 +149,7 @@ def send_due_notifications(
                 break
             with _transaction() as session:
                 claims = claim_notifications(session, job_id, settings.notify_chunk_size, utcnow(), owner=owner)
+                link_jobs(session, {claim.reset_job_id for claim in claims})  # this run serves their traces
                 ready, broken = render_notifications(session, claims, settings)
                 for claim, reason in broken:
                     mark_failed(session, claim, reason)

@@ -16,6 +16,7 @@ from models.job_events import DELIVER_TASK
 from models.messaging import send_now
 from models.settings import Settings, get_settings
 from models.times import utcnow
+from models.tracing import link_jobs
 from tasks.webhooks.deliveries import claim_next_delivery, record_outcome
 from tasks.webhooks.sending import send_delivery
 from tasks.webhooks.wakeups import schedule_wake
@@ -41,6 +42,7 @@ def deliver_endpoint(endpoint_id: int, settings: Settings | None = None,
         while True:
             with session_scope() as session:
                 claimed = claim_next_delivery(session, endpoint_id, settings=settings)
+                link_jobs(session, [claimed.payload["data"]["job_id"]] if claimed else [])  # the event's job
             if claimed is None:
                 break
             outcome = send_delivery(claimed, settings, client)
