@@ -131,6 +131,8 @@ class Settings(BaseSettings):
     http_host: str = Field("127.0.0.1", validation_alias="HTTP_HOST")
     http_port: int = Field(8080, ge=1, validation_alias="HTTP_PORT")
     log_format: Literal["json", "text"] = Field("json", validation_alias="LOG_FORMAT")
+    # Metrics: organizations with a label value of their own (the first ones observed); the rest are "other".
+    metrics_organization_labels: int = Field(20, ge=0, validation_alias="METRICS_ORGANIZATION_LABELS")
     # Tracing (OpenTelemetry). Only what decides "on or off" is read here (see tracing_exporters);
     # the SDK reads the other OTEL_* variables (service name, sampler, batching, headers) itself.
     otel_sdk_disabled: bool = Field(False, validation_alias="OTEL_SDK_DISABLED")

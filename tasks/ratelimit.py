@@ -48,6 +48,7 @@ try:  # POSIX only
 except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
 
+from models.lag_metrics import RATE_LIMIT_WAIT, observe
 from models.settings import Settings
 
 KEY_PREFIX = "progress_reset:ratelimit"
@@ -96,8 +97,16 @@ class RateLimiter:
     def interval(self) -> float:
         return 1.0 / self.rate_per_second
 
-    def reserve(self, max_wait: float, count: int = 1) -> Reservation:  # pragma: no cover - abstract
-        """Reserve ``count`` consecutive slots if the first is at most ``max_wait`` away."""
+    def reserve(self, max_wait: float, count: int = 1) -> Reservation:
+        """Reserve ``count`` consecutive slots if the first is at most ``max_wait`` away.
+
+        The wait for the first slot (granted or not) is observed for ``/metrics``.
+        """
+        reservation = self._reserve(max_wait, count)
+        observe(RATE_LIMIT_WAIT, [(None, reservation.wait)])
+        return reservation
+
+    def _reserve(self, max_wait: float, count: int) -> Reservation:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def acquire(self, max_wait: float = 30.0) -> Reservation:
@@ -133,7 +142,7 @@ class RedisRateLimiter(RateLimiter):
         self._client = redis.Redis.from_url(redis_url, socket_timeout=5, socket_connect_timeout=5)
         self._script = self._client.register_script(_GCRA_LUA)
 
-    def reserve(self, max_wait: float, count: int = 1) -> Reservation:
+    def _reserve(self, max_wait: float, count: int = 1) -> Reservation:
         import redis
 
         try:
@@ -167,7 +176,7 @@ class FileRateLimiter(RateLimiter):
             self._pid = os.getpid()
         return self._fd
 
-    def reserve(self, max_wait: float, count: int = 1) -> Reservation:
+    def _reserve(self, max_wait: float, count: int = 1) -> Reservation:
         with self._lock:
             try:
                 fd = self._open()
@@ -199,7 +208,7 @@ class ProcessRateLimiter(RateLimiter):
         self._tat = 0.0
         self._lock = threading.Lock()
 
-    def reserve(self, max_wait: float, count: int = 1) -> Reservation:
+    def _reserve(self, max_wait: float, count: int = 1) -> Reservation:
         with self._lock:
             self._tat, reservation = _gcra_step(self._tat, time.monotonic(), self.interval, self.burst, max_wait,
                                                 max(1, int(count)))

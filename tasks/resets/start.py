@@ -22,6 +22,7 @@ from models.db import session_scope
 from models.dialect import is_postgres
 from models.job_ids import job_uuid
 from models.jobs import target_filter
+from models.lag_metrics import JOB_START_WAIT, observe
 from models.logs import log_event
 from models.schema import ResetJob
 from models.settings import get_settings
@@ -45,6 +46,8 @@ class StartResult:
     batch_nos: list[int] = field(default_factory=list)
     purge_total: int = 0
     job_id: str | None = None
+    organization_id: int | None = None
+    waited_seconds: float = 0.0  # confirmed to started
 
 
 def plan_batches(session: Session, job: ResetJob, batch_size: int) -> list[int]:
@@ -159,7 +162,8 @@ def start_job(session: Session, job_id: str | uuid.UUID, batch_size: int, now: d
     take_turn(session, job, now)
     log_event("reset.job.started", job_id=str(key), course_id=job.course_id, scope=job.scope,
               batches=len(batch_nos), purge_batches=purge_total)
-    return StartResult(True, job.scope, batch_nos, purge_total, str(key))
+    waited = max(0.0, (now - as_utc(job.confirmed_at or now)).total_seconds())
+    return StartResult(True, job.scope, batch_nos, purge_total, str(key), job.organization_id, waited)
 
 
 def start_next_job(job_id: str) -> StartResult:
@@ -187,6 +191,8 @@ def _start_next_job(job_id: str, work: JobSpan) -> StartResult:
             wake_workers(session, len(result.batch_nos) or 1)
     if not result.started:
         log_event("reset.start.skipped", job_id=job_id)
-    elif result.scope == JobScope.LEARNER:
+        return result
+    observe(JOB_START_WAIT, [(result.organization_id, result.waited_seconds)])
+    if result.scope == JobScope.LEARNER:
         run_one_learner_job(result.job_id, result.batch_nos)
     return result

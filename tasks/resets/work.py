@@ -12,6 +12,7 @@ from __future__ import annotations
 from enum import StrEnum
 
 from models.db import session_scope
+from models.lag_metrics import UNIT_WAIT, observe
 from models.settings import get_settings
 from models.states import BatchKind
 from models.tracing import JobSpan, job_work
@@ -57,6 +58,8 @@ def _run_next_unit(owner: str, work: JobSpan) -> UnitRun:
         # transaction of a worker killed a moment ago (PostgreSQL rolls it back when it notices).
         # Ending here could leave the job's last units with no wake-up at all.
         locked = unit is None and runnable_units(session, owner=owner) > 0
+    if unit is not None and unit.waited_seconds is not None:
+        observe(UNIT_WAIT, [(unit.organization_id, unit.waited_seconds)])
     if locked:
         return UnitRun.LOCKED
     if unit is None:
