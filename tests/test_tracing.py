@@ -25,6 +25,7 @@ from models.times import utcnow
 from tasks.resets.turns import claim_next_unit
 from tests.notify_support import wait_until
 from tests.otel_support import OtlpReceiver, traceparent
+from tests.test_metrics import scrape, value
 from tests.test_http_api import (  # noqa: F401 - fixtures
     api_env,
     make_tenant,
@@ -171,6 +172,13 @@ def test_one_trace_from_the_callers_confirm_to_every_unit_notification_and_webho
         assert line["trace_id"] == CALLER_TRACE and line["span_id"] in ids, line
     requests = [line for line in server.log_events("http.request") if line["route"] == "/v1/resets/{request_id}/confirm"]
     assert requests and requests[0]["trace_id"] == CALLER_TRACE
+
+    # Both deliveries are counted, with their lag, under the organization's own label.
+    with server.client(tenant.key) as api:
+        samples = scrape(api)
+    org = str(tenant.organization_id)
+    assert value(samples, "progress_reset_webhook_delivery_attempts_total", organization=org, outcome="delivered") == 2
+    assert value(samples, "progress_reset_webhook_delivery_lag_seconds_count", organization=org) == 2
 
 
 def json_lines(text: str) -> list[dict]:

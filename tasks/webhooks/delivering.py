@@ -13,6 +13,7 @@ import httpx
 
 from models.db import session_scope
 from models.job_events import DELIVER_TASK
+from models.lag_metrics import observe_webhook_attempt
 from models.messaging import send_now
 from models.settings import Settings, get_settings
 from models.times import utcnow
@@ -48,7 +49,7 @@ def deliver_endpoint(endpoint_id: int, settings: Settings | None = None,
             outcome = send_delivery(claimed, settings, client)
             sent += 1
             with session_scope() as session:
-                record_outcome(session, claimed, outcome, settings=settings)
+                observe_webhook_attempt(claimed.payload, record_outcome(session, claimed, outcome, settings=settings))
             if time.monotonic() - started >= budget_seconds:
                 send_now(DELIVER_TASK, [endpoint_id])
                 return sent
