@@ -211,6 +211,28 @@ def test_waits_add_up_in_redis_and_the_organization_label_stays_bounded(use_env,
                  outcome="pending") == 1
 
 
+def test_every_metric_on_the_dashboard_is_served(fresh_db, use_env, redis_url):
+    """docs/observability/progress-reset-dashboard.json is built on what /metrics serves."""
+    import json
+    import re
+    from pathlib import Path
+
+    from fastapi.testclient import TestClient
+
+    from producer.http.app import create_app
+
+    use_env(DATABASE_URL=fresh_db(), CELERY_BROKER_URL=redis_url, REDIS_URL=redis_url)
+    with TestClient(create_app()) as client:
+        client.get("/healthz")
+        text = client.get("/metrics").text
+    served = {family.name for family in text_string_to_metric_families(text)}
+    dashboard = Path(__file__).resolve().parent.parent / "docs" / "observability" / "progress-reset-dashboard.json"
+    exprs = [t["expr"] for p in json.loads(dashboard.read_text())["panels"] for t in p.get("targets", [])]
+    names = [name for expr in exprs for name in re.findall(r"progress_reset_\w+", expr)]
+    used = {re.sub(r"_(bucket|count|sum|total)$", "", name) for name in names}
+    assert len(used) >= 15 and not used - served, sorted(used - served)
+
+
 def test_dead_batches_lists_what_each_dead_letter_left_undone(db_session):
     from sqlalchemy import select, update
 
