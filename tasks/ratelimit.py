@@ -88,7 +88,8 @@ class Reservation:
 
 
 class RateLimiter:
-    """Base: ``reserve`` is the one primitive; ``acquire`` reserves and sleeps."""
+    """Base: subclasses implement ``_reserve``; ``reserve`` calls it and observes the wait for
+    ``/metrics`` (models/lag_metrics.py); ``acquire`` reserves and sleeps."""
 
     rate_per_second: float
     burst: int
