@@ -370,7 +370,9 @@ def run(argv: list[str] | None = None) -> int:
     }
     if "burst" in results:
         b = results["burst"]
-        for key in ("burst_drain_ratio", "burst_other_org_slowdown", "single_p95_ms", "small_300_p50_ms"):
+        for key in ("burst_drain_ratio", "burst_other_org_slowdown", "single_p95_ms", "small_300_p50_ms",
+                    "slow_receiver_other_org_p95_ms", "slow_receiver_other_org_max_ms", "notify_rate_achieved",
+                    "duplicate_sends"):
             name = "burst_single_p95_ms" if key == "single_p95_ms" else key
             summary[name] = {t: round(b[t][key], 3) for t in ("compose", "single")}
         print(f"{'topology':>9} {'drain s':>8} {'floor s':>8} {'ratio':>6} {'B burst s':>9} {'B alone s':>9} "

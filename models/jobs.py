@@ -17,12 +17,14 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import ColumnElement
 
+from models.dialect import LockSpace, hold_transaction_lock
 from models.errors import Conflict, NotFound
 from models.job_ids import job_uuid
-from models.schema import Certificate, Course, CourseAssignment, CourseCompletion, ResetJob, User
+from models.schema import Certificate, CourseAssignment, CourseCompletion, ResetJob, User
 from models.states import ACTIVE_JOB_STATES, AssignmentStatus, JobScope, JobState
 from models.times import utcnow
 from models.tracing import current_traceparent
+
 
 # --- who a reset targets --------------------------------------------------------------
 
@@ -93,12 +95,13 @@ def already_active_error(job: ResetJob, course_id: int, learner_id: int | None) 
 def activate_job(session: Session, job: ResetJob, now: datetime | None = None) -> ResetJob:
     """Move a confirmed job to ``queued``, refusing if the course or learner already has an active reset.
 
-    The partial unique indexes over active jobs decide same-scope races; the
-    course row lock serialises a learner reset against a course-wide one.
+    The partial unique indexes over active jobs decide same-scope races; a lock on the
+    course serialises a learner reset against a course-wide one (an advisory lock, not a row
+    lock: the application only reads courses).
     Raises :class:`Conflict` naming the active job. Does not commit.
     """
     now = now or utcnow()
-    session.execute(select(Course.id).where(Course.id == job.course_id).with_for_update())
+    hold_transaction_lock(session, LockSpace.COURSE_ACTIVATION, job.course_id)
     blocking = find_active_job(session, job.course_id, job.learner_id if job.scope == JobScope.LEARNER else None)
     if blocking is not None and blocking.id != job.id:
         raise already_active_error(blocking, job.course_id, job.learner_id)
@@ -134,9 +137,10 @@ def get_job(session: Session, job_id: str | uuid.UUID, organization_id: int | No
 
 
 def expire_requests(session: Session, now: datetime) -> int:
-    """Unconfirmed requests past their token's lifetime become ``expired`` (they never blocked anything)."""
+    """Unconfirmed requests past their token's lifetime become ``expired`` (they never blocked anything);
+    nothing that could open their token is kept."""
     j = ResetJob.__table__
     return session.execute(
         update(j).where(j.c.state == JobState.AWAITING_CONFIRMATION, j.c.token_expires_at < now)
-        .values(state=JobState.EXPIRED, token_hash=None)
+        .values(state=JobState.EXPIRED, token_hash=None, sealed_token=None)
     ).rowcount or 0

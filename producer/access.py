@@ -37,7 +37,11 @@ def course_of(session: Session, actor: User, course_id: int) -> Course:
 
 
 def checked_reason(reason: str | None) -> str:
-    """The reason, stripped, storable and at most ``MAX_REASON`` characters."""
+    """The reason, stripped, storable and at most ``MAX_REASON`` characters.
+
+    Stripping can bring a formula to the front (``"\\t=1+1"`` is stored as ``=1+1``):
+    the CSV export neutralises every cell whatever was stored (:func:`producer.audit.spreadsheet_safe`).
+    """
     reason = check_storable("reason", (reason or "").strip())
     if len(reason) > MAX_REASON:
         raise ValidationFailed(f"reason is {len(reason)} characters; at most {MAX_REASON} are allowed")

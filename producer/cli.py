@@ -18,6 +18,7 @@ from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from models.errors import ProgressResetError
 from models.settings import SettingsError
 from producer import cli_audit, cli_campaigns, cli_ops, cli_resets, cli_webhooks
+from producer.output import EXIT_CLOSED_PIPE, discard_stdout, flush_stdout
 from producer.cli_parameters import (
     COUNT,
     EXIT_INTERRUPTED,
@@ -93,10 +94,16 @@ def _one_line(exc: BaseException) -> str:
 def run(command: click.Command, argv: list[str], prog_name: str = PROG) -> int:
     """Read ``argv``, run the command it names and return the exit status; refusals are one ``error:`` line."""
     try:
-        with command.make_context(prog_name, argv) as ctx:
-            return command.invoke(ctx) or 0
-    except click.exceptions.Exit as exc:  # --help
-        return exc.exit_code
+        try:
+            with command.make_context(prog_name, argv) as ctx:
+                return command.invoke(ctx) or 0
+        except click.exceptions.Exit as exc:  # --help
+            return exc.exit_code
+        finally:
+            flush_stdout()  # short output is still buffered: its closed pipe or full disk shows here
+    except BrokenPipeError:
+        discard_stdout()
+        return EXIT_CLOSED_PIPE
     except click.UsageError as exc:
         print(f"error: {usage_error_line(exc)}", file=sys.stderr)
         return exc.exit_code
@@ -119,6 +126,10 @@ def run(command: click.Command, argv: list[str], prog_name: str = PROG) -> int:
     except (KeyboardInterrupt, click.Abort):
         print("error: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except OSError as exc:  # e.g. --help written to a full disk: still one line, never a traceback
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"error: {exc.strerror or _one_line(exc)}{where}", file=sys.stderr)
+        return EXIT_REFUSED
 
 
 def parse(argv: Sequence[str]) -> click.Context:
@@ -141,12 +152,18 @@ def db() -> None:
 @db.command("upgrade")
 @json_option
 def db_upgrade(as_json: bool) -> int:
-    """Apply the migrations (safe to run again)."""
+    """Apply the migrations, then the application role's grants (DATABASE_APP_ROLE); safe to run again."""
     from models.migrate import current_revision, upgrade
+    from models.privileges import grant_app_role
 
     upgrade()
+    grants = grant_app_role()
     revision = current_revision()
-    emit(as_json, {"revision": revision}, f"database at revision {revision}")
+    role = None if grants is None else grants.role
+    human = f"database at revision {revision}"
+    if grants is not None:
+        human += f"; application role {role} {'created and ' if grants.created else ''}granted its privileges"
+    emit(as_json, {"revision": revision, "app_role": role, "app_role_created": bool(grants and grants.created)}, human)
     return 0
 
 

@@ -26,6 +26,7 @@ from producer.cli_parameters import (
     json_option,
     option,
 )
+from producer.output import write_output
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 OPENAPI_PATH = REPO_ROOT / "docs" / "openapi.json"
@@ -193,10 +194,7 @@ def openapi(output: str | None, check: bool) -> int:
             return 1
         print(f"{OPENAPI_PATH.relative_to(REPO_ROOT)} is up to date")
         return 0
-    if output:
-        Path(output).write_text(text)
-    else:
-        sys.stdout.write(text)
+    write_output(output, [text])
     return 0
 
 

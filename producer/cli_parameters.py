@@ -4,8 +4,11 @@ exit statuses and output.
 Scripts and runbooks depend on how the CLI answers, so the contract is kept here once:
 
 - every refusal is one line on stderr, ``error: ...``, never a usage dump or a traceback;
-- exit 0 done, 1 refused (the input was read and turned down), 2 the command
-  line itself is wrong, 3 the database is unavailable, 130 interrupted;
+- exit 0 done, 1 refused (the input was read and turned down, or the output
+  file cannot be written), 2 the command line itself is wrong, 3 the database is
+  unavailable, 130 interrupted, 141 the reader of standard output went away (a
+  closed pipe, as in ``| head -1``: nothing printed, the status a shell reports
+  for any Unix tool ended by SIGPIPE; :mod:`producer.output`);
 - ``--json`` prints machine-readable output on stdout.
 
 A wrong value is refused while the command line is read, before anything runs,
@@ -22,6 +25,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import click
+
+from producer.output import write_output
+from producer.pages import MAX_LIMIT
 
 EXIT_REFUSED = 1
 EXIT_USAGE = 2
@@ -90,6 +96,9 @@ class DecimalNumber(_Worded, click.FloatRange):
 
 ID = WholeNumber("a numeric id", ("ids are positive", f"ids are at most {MAX_ID}"), metavar="ID", min=1, max=MAX_ID)
 COUNT = WholeNumber("a whole number", ("must be at least 1", f"must be at most {MAX_ID}"), min=1, max=MAX_ID)
+# Rows per page of a listing: the bound the listing functions check, so --help shows the real range.
+PAGE_LIMIT = WholeNumber("a whole number", ("must be at least 1", f"must be at most {MAX_LIMIT}"),
+                         min=1, max=MAX_LIMIT)
 WHOLE = WholeNumber("a whole number")
 NUMBER = DecimalNumber("a number")
 RATIO = DecimalNumber("a number between 0 and 1", "must be between 0 and 1", metavar="RATIO", min=0.0, max=1.0)
@@ -211,7 +220,4 @@ class Group(click.Group):
 
 def emit(as_json: bool, payload: dict, human: str) -> None:
     """Print ``payload`` as JSON with ``--json``, else the human-readable text."""
-    if as_json:
-        print(json.dumps(payload, default=str, sort_keys=True))
-    else:
-        print(human)
+    write_output(None, [(json.dumps(payload, default=str, sort_keys=True) if as_json else human) + "\n"])

@@ -9,8 +9,8 @@ from __future__ import annotations
 import click
 
 from models.states import JobState
-from producer.cli_parameters import COUNT, ID, NUMBER, Command, Group, emit, json_option, option
-from producer.pages import DEFAULT_LIMIT, MAX_LIMIT
+from producer.cli_parameters import COUNT, ID, NUMBER, PAGE_LIMIT, Command, Group, emit, json_option, option
+from producer.pages import DEFAULT_LIMIT
 from producer.watch import read_status, watch
 
 
@@ -20,7 +20,8 @@ from producer.watch import read_status, watch
 @option("--learner", type=ID, default=None, help="Reset one learner (default: every learner with progress).")
 @option("--reason", default="", show_default=False, help="Why, for the audit trail.")
 @option("--idempotency-key", default=None,
-        help="Ask again with the same key and parameters to get the same request (a fresh token).")
+        help="Ask again with the same key and parameters to get the same answer, token included; nothing "
+             "changes. Use a random key: who holds it can read the token.")
 @json_option
 def request(actor: int, course: int, learner: int | None, reason: str, idempotency_key: str | None,
             as_json: bool) -> int:
@@ -32,11 +33,13 @@ def request(actor: int, course: int, learner: int | None, reason: str, idempoten
         result = resets.request(session, actor, course, learner_id=learner, reason=reason,
                                 idempotency_key=idempotency_key, origin="cli")
     human = f"request {result.request_id}: {result.summary['description']}\n"
+    if result.replayed:
+        human += "  (the answer to the earlier request with this idempotency key; nothing changed)\n"
     if result.token:
         human += (f"  confirm before {result.expires_at.isoformat()} with:\n"
                   f"  progress-reset confirm {result.request_id} --actor {actor} --token {result.token}")
     else:
-        human += f"  already {result.state}; no new token"
+        human += f"  {result.state}; its token no longer confirms (used or expired)"
     emit(as_json, result.as_json(), human)
     return 0
 
@@ -124,19 +127,19 @@ def jobs() -> None:
 
 @jobs.command("list")
 @option("--organization", type=ID, required=True, help="The organization whose jobs are listed.")
-@option("--course", type=ID, default=None, help="Only jobs of this course.")
-@option("--learner", type=ID, default=None, help="Only one-learner jobs of this learner.")
-@option("--state", default=None, help="Only jobs in this state, e.g. running.")
-@option("--origin", default=None, help="Only jobs started from here: cli, http:<name> or campaign.")
-@option("--campaign", type=ID, default=None, help="Only jobs of this campaign.")
+@option("--course", type=ID, multiple=True, help="Only jobs of this course (repeatable: any of them).")
+@option("--learner", type=ID, multiple=True, help="Only one-learner jobs of this learner (repeatable).")
+@option("--state", multiple=True, help="Only jobs in this state, e.g. running (repeatable).")
+@option("--origin", multiple=True, help="Only jobs started from here: cli, http:<name> or campaign (repeatable).")
+@option("--campaign", type=ID, multiple=True, help="Only jobs of this campaign (repeatable).")
 @option("--created-after", default=None, help="Only jobs created at or after this ISO-8601 instant.")
 @option("--created-before", default=None, help="Only jobs created before this ISO-8601 instant.")
-@option("--limit", type=COUNT, default=DEFAULT_LIMIT, help=f"Jobs per page, at most {MAX_LIMIT}.")
+@option("--limit", type=PAGE_LIMIT, default=DEFAULT_LIMIT, help="Jobs per page.")
 @option("--cursor", default=None, help="The next_cursor of the previous page.")
 @json_option
-def jobs_list(organization: int, course: int | None, learner: int | None, state: str | None, origin: str | None,
-              campaign: int | None, created_after: str | None, created_before: str | None, limit: int,
-              cursor: str | None, as_json: bool) -> int:
+def jobs_list(organization: int, course: tuple[int, ...], learner: tuple[int, ...], state: tuple[str, ...],
+              origin: tuple[str, ...], campaign: tuple[int, ...], created_after: str | None,
+              created_before: str | None, limit: int, cursor: str | None, as_json: bool) -> int:
     """An organization's jobs, newest first (the same as GET /v1/resets)."""
     from models.db import session_scope
     from producer import resets

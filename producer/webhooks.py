@@ -9,6 +9,7 @@ as not found, exactly like an id that does not exist. Each function takes a
 
 from __future__ import annotations
 
+import base64
 import secrets
 from datetime import timedelta
 
@@ -16,6 +17,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from models.audit import record_audit
+from models.dialect import LockSpace, hold_transaction_lock
 from models.errors import Conflict, NotFound, ValidationFailed
 from models.job_events import DELIVER_TASK, EVENT_TYPES
 from models.messaging import publish_after_commit
@@ -24,7 +26,7 @@ from models.schema import Organization, WebhookDelivery, WebhookEndpoint, Webhoo
 from models.settings import get_settings
 from models.states import OPEN_DELIVERY_STATES, DeliveryStatus
 from models.times import as_utc, iso, utcnow
-from producer.pages import KeysetOrder, fetch_page, int_key
+from producer.pages import Filter, KeysetOrder, fetch_page, filter_values, int_key
 
 MAX_ENDPOINTS_PER_ORGANIZATION = 20
 MAX_OVERLAP_SECONDS = 7 * 24 * 3600
@@ -35,8 +37,9 @@ NEWEST_DELIVERIES_FIRST = KeysetOrder((WebhookDelivery.__table__.c.id,), (int_ke
 
 
 def new_secret() -> str:
-    """A fresh signing secret, ``whsec_`` and random text; shown to the caller once."""
-    return SECRET_PREFIX + secrets.token_urlsafe(32)
+    """A fresh signing secret in the Standard Webhooks form: ``whsec_`` and the base64 of 32 random
+    bytes (any Standard Webhooks SDK takes it as is); shown to the caller once."""
+    return SECRET_PREFIX + base64.b64encode(secrets.token_bytes(32)).decode()
 
 
 def describe_endpoint(row: WebhookEndpoint) -> dict:
@@ -67,9 +70,11 @@ def _endpoint(session: Session, organization_id: int, endpoint_id: int, lock: bo
 def create_endpoint(session: Session, organization_id: int, url: str, events, origin: str = "cli") -> dict:
     """Register a receiver for the organization's job events; the result holds the secret, shown this once."""
     events = _check_events(events)
-    url = check_url(url, get_settings().webhooks_allow_http_loopback)
-    if session.get(Organization, organization_id, with_for_update=True) is None:
+    url = check_url(url, get_settings().webhooks_allow_http_loopback).url
+    if session.get(Organization, organization_id) is None:
         raise NotFound(f"organization {organization_id} not found")
+    # One count-then-add at a time per organization (not a row lock: the application only reads organizations).
+    hold_transaction_lock(session, LockSpace.WEBHOOK_ENDPOINTS, organization_id)
     count = session.scalar(select(func.count()).select_from(WebhookEndpoint).where(
         WebhookEndpoint.organization_id == organization_id, WebhookEndpoint.deleted_at.is_(None))) or 0
     if count >= MAX_ENDPOINTS_PER_ORGANIZATION:
@@ -143,16 +148,17 @@ def _delivery_query(endpoint_id: int):
             .join(WebhookEvent.__table__, ev.id == d.event_id).where(d.endpoint_id == endpoint_id))
 
 
-def list_deliveries(session: Session, organization_id: int, endpoint_id: int, *, status: str | None = None,
+def list_deliveries(session: Session, organization_id: int, endpoint_id: int, *, status: Filter[str] = None,
                     limit: int | None = None, cursor: str | None = None) -> dict:
-    """The endpoint's delivery log, newest first: ``{"items", "next_cursor"}``."""
-    if status is not None and status not in DELIVERY_STATES:
+    """The endpoint's delivery log, newest first: ``{"items", "next_cursor"}``; ``status``: one or a list."""
+    statuses = filter_values("status", status)
+    if any(value not in DELIVERY_STATES for value in statuses):
         raise ValidationFailed(f"status must be one of {', '.join(DELIVERY_STATES)}")
     _endpoint(session, organization_id, endpoint_id)
     d = WebhookDelivery.__table__.c
     query = _delivery_query(endpoint_id)
-    if status is not None:
-        query = query.where(d.status == status)
+    if statuses:
+        query = query.where(d.status.in_(statuses))
     page, next_cursor = fetch_page(session, query, NEWEST_DELIVERIES_FIRST, lambda row: (row.id,),
                                    limit=limit, cursor=cursor)
     return {"items": [describe_delivery(r) for r in page], "next_cursor": next_cursor}

@@ -21,6 +21,7 @@ from models.settings import Settings, get_settings
 from models.times import utcnow
 from tasks.base import project_task
 from tasks.notifications.outbox import sweep_notifications
+from tasks.notifications.sending import claim_lease_seconds
 from tasks.resets.cancelling import republish_cancel_finalizes
 from tasks.resets.stalled import republish_queued_jobs, resume_stalled_jobs
 from tasks.webhooks.sweep import sweep_webhooks
@@ -51,7 +52,7 @@ def sweep(session: Session, now: datetime | None = None, settings: Settings | No
     report.jobs_republished = republish_queued_jobs(session, now, settings)
     report.batches_republished, report.finalizes_published = resume_stalled_jobs(session, now, settings)
     report.finalizes_published += republish_cancel_finalizes(session, now, settings)
-    report.notifications_requeued = sweep_notifications(session, now)
+    report.notifications_requeued = sweep_notifications(session, claim_lease_seconds(settings), now, settings)
     sweep_webhooks(session, now, settings)  # job events whose task message was lost
     return report
 

@@ -22,7 +22,7 @@ from models.seed import seed
 from models.settings import Settings
 from models.states import NotificationStatus
 from models.times import utcnow
-from tasks.notifications import outbox, sending
+from tasks.notifications import dispatching, outbox
 from tasks.notifications.backends import (
     BackendConfigError,
     ConsoleBackend,
@@ -33,7 +33,7 @@ from tasks.notifications.backends import (
     make_backend,
 )
 from tasks.notifications.message import OutgoingMessage, render_notifications
-from tasks.outbound import parse_retry_after, redact
+from tasks.outbound.answers import parse_retry_after, redact
 from tasks.ratelimit import FileRateLimiter, ProcessRateLimiter, RedisRateLimiter
 from tests.notify_support import SmtpSink, WebhookSink, free_port, insert_outbox, measured_rate
 from workers import app as _app  # noqa: F401 - the Celery app the sweep's publish_after_commit needs
@@ -41,6 +41,13 @@ from workers import app as _app  # noqa: F401 - the Celery app the sweep's publi
 
 def settings_for(**changes) -> Settings:
     return Settings.from_env({}).with_overrides(**changes)
+
+
+LEASE = 15.0  # seconds a claim owns its rows in these tests
+
+
+def claim_rows(session, job_id, limit, now=None, max_attempts=8, token=None):
+    return outbox.claim_notifications(session, job_id, limit, LEASE, max_attempts, now, token)
 
 
 @pytest.fixture
@@ -60,17 +67,17 @@ def rows(session, job_id):
 
 def test_claim_takes_due_rows_in_chunks_and_counts_the_attempt(db_session, pending_rows):
     _org, job_id, users = pending_rows
-    first = outbox.claim_notifications(db_session, job_id, limit=10)
-    second = outbox.claim_notifications(db_session, job_id, limit=10)
+    first = claim_rows(db_session, job_id, limit=10)
+    second = claim_rows(db_session, job_id, limit=10)
     assert len(first) == len(second) == 10
     assert not {c.id for c in first} & {c.id for c in second}
     assert all(c.attempts == 1 and c.reset_job_id == job_id for c in first + second)
     state = rows(db_session, job_id)
     claimed = [r for r in state.values() if r.status == NotificationStatus.SENDING]
     assert len(claimed) == 20 and all(r.claimed_at is not None for r in claimed)
-    rest = outbox.claim_notifications(db_session, job_id, limit=10_000)
+    rest = claim_rows(db_session, job_id, limit=10_000)
     assert len(rest) == len(users) - 20
-    assert outbox.claim_notifications(db_session, job_id, limit=10) == []
+    assert claim_rows(db_session, job_id, limit=10) == []
 
 
 def test_claim_skips_rows_not_yet_due_and_other_jobs(db_session, pending_rows):
@@ -79,11 +86,11 @@ def test_claim_skips_rows_not_yet_due_and_other_jobs(db_session, pending_rows):
     now = utcnow()
     db_session.execute(update(Notification).where(Notification.reset_job_id == job_id)
                        .values(next_attempt_at=now + timedelta(minutes=5)))
-    assert outbox.claim_notifications(db_session, job_id, limit=100, now=now) == []
+    assert claim_rows(db_session, job_id, limit=100, now=now) == []
     # With no job given, any job's due rows are claimed: only the other job's are due.
-    claimed = outbox.claim_notifications(db_session, None, limit=10_000, now=now)
+    claimed = claim_rows(db_session, None, limit=10_000, now=now)
     assert claimed and {c.reset_job_id for c in claimed} == {other_job}
-    later = outbox.claim_notifications(db_session, job_id, limit=10_000, now=now + timedelta(minutes=6))
+    later = claim_rows(db_session, job_id, limit=10_000, now=now + timedelta(minutes=6))
     assert len(later) == len(rows(db_session, job_id))
 
 
@@ -99,7 +106,7 @@ def test_concurrent_claims_never_overlap(fresh_db):
 
         def claimer():
             with Session(engine) as session, session.begin():
-                claimed = outbox.claim_notifications(session, job_id, limit=15)
+                claimed = claim_rows(session, job_id, limit=15)
                 both_claimed.wait()  # both transactions are open, holding their row locks
                 results.append([c.id for c in claimed])
 
@@ -119,7 +126,7 @@ def test_concurrent_claims_never_overlap(fresh_db):
 def test_render_names_learner_and_course_and_links_to_it(db_session, pending_rows):
     org, job_id, _users = pending_rows
     settings = settings_for(course_base_url="https://learn.example.org/courses")
-    claims = outbox.claim_notifications(db_session, job_id, limit=3)
+    claims = claim_rows(db_session, job_id, limit=3)
     ready, broken = render_notifications(db_session, claims, settings)
     assert not broken and len(ready) == 3
     course = db_session.get(Course, org.course_ids[0])
@@ -138,7 +145,7 @@ def test_render_fails_rows_whose_learner_is_gone(db_session, pending_rows):
     ghost = Notification(user_id=10**8, course_id=1, reset_job_id=job_id, kind="course_assigned")
     db_session.add(ghost)
     db_session.flush()
-    claims = [c for c in outbox.claim_notifications(db_session, job_id, limit=10_000) if c.id == ghost.id]
+    claims = [c for c in claim_rows(db_session, job_id, limit=10_000) if c.id == ghost.id]
     ready, broken = render_notifications(db_session, claims, settings_for())
     assert ready == [] and broken[0][1] == f"learner {10**8} no longer exists"
 
@@ -146,7 +153,7 @@ def test_render_fails_rows_whose_learner_is_gone(db_session, pending_rows):
 def test_outcomes_sent_retry_failed_and_release(db_session, pending_rows):
     _org, job_id, _users = pending_rows
     settings = settings_for(notify_max_attempts=2)
-    a, b, c, d = outbox.claim_notifications(db_session, job_id, limit=4)
+    a, b, c, d = claim_rows(db_session, job_id, limit=4)
     now = utcnow()
 
     assert outbox.mark_sent(db_session, a.id, "wh-123", now)
@@ -167,7 +174,7 @@ def test_outcomes_sent_retry_failed_and_release(db_session, pending_rows):
     assert (state[d.id].status, state[d.id].attempts) == (NotificationStatus.PENDING, 0)  # never tried: not counted
 
     # Second transient failure of b reaches notify_max_attempts=2: failed with the reason.
-    (b2,) = [x for x in outbox.claim_notifications(db_session, job_id, limit=100,
+    (b2,) = [x for x in claim_rows(db_session, job_id, limit=100,
                                               now=now + timedelta(seconds=31)) if x.id == b.id]
     assert b2.attempts == 2
     assert outbox.mark_retry(db_session, b2, "HTTP 503: busy", settings, now) is None
@@ -178,15 +185,27 @@ def test_outcomes_sent_retry_failed_and_release(db_session, pending_rows):
 
 def test_outcomes_of_a_lost_claim_do_not_overwrite_the_new_owner(db_session, pending_rows):
     _org, job_id, _users = pending_rows
-    (old,) = outbox.claim_notifications(db_session, job_id, limit=1)
-    # The sweep gave the row away and another run claimed it (attempt 2).
-    db_session.execute(update(Notification).where(Notification.id == old.id)
-                       .values(status=NotificationStatus.PENDING, claimed_at=None))
-    (new,) = outbox.claim_notifications(db_session, job_id, limit=1)
-    assert new.id == old.id and new.attempts == 2
+    t0 = utcnow()
+    (old,) = claim_rows(db_session, job_id, limit=1, now=t0)
+    # While the claim's lease runs, no one else takes the row.
+    assert old.id not in {c.id for c in claim_rows(db_session, job_id, limit=1000, now=t0 + timedelta(seconds=LEASE - 1))}
+    # Its lease ended (the worker was lost): another claim takes it, attempt 2, a token of its own.
+    (new,) = claim_rows(db_session, job_id, limit=1, now=t0 + timedelta(seconds=LEASE + 1))
+    assert new.id == old.id and new.attempts == 2 and new.token != old.token
     assert not outbox.mark_failed(db_session, old, "late failure")
     assert outbox.mark_retry(db_session, old, "late", settings_for()) is None
+    assert outbox.release_notifications(db_session, [old], t0) == 0
     assert db_session.get(Notification, old.id, populate_existing=True).status == NotificationStatus.SENDING
+    assert outbox.mark_failed(db_session, new, "the owner's failure")
+
+
+def test_a_lost_claim_that_used_the_last_attempt_fails_instead_of_looping(db_session, pending_rows):
+    _org, job_id, _users = pending_rows
+    t0 = utcnow()
+    (lost,) = claim_rows(db_session, job_id, limit=1, now=t0, max_attempts=1)
+    claim_rows(db_session, job_id, limit=1000, now=t0 + timedelta(seconds=LEASE + 1), max_attempts=1)
+    row = db_session.get(Notification, lost.id, populate_existing=True)
+    assert (row.status, row.attempts) == (NotificationStatus.FAILED, 1) and "worker lost" in row.error
 
 
 def test_retry_delay_grows_exponentially_with_jitter_and_honours_retry_after():
@@ -198,35 +217,33 @@ def test_retry_delay_grows_exponentially_with_jitter_and_honours_retry_after():
         assert len(set(delays)) > 1  # jittered
     assert outbox.retry_delay(1, retry_after=42.0, rng=rng) == 42.0
     # Follow-up countdowns stay far below the broker's visibility timeout.
-    assert sending.max_countdown_seconds(settings_for(visibility_timeout_seconds=3600)) == 300
-    assert sending.max_countdown_seconds(settings_for(visibility_timeout_seconds=600)) == 60
+    assert dispatching.max_countdown_seconds(settings_for(visibility_timeout_seconds=3600)) == 300
+    assert dispatching.max_countdown_seconds(settings_for(visibility_timeout_seconds=600)) == 60
 
 
 # --- the sweep --------------------------------------------------------------------------------
 
-def test_sweep_requeues_stale_claims_and_publishes_per_job(db_session, pending_rows):
-    _org, job_id, users = pending_rows
-    settings = settings_for(notify_stale_seconds=60, publish_stale_seconds=30, notify_max_attempts=3)
+def test_sweep_publishes_one_send_per_job_left_behind_and_none_for_a_live_chain(db_session, pending_rows):
+    org, job_id, users = pending_rows
+    other_job, _ = insert_outbox(db_session, org.course_ids[0])
+    settings = settings_for(publish_stale_seconds=30)
     t0 = utcnow()
-    claims = outbox.claim_notifications(db_session, job_id, limit=5, now=t0)
-    # Fresh rows, nothing stale: nothing to do yet (the batch's own publish is on its way).
-    assert outbox.sweep_notifications(db_session, t0, settings) == 0
+    claims = claim_rows(db_session, job_id, limit=5, now=t0)
+    # Fresh rows, live claims: nothing is left behind yet (the batch's own publish is on its way).
+    assert outbox.sweep_notifications(db_session, LEASE, t0, settings) == 0
     assert not pending_publishes(db_session)
 
-    # One claim has used up its attempts: it fails instead of looping forever.
-    db_session.execute(update(Notification).where(Notification.id == claims[0].id).values(attempts=3))
-    later = t0 + timedelta(seconds=120)
-    requeued = outbox.sweep_notifications(db_session, later, settings)
-    # 4 stale claims back to pending, plus every never-published pending row of the job.
-    assert requeued == len(users) - 1
-    state = {r.id: r for r in rows(db_session, job_id).values()}
-    assert state[claims[0].id].status == NotificationStatus.FAILED and "worker lost" in state[claims[0].id].error
-    for c in claims[1:]:
-        assert state[c.id].status == NotificationStatus.PENDING and state[c.id].claimed_at is None
-    assert pending_publishes(db_session) == [("notifications.send", [str(job_id)], {})]
-    # The re-queued rows are claimable again, and keep their attempt count.
-    again = {c.id: c for c in outbox.claim_notifications(db_session, job_id, limit=10_000, now=later)}
-    assert all(again[c.id].attempts == 2 for c in claims[1:])
+    later = t0 + timedelta(seconds=120)  # the claims' leases ended, the rest was never published
+    waiting = outbox.sweep_notifications(db_session, LEASE, later, settings)
+    assert waiting == len(users) + len(rows(db_session, other_job))
+    assert sorted(pending_publishes(db_session)) == sorted(
+        [("notifications.send", [str(job_id)], {}), ("notifications.send", [str(other_job)], {})])
+    # Each job's chain is now due: a second sweep at once publishes nothing more.
+    db_session.info.pop("progress_reset.on_commit", None)
+    assert outbox.sweep_notifications(db_session, LEASE, later, settings) == 0
+    # The rows of lost claims are claimable again, one more attempt each.
+    again = {c.id: c for c in claim_rows(db_session, job_id, limit=10_000, now=later)}
+    assert all(again[c.id].attempts == 2 for c in claims)
 
 
 # --- backends ---------------------------------------------------------------------------------
@@ -331,7 +348,7 @@ def test_smtp_backend_starttls_and_login(tmp_path, monkeypatch):
 
 def test_webhook_backend_signs_and_keys_each_message():
     with WebhookSink(secret="k3y") as sink:
-        backend = WebhookBackend(settings_for(webhook_url=sink.url, webhook_secret="k3y"))
+        backend = WebhookBackend(settings_for(notify_webhook_url=sink.url, notify_webhook_secret="k3y"))
         try:
             first = backend.send(outgoing(1))
             again = backend.send(outgoing(1))
@@ -350,7 +367,7 @@ def test_webhook_backend_signs_and_keys_each_message():
 
 def test_webhook_backend_classifies_failures():
     with WebhookSink(secret="k") as sink:
-        backend = WebhookBackend(settings_for(webhook_url=sink.url, webhook_secret="k", webhook_timeout_seconds=0.5))
+        backend = WebhookBackend(settings_for(notify_webhook_url=sink.url, notify_webhook_secret="k", notify_webhook_timeout_seconds=0.5))
         try:
             sink.state.fail_status, sink.state.retry_after = 503, "7"
             with pytest.raises(TransientSendError) as busy:
@@ -372,7 +389,7 @@ def test_webhook_backend_classifies_failures():
             sink.state.stall_seconds = 0
             backend.close()
     with pytest.raises(BackendConfigError):
-        make_backend(settings_for(notify_backend="webhook", webhook_url="", webhook_secret="x"))
+        make_backend(settings_for(notify_backend="webhook", notify_webhook_url="", notify_webhook_secret="x"))
 
 
 def test_retry_after_and_redaction():
@@ -423,20 +440,29 @@ def test_limiter_refuses_to_reserve_beyond_max_wait():
 
 
 @pytest.mark.parametrize("kind", ["redis", "file", "process"])
-def test_a_group_of_slots_is_reserved_in_one_call_and_counts_in_full(kind, redis_url, tmp_path):
-    """Reserving 5 slots at 10/s takes half a second of the bucket: the next caller waits for it."""
+def test_a_group_of_slots_goes_at_once_and_the_next_group_lines_up_behind_it(kind, redis_url, tmp_path):
+    """At 10/s with a burst of 5: a group of 5 may go now, the next group of 5 in half a second
+    (when all of its slots are due), and nothing more within that second."""
     import uuid as _uuid
 
     if kind == "redis":
-        limiter = RedisRateLimiter(redis_url, f"test:group:{_uuid.uuid4()}", rate_per_second=10.0)
+        limiter = RedisRateLimiter(redis_url, f"test:group:{_uuid.uuid4()}", rate_per_second=10.0, burst=5)
     elif kind == "file":
-        limiter = FileRateLimiter(tmp_path / "bucket.tat", rate_per_second=10.0)
+        limiter = FileRateLimiter(tmp_path / "bucket.tat", rate_per_second=10.0, burst=5)
     else:
-        limiter = ProcessRateLimiter(rate_per_second=10.0)
+        limiter = ProcessRateLimiter(rate_per_second=10.0, burst=5)
     first = limiter.reserve(max_wait=1.0, count=5)
-    assert first.granted and first.wait < 0.05
-    after = limiter.reserve(max_wait=0.1)
-    assert not after.granted and 0.4 <= after.wait <= 0.55, after
+    assert first.granted and first.wait < 0.05, first
+    second = limiter.reserve(max_wait=1.0, count=5)
+    assert second.granted and 0.45 <= second.wait <= 0.55, second
+    third = limiter.reserve(max_wait=0.1)
+    assert not third.granted and 0.55 <= third.wait <= 0.65, third
+
+
+def test_a_group_larger_than_the_burst_waits_for_its_last_slot():
+    limiter = ProcessRateLimiter(rate_per_second=10.0)
+    group = limiter.reserve(max_wait=1.0, count=3)
+    assert group.granted and 0.19 <= group.wait <= 0.21, group
 
 
 def test_redis_limiter_buckets_are_per_backend(redis_url):
@@ -451,14 +477,11 @@ def test_redis_limiter_buckets_are_per_backend(redis_url):
     assert not webhook.reserve(0).granted
 
 
-def test_item13_a_redelivered_send_takes_back_the_rows_its_dead_worker_claimed(db_session, pending_rows):
-    """The run of message m1 died holding claimed rows: m1 delivered again sends them at once
-    (one more attempt each), while another message never takes them before the stale time."""
-    _org, job_id, _users = pending_rows
-    held = outbox.claim_notifications(db_session, job_id, limit=4, owner="m1")
-    assert len(held) == 4
-    others = outbox.claim_notifications(db_session, job_id, limit=100, owner="m2")
-    assert {c.id for c in others}.isdisjoint(c.id for c in held)
-    again = outbox.claim_notifications(db_session, job_id, limit=100, owner="m1")
-    assert sorted(c.id for c in again) == sorted(c.id for c in held)
-    assert all(c.attempts == 2 for c in again)
+def test_the_same_message_run_twice_at_once_claims_disjoint_rows(db_session, pending_rows):
+    """Two runs of one ``notifications.send`` message (same id) each claim with a token of their
+    own: neither takes the other's live rows, so no row is sent twice."""
+    _org, job_id, users = pending_rows
+    first = claim_rows(db_session, job_id, limit=4)
+    second = claim_rows(db_session, job_id, limit=1000)
+    assert {c.id for c in first}.isdisjoint(c.id for c in second)
+    assert len(first) + len(second) == len(users) and first[0].token != second[0].token

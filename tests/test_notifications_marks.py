@@ -1,8 +1,7 @@
 """Notifications: the one backoff, and sent marks that wait out a database outage.
 
-Recording rows the provider already accepted is the one database-down path the sender handles
-itself instead of leaving it to the task's autoretry: a retried task would take those rows back
-under the same message id and send them again.
+Recording rows the provider already accepted is the one database-down path the courier's sender
+waits out itself: the messages were sent, and only that write says so.
 """
 
 from __future__ import annotations
@@ -31,14 +30,14 @@ def test_one_backoff_formula_with_equal_jitter():
                                                                        outbox.RETRY_MAX_SECONDS, random.Random(9))
 
 
-def test_importing_the_package_registers_the_task_under_its_name():
+def test_the_task_module_registers_the_task_under_its_name():
     assert notification_tasks.send_notifications.name == outbox.TASK_NAME == "notifications.send"
     assert notification_tasks.send_notifications.autoretry_for == DATABASE_UNAVAILABLE
 
 
 def _claim(nid: int) -> ClaimedNotification:
     return ClaimedNotification(id=nid, user_id=nid, course_id=1, reset_job_id=None, kind="course_assigned",
-                               attempts=1)
+                               attempts=1, token="t")
 
 
 @pytest.fixture
@@ -65,7 +64,7 @@ def database(monkeypatch):
 
 def test_sent_marks_wait_out_a_database_outage_with_the_backoff(database):
     database["down"] = 3
-    result = sending.SendRunResult(job_id=None)
+    result = sending.GroupResult(job_id=None)
     marks = sending._SentMarks(result)
     marks.items = [(_claim(1), "p1"), (_claim(2), "p2")]
     marks.flush()
@@ -79,7 +78,7 @@ def test_sent_marks_wait_out_a_database_outage_with_the_backoff(database):
 def test_sent_marks_give_up_after_the_deadline(database, monkeypatch):
     monkeypatch.setattr(sending, "MARK_RETRY_SECONDS", 0.0)
     database["down"] = 1
-    result = sending.SendRunResult(job_id=None)
+    result = sending.GroupResult(job_id=None)
     marks = sending._SentMarks(result)
     marks.items = [(_claim(1), "p1")]
     with pytest.raises(OperationalError):

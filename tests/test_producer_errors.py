@@ -14,13 +14,16 @@ from freezegun import freeze_time
 from models.db import dispose_engine, session_scope
 from models.errors import (
     Conflict,
+    IdempotencyKeyReused,
     NotFound,
     PermissionDenied,
-    ProgressResetError,
     TokenExpired,
     TokenInvalid,
     ValidationFailed,
 )
+from models.job_ids import job_uuid
+from models.jobs import expire_requests
+from models.schema import ResetJob
 from models.seed import seed
 from models.times import utcnow
 from models.training import create_user
@@ -105,11 +108,11 @@ def test_idempotency_key(db_session, two_orgs):
     course = a.course_ids[0]
     first = resets.request(db_session, a.admin_id, course, reason="x", idempotency_key="k-1")
     again = resets.request(db_session, a.admin_id, course, reason="x", idempotency_key="k-1")
-    assert again.request_id == first.request_id and again.token  # a fresh token, same request
-    # The old token was replaced: only the newest one confirms.
-    refused(db_session, TokenInvalid, resets.confirm, first.request_id, a.admin_id, first.token)
-    refused(db_session, Conflict, resets.request, a.admin_id, course, reason="other", idempotency_key="k-1",
-            match="other parameters")
+    # The same answer, token included, marked as a replay.
+    assert (again.request_id, again.token, again.expires_at) == (first.request_id, first.token, first.expires_at)
+    assert again.replayed and not first.replayed
+    refused(db_session, IdempotencyKeyReused, resets.request, a.admin_id, course, reason="other",
+            idempotency_key="k-1", match="other parameters")
     refused(db_session, ValidationFailed, resets.request, a.admin_id, course, idempotency_key="k" * 201)
     refused(db_session, ValidationFailed, resets.request, a.admin_id, course, reason="r" * 2001)
 
@@ -180,3 +183,14 @@ def test_cli_refusals_are_one_line_and_change_nothing(fresh_db, use_env, redis_u
     bad_db = {**env, "DATABASE_URL": "postgresql://postgres@127.0.0.1:1/nowhere"}
     assert_refused(cli(bad_db, "status", json.loads(ok.stdout)["job_id"]), "database unavailable")
     dispose_engine()
+
+
+def test_an_expired_request_keeps_nothing_that_opens_its_token(db_session, two_orgs):
+    a, _b = two_orgs
+    req = resets.request(db_session, a.admin_id, a.course_ids[0], idempotency_key="retry-7f3c2a")
+    job = db_session.get(ResetJob, job_uuid(req.request_id))
+    assert job.sealed_token is not None and job.token_hash is not None
+    assert expire_requests(db_session, utcnow()) == 0  # still within its lifetime
+    assert expire_requests(db_session, utcnow() + timedelta(hours=1)) == 1
+    db_session.refresh(job)
+    assert (job.state, job.token_hash, job.sealed_token) == ("expired", None, None)

@@ -195,3 +195,42 @@ def test_concurrent_confirms_of_one_course_admit_exactly_one(committed_org):
     for t in threads:
         t.join(20)
     assert sorted(outcomes) == ["conflict"] * 5 + ["queued"]
+
+
+def test_a_learner_confirm_waits_for_a_course_wide_confirm_in_flight_and_is_refused(committed_org):
+    # Different scopes are different unique indexes: only the lock on the course orders them.
+    org = committed_org
+    course = org.course_ids[0]
+    with session_scope() as session:
+        whole = resets.request(session, org.admin_id, course, reason="course")
+        one = resets.request(session, org.admin_id, course, learner_id=org.learner_id, reason="learner")
+    course_confirmed, release = threading.Event(), threading.Event()
+
+    def confirm_course_and_hold():
+        with session_scope() as session:
+            resets.confirm(session, whole.request_id, org.admin_id, whole.token)
+            course_confirmed.set()
+            release.wait(20)
+
+    holder = threading.Thread(target=confirm_course_and_hold)
+    holder.start()
+    assert course_confirmed.wait(10)
+    outcome: list[BaseException | str] = []
+
+    def confirm_learner():
+        try:
+            with session_scope() as session:
+                resets.confirm(session, one.request_id, org.admin_id, one.token)
+            outcome.append("queued")
+        except Exception as exc:
+            outcome.append(exc)
+
+    learner = threading.Thread(target=confirm_learner)
+    learner.start()
+    time.sleep(0.5)
+    assert not outcome, "the learner confirm must wait while the course-wide confirm is uncommitted"
+    release.set()
+    holder.join(20)
+    learner.join(20)
+    assert len(outcome) == 1 and isinstance(outcome[0], Conflict), outcome
+    assert "already being reset" in str(outcome[0])

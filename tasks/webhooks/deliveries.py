@@ -29,8 +29,9 @@ from models.states import OPEN_DELIVERY_STATES, DeliveryStatus
 from models.times import as_utc, utcnow
 from tasks.backoff import backoff_seconds
 
-# A claimed delivery is the claimer's for the HTTP timeout plus this margin; then anyone may retry it.
-LEASE_MARGIN_SECONDS = 10.0
+# A claimed delivery is the claimer's for the attempt's total deadline plus this margin: the
+# attempt has ended (answered, or cut off at its deadline) before anyone may claim the row again.
+LEASE_MARGIN_SECONDS = 5.0
 # Characters of the receiver's answer kept in the delivery log.
 MAX_ERROR_TEXT = 300
 
@@ -61,7 +62,8 @@ class AttemptOutcome:
 
 
 def lease_seconds(settings: Settings) -> float:
-    return settings.webhooks_timeout_seconds * 3 + LEASE_MARGIN_SECONDS
+    """How long a claim owns its row: longer than the attempt can last (``WEBHOOKS_TIMEOUT_SECONDS``)."""
+    return settings.webhooks_timeout_seconds + LEASE_MARGIN_SECONDS
 
 
 def not_blocked():
@@ -84,7 +86,9 @@ def claim_next_delivery(session: Session, endpoint_id: int, now: datetime | None
     """Claim the endpoint's oldest due delivery whose job has no earlier one unfinished; None if none.
 
     The claim is a conditional UPDATE (status and attempts unchanged), so two
-    runs never own one row; the row is ``sending`` under a lease.
+    runs never own one row; the row is ``sending`` under a lease that outlives the attempt. A row
+    whose last allowed attempt lost its worker is not claimed again: it ends ``failed``, so
+    ``attempts`` never passes ``WEBHOOKS_MAX_ATTEMPTS``.
     """
     now = now or utcnow()
     settings = settings or get_settings()
@@ -92,7 +96,7 @@ def claim_next_delivery(session: Session, endpoint_id: int, now: datetime | None
                                .where(e.c.id == endpoint_id, e.c.deleted_at.is_(None))).first()
     if endpoint is None:
         return None
-    for _ in range(5):
+    for _ in range(20):
         row = session.execute(
             select(d.c.id, d.c.status, d.c.attempts, d.c.event_id).where(d.c.endpoint_id == endpoint_id,
                                                                           _claimable(now))
@@ -100,6 +104,14 @@ def claim_next_delivery(session: Session, endpoint_id: int, now: datetime | None
         ).first()
         if row is None:
             return None
+        if row.attempts >= settings.webhooks_max_attempts:
+            session.execute(update(d).where(d.c.id == row.id, d.c.status == row.status, d.c.attempts == row.attempts)
+                            .values(status=DeliveryStatus.FAILED, lease_expires_at=None,
+                                    last_error=f"no answer recorded for attempt {row.attempts}, the last allowed "
+                                               "(the worker sending it was lost)"))
+            log_event("webhooks.delivery.failed", logging.WARNING, delivery_id=row.id, endpoint_id=endpoint_id,
+                      event_id=str(row.event_id), attempt=row.attempts, status_code=None)
+            continue
         claimed = session.execute(
             update(d).where(d.c.id == row.id, d.c.status == row.status, d.c.attempts == row.attempts)
             .values(status=DeliveryStatus.SENDING, attempts=row.attempts + 1, last_attempt_at=now,
@@ -112,7 +124,7 @@ def claim_next_delivery(session: Session, endpoint_id: int, now: datetime | None
                 in_use.append(endpoint.previous_secret)
             return ClaimedDelivery(row.id, endpoint_id, row.attempts + 1, endpoint.url, in_use, row.event_id,
                                    event.type, event.payload)
-    return None  # pragma: no cover - five lost races in a row
+    return None  # pragma: no cover - twenty rows failed or lost in a row: the next run goes on
 
 
 def retry_delay(attempt: int, settings: Settings) -> float:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from models.job_events import DELIVER_TASK
 from tasks.base import project_task
-from tasks.webhooks.delivering import deliver_endpoint
+from tasks.webhooks.delivering import dispatch_endpoint
 
 
 @project_task(DELIVER_TASK)
 def deliver(endpoint_id: int) -> None:
-    """Deliver one endpoint's due job events (ids only in the message: the endpoint's id)."""
-    deliver_endpoint(int(endpoint_id))
+    """Hand one endpoint's due job events to this process's courier (the message holds its id only)."""
+    dispatch_endpoint(int(endpoint_id))

@@ -1,5 +1,5 @@
-"""What every call out of the system shares: reading a receiver's ``Retry-After``, and keeping
-e-mail addresses out of the failure reasons that are stored and logged."""
+"""Reading what an outside party answered: its ``Retry-After``, and failure reasons kept free of
+e-mail addresses before they are stored and logged."""
 
 from __future__ import annotations
 
