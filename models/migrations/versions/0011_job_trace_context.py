@@ -2,7 +2,7 @@
 unit, the finalize, the notification runs and the webhook deliveries of the job join its trace.
 
 Revision ID: 0011
-Revises: 0007
+Revises: 0010
 Create Date: 2026-12-03 09:00:00
 """
 from alembic import op
