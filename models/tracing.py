@@ -9,7 +9,9 @@ every function here returns at its first line. The standard variables switch it 
 
 Each process sets tracing up for itself, after any fork (:func:`setup_tracing`: a worker's pool
 process in ``worker_process_init``, the API in its app factory): the SQLAlchemy and httpx
-instrumentations here, Celery's in ``workers``, FastAPI's in ``producer.http``.
+instrumentations here, Celery's in ``workers``, FastAPI's in ``producer.http``. Calls out to
+webhook receivers and notification providers go through the project's own client
+(``tasks.outbound.http``), which opens its ``CLIENT`` span with :func:`client_span`.
 
 **The job's trace.** A confirmed job keeps the W3C ``traceparent`` of the span that confirmed
 it (the caller's HTTP request, or a campaign's dispatch) in ``reset_jobs.traceparent``. Work is
@@ -173,6 +175,44 @@ def trace_headers() -> dict[str, str]:
     headers: dict[str, str] = {}
     inject(headers)
     return headers
+
+
+class ClientCall:
+    """One call out of the system as :func:`client_span` traces it: the headers that carry its
+    context to the receiver, and :meth:`answered` to record the answer's status."""
+
+    def __init__(self, span=None):
+        self._span = span
+        self.headers = trace_headers() if span is not None else {}
+
+    def answered(self, status: int) -> None:
+        if self._span is not None:
+            self._span.set_attribute("http.response.status_code", status)
+
+
+@contextmanager
+def client_span(method: str, url: str) -> Iterator[ClientCall]:
+    """A ``CLIENT`` span around one call out (``method`` to ``url``), in the current trace.
+
+    The calls out go through the project's own HTTP client (``tasks.outbound.http``), which the
+    httpx instrumentation never sees. The span names the server and the path, never the query
+    (it may carry a receiver's token). A failure raised inside is recorded on the span.
+    """
+    if not tracing_on():
+        yield ClientCall()
+        return
+    from urllib.parse import urlsplit
+
+    from opentelemetry import trace
+
+    parts = urlsplit(url)
+    attributes = {"http.request.method": method, "url.scheme": parts.scheme,
+                  "server.address": parts.hostname or "", "url.path": parts.path or "/"}
+    if parts.port:
+        attributes["server.port"] = parts.port
+    with _provider.get_tracer(__name__).start_as_current_span(method, kind=trace.SpanKind.CLIENT,
+                                                              attributes=attributes) as span:
+        yield ClientCall(span)
 
 
 # --- the job's trace ---------------------------------------------------------------------------

@@ -18,7 +18,6 @@ from sqlalchemy import select
 
 from models import tracing
 from models.db import session_scope
-from models.logs import log_event
 from models.schema import ResetJob
 from models.settings import get_settings
 from models.times import utcnow
@@ -107,7 +106,8 @@ def test_one_trace_from_the_callers_confirm_to_every_unit_notification_and_webho
     starter.stop()
 
     everything.stop()  # a worker's pool process exports what it still holds as it ends
-    spans = otlp.wait_for(lambda s: {"run/notifications.send", "run/webhooks.deliver", "resets.finalize"}
+    spans = otlp.wait_for(lambda s: {"run/notifications.send", "run/webhooks.deliver", "resets.finalize",
+                                     "webhooks.delivery"}
                           <= {x.name for x in s} and sum(x.name == "resets.unit" for x in s) >= 2,
                           what="the job's spans")
     ids = by_id(spans)
@@ -146,13 +146,21 @@ def test_one_trace_from_the_callers_confirm_to_every_unit_notification_and_webho
     finalize = [s for s in spans if s.name == "resets.finalize"]
     assert finalize and all(s.trace_id == CALLER_TRACE and s.parent_id == confirm.span_id for s in finalize)
 
-    # Notifications and webhook deliveries of the job: in its trace (published from its spans),
-    # and each run links to the job it served (link_jobs after each claim).
+    # Notifications and webhook deliveries of the job: in its trace (published from its spans).
     for name in ("run/notifications.send", "run/webhooks.deliver"):
         runs = [s for s in spans if s.name == name]
         assert runs and all(s.trace_id == CALLER_TRACE for s in runs), name
-        assert any((CALLER_TRACE, confirm.span_id, job_id) == (t, sp, attrs.get("progress_reset.job_id"))
-                   for s in runs for t, sp, attrs in s.links), name
+    # A notification dispatch links to the jobs whose rows it claimed (link_jobs after the claim).
+    assert any((CALLER_TRACE, confirm.span_id, job_id) == (t, sp, attrs.get("progress_reset.job_id"))
+               for s in spans if s.name == "run/notifications.send" for t, sp, attrs in s.links)
+    # A webhook task only hands its endpoint to the courier and ends; each POST, on a courier
+    # thread, is a span of the job (a child of the confirm) linked to the task run that offered it.
+    deliveries = [s for s in spans if s.name == "webhooks.delivery"]
+    assert deliveries, "no webhooks.delivery span"
+    for delivery in deliveries:
+        assert (delivery.trace_id, delivery.parent_id) == (CALLER_TRACE, confirm.span_id), delivery
+        assert delivery.attributes["progress_reset.job_id"] == job_id
+        assert [ids[link[1]].name for link in delivery.links if link[1] in ids] == ["run/webhooks.deliver"]
     # The receiver continues the job's trace: every delivery carried a traceparent in it.
     for received in hooks.got():
         assert received.headers["traceparent"].split("-")[1] == CALLER_TRACE, received.headers
@@ -252,6 +260,31 @@ def test_a_run_links_to_each_job_it_serves_and_a_delivery_joins_its_jobs_trace(d
     assert [link.context.span_id for link in own.links] == [run.get_span_context().span_id]
     assert f"{failed.context.trace_id:032x}" == b_trace and not failed.status.is_ok
     assert failed.events[0].name == "exception"
+
+
+def test_a_call_out_is_a_client_span_that_names_the_server_never_the_query(memory_spans):
+    from opentelemetry.trace import SpanKind
+
+    from tasks.outbound.deadline import Deadline
+    from tasks.outbound.http import post
+
+    _provider, exporter = memory_spans
+    receiver = Receiver(default=202).start()
+    try:
+        with tracing.job_span("webhooks.delivery", traceparent(uuid.uuid4().hex, "c" * 16)):
+            answer = post(f"{receiver.url}?token=s3cret", b"{}", {"Content-Type": "application/json"},
+                          Deadline.after(5.0))
+    finally:
+        receiver.stop()
+    assert answer.status == 202
+    spans = {s.name: s for s in exporter.get_finished_spans()}
+    call, delivery = spans["POST"], spans["webhooks.delivery"]
+    assert call.kind == SpanKind.CLIENT and call.parent.span_id == delivery.context.span_id
+    assert call.attributes["http.response.status_code"] == 202
+    assert call.attributes["url.path"] == "/hooks" and "s3cret" not in repr(dict(call.attributes))
+    # The receiver continues the trace from the call's own span.
+    (got,) = receiver.requests
+    assert got.headers["traceparent"] == traceparent(f"{call.context.trace_id:032x}", f"{call.context.span_id:016x}")
 
 
 def test_tracing_is_off_by_default_and_then_records_nothing(db_session, capsys):

@@ -13,7 +13,6 @@ import time
 from models.errors import ValidationFailed
 from models.receiver_urls import check_url
 from models.settings import Settings
-from models.tracing import trace_headers
 from tasks.outbound.answers import parse_retry_after, redact
 from tasks.outbound.deadline import Deadline
 from tasks.outbound.http import CallFailed, post
@@ -38,7 +37,6 @@ def send_delivery(claimed: ClaimedDelivery, settings: Settings) -> AttemptOutcom
         "X-Event-Type": claimed.event_type,
         "X-Delivery-Id": str(claimed.delivery_id),
         "X-Delivery-Attempt": str(claimed.attempt),
-        **trace_headers(),  # the current span's context: the job's (see deliver_endpoint)
     }
     try:
         answer = post(checked.url, body, headers, deadline, pinned=checked.pins())
