@@ -1,6 +1,7 @@
 """The benchmark: a course-wide reset against the SQL floor, fairness, scale, memory, notifications.
 
     python -m bench [--sizes 10000,100000] [--runs 3] [--large] [--skip-fairness] [--burst | --skip-burst]
+                    [--tracing off|on]
 
 ``--burst`` runs only the many-jobs scenario of :mod:`bench.burst` (a campaign-day burst of
 one organization while another works, on two worker topologies, and small courses on an
@@ -15,6 +16,10 @@ transaction, :mod:`bench.floor`), one for the system (request -> confirm ->
 ``succeeded`` through the producer and the workers). Medians of the runs are
 quoted. Prints a table, writes ``bench/results/<date>.json`` and ends with one
 ``RESULT {json}`` line.
+
+``--tracing on`` runs the workers with tracing on (OpenTelemetry, every span exported over
+OTLP/HTTP to a sink on loopback, :mod:`bench.trace_sink`); ``--tracing off`` makes sure it is off.
+Either writes ``bench/results/<date>-tracing-<off|on>.json``, so the two runs sit side by side.
 """
 
 from __future__ import annotations
@@ -286,7 +291,16 @@ def run(argv: list[str] | None = None) -> int:
     burst = parser.add_mutually_exclusive_group()
     burst.add_argument("--burst", action="store_true", help="only the many-jobs scenario (bench/burst.py)")
     burst.add_argument("--skip-burst", action="store_true")
+    parser.add_argument("--tracing", choices=("off", "on"), help="run the workers with tracing off or on")
     args = parser.parse_args(argv)
+    sink = None
+    if args.tracing == "on":
+        from bench.trace_sink import TraceSink
+
+        sink = TraceSink()
+        os.environ.update(OTEL_TRACES_EXPORTER="otlp", OTEL_EXPORTER_OTLP_TRACES_ENDPOINT=sink.endpoint)
+    elif args.tracing == "off":
+        os.environ["OTEL_TRACES_EXPORTER"] = "none"
     sizes = [] if args.burst else [int(s) for s in args.sizes.split(",") if s]
     if args.large and 1_000_000 not in sizes:
         sizes.append(1_000_000)
@@ -368,9 +382,13 @@ def run(argv: list[str] | None = None) -> int:
             print(f"{t:>9} {e['a_drain_s']:>8.2f} {b['burst_floor_s']:>8.2f} {e['burst_drain_ratio']:>6.2f} "
                   f"{e['b_during_s']:>9.2f} {e['b_alone_s']:>9.2f} {e['burst_other_org_slowdown']:>8.2f} "
                   f"{e['single_p50_ms']:>9.0f} {e['single_p95_ms']:>9.0f} {e['small_300_p50_ms']:>10.0f}")
+    if args.tracing:
+        summary["tracing"] = args.tracing
+        results["tracing"] = {"state": args.tracing, **(sink.stop() if sink else {})}
     results["summary"] = summary
     RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"{datetime.now().strftime('%Y-%m-%d')}.json"
+    suffix = f"-tracing-{args.tracing}" if args.tracing else ""
+    out = RESULTS / f"{datetime.now().strftime('%Y-%m-%d')}{suffix}.json"
     out.write_text(json.dumps(results, indent=2, default=str))
     log(f"figures written to {out}")
     print("RESULT " + json.dumps(summary))

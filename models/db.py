@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from sqlalchemy import Engine, create_engine, event
@@ -20,6 +20,14 @@ _lock = threading.Lock()
 _engine: Engine | None = None
 _sessionmaker: sessionmaker[Session] | None = None
 _engine_pid: int | None = None
+# Called with each engine the process builds (tracing instruments it: models/tracing.py).
+_engine_listeners: list[Callable[[Engine], None]] = []
+
+
+def on_new_engine(listener: Callable[[Engine], None]) -> None:
+    """Call ``listener(engine)`` for every engine :func:`get_engine` builds from now on."""
+    if listener not in _engine_listeners:
+        _engine_listeners.append(listener)
 
 
 def make_engine(url: str, **kwargs) -> Engine:
@@ -69,6 +77,8 @@ def get_engine() -> Engine:
             if _engine is not None:
                 _engine.dispose(close=False)
             _engine = make_engine(get_settings().database_url)
+            for listener in _engine_listeners:
+                listener(_engine)
             _sessionmaker = sessionmaker(_engine, expire_on_commit=False)
             _engine_pid = os.getpid()
         return _engine

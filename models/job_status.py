@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 from models.schema import Notification, ResetBatch, ResetJob
 from models.states import BatchKind, BatchState, NotificationStatus
 from models.times import iso
+from models.tracing import trace_id_of
 
 
 def job_identity(job: ResetJob) -> dict:
@@ -45,6 +46,7 @@ def describe_status(session: Session, job: ResetJob) -> dict:
         "started_at": iso(job.started_at),
         "finished_at": iso(job.finished_at),
         "error": job.error,
+        "trace_id": trace_id_of(job.traceparent),
     }
 
 

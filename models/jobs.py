@@ -23,6 +23,7 @@ from models.job_ids import job_uuid
 from models.schema import Certificate, CourseAssignment, CourseCompletion, ResetJob, User
 from models.states import ACTIVE_JOB_STATES, AssignmentStatus, JobScope, JobState
 from models.times import utcnow
+from models.tracing import current_traceparent
 
 
 # --- who a reset targets --------------------------------------------------------------
@@ -110,6 +111,8 @@ def activate_job(session: Session, job: ResetJob, now: datetime | None = None) -
             job.confirmed_at = now
             job.published_at = now
             job.heartbeat_at = now
+            # The job's trace: the span confirming it (the caller's request, a campaign's dispatch).
+            job.traceparent = current_traceparent() or job.traceparent
             session.add(job)
             session.flush()
     except IntegrityError:

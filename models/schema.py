@@ -267,6 +267,9 @@ class ResetJob(Base):
     finalized_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     # When the job's next ``notifications.send`` is due: one chain of sends per job (tasks/notifications).
     notify_wake_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    # The W3C traceparent of the span that confirmed the job (null when tracing was off): every
+    # unit, the finalize and the job's notifications and webhook deliveries join that trace.
+    traceparent: Mapped[str | None] = mapped_column(String(55), nullable=True)
 
     __table_args__ = (
         # R11: at most one active reset per course and per learner-in-course,

@@ -40,6 +40,8 @@ class SettingsError(ValueError):
 
 
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+# The span exporters installed (models/tracing.py).
+TRACE_EXPORTERS = ("otlp", "console")
 
 
 def is_redis_url(url: str) -> bool:
@@ -153,6 +155,19 @@ class Settings(BaseSettings):
     http_host: str = Field("127.0.0.1", validation_alias="HTTP_HOST")
     http_port: int = Field(8080, ge=1, validation_alias="HTTP_PORT")
     log_format: Literal["json", "text"] = Field("json", validation_alias="LOG_FORMAT")
+    # Metrics: organizations with a label value of their own (the first ones observed); the rest are "other".
+    metrics_organization_labels: int = Field(20, ge=0, validation_alias="METRICS_ORGANIZATION_LABELS")
+    # Tracing (OpenTelemetry). Only what decides "on or off" is read here (see tracing_exporters);
+    # the SDK reads the other OTEL_* variables (service name, sampler, batching, headers) itself.
+    otel_sdk_disabled: bool = Field(False, validation_alias="OTEL_SDK_DISABLED")
+    otel_traces_exporter: str = Field("", validation_alias="OTEL_TRACES_EXPORTER")
+    otel_exporter_otlp_endpoint: str = Field("", validation_alias="OTEL_EXPORTER_OTLP_ENDPOINT")
+    otel_exporter_otlp_traces_endpoint: str = Field("", validation_alias="OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+    # Only the OTLP exporter over HTTP is installed (port 4318); gRPC would fail at every export.
+    otel_exporter_otlp_protocol: Literal["http/protobuf"] = Field(
+        "http/protobuf", validation_alias="OTEL_EXPORTER_OTLP_PROTOCOL")
+    otel_exporter_otlp_traces_protocol: Literal["http/protobuf"] = Field(
+        "http/protobuf", validation_alias="OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
 
     @field_validator("data_dir")
     @classmethod
@@ -195,6 +210,15 @@ class Settings(BaseSettings):
         # NOTIFY_BACKEND=SMTP and LOG_FORMAT=TEXT are meant, not malformed.
         return value.lower() if isinstance(value, str) else value
 
+    @field_validator("otel_traces_exporter")
+    @classmethod
+    def _known_exporters(cls, value: str) -> str:
+        names = [name.strip().lower() for name in value.split(",") if name.strip()]
+        unknown = [name for name in names if name not in TRACE_EXPORTERS + ("none",)]
+        if unknown or ("none" in names and len(names) > 1):
+            raise ValueError(f"must be otlp, console, both separated by a comma, or none; got {value!r}")
+        return ",".join(names)
+
     @field_validator("course_base_url")
     @classmethod
     def _no_trailing_slash(cls, value: str) -> str:
@@ -215,6 +239,22 @@ class Settings(BaseSettings):
             raise ValueError("must be an http:// or https:// URL such as http://rabbitmq:15672/api/")
         # Flower joins "queues/<vhost>" to it: without the trailing slash the last segment would be lost.
         return value if not value or value.endswith("/") else value + "/"
+
+    @property
+    def tracing_exporters(self) -> tuple[str, ...]:
+        """Where spans go; empty: tracing is off. The one place that decides it.
+
+        Off unless ``OTEL_TRACES_EXPORTER`` names an exporter (``otlp``, ``console``) or an OTLP
+        endpoint is set (then ``otlp``); ``OTEL_TRACES_EXPORTER=none`` or ``OTEL_SDK_DISABLED=true``
+        turn it off whatever else is set.
+        """
+        if self.otel_sdk_disabled or self.otel_traces_exporter == "none":
+            return ()
+        if self.otel_traces_exporter:
+            return tuple(self.otel_traces_exporter.split(","))
+        if self.otel_exporter_otlp_endpoint or self.otel_exporter_otlp_traces_endpoint:
+            return ("otlp",)
+        return ()
 
     @property
     def embedded(self) -> bool:

@@ -47,6 +47,7 @@ try:  # POSIX only
 except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
 
+from models.lag_metrics import RATE_LIMIT_WAIT, observe
 from models.settings import Settings
 
 KEY_PREFIX = "progress_reset:ratelimit"
@@ -87,7 +88,8 @@ class Reservation:
 
 
 class RateLimiter:
-    """Base: ``reserve`` is the one primitive; ``acquire`` reserves and sleeps."""
+    """Base: subclasses implement ``_reserve``; ``reserve`` calls it and observes the wait for
+    ``/metrics`` (models/lag_metrics.py); ``acquire`` reserves and sleeps."""
 
     rate_per_second: float
     burst: int
@@ -96,8 +98,17 @@ class RateLimiter:
     def interval(self) -> float:
         return 1.0 / self.rate_per_second
 
-    def reserve(self, max_wait: float, count: int = 1) -> Reservation:  # pragma: no cover - abstract
-        """Reserve ``count`` (at most ``burst``) slots if they may all be used within ``max_wait``."""
+    def reserve(self, max_wait: float, count: int = 1) -> Reservation:
+        """Reserve ``count`` (at most ``burst``) slots if they may all be used within ``max_wait``.
+
+        The wait (granted or not) is observed for ``/metrics``: how long the group waits for its
+        slots, in the future, never in a worker slot.
+        """
+        reservation = self._reserve(max_wait, count)
+        observe(RATE_LIMIT_WAIT, [(None, reservation.wait)])
+        return reservation
+
+    def _reserve(self, max_wait: float, count: int) -> Reservation:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def acquire(self, max_wait: float = 30.0) -> Reservation:
@@ -133,7 +144,7 @@ class RedisRateLimiter(RateLimiter):
         self._client = redis.Redis.from_url(redis_url, socket_timeout=5, socket_connect_timeout=5)
         self._script = self._client.register_script(_GCRA_LUA)
 
-    def reserve(self, max_wait: float, count: int = 1) -> Reservation:
+    def _reserve(self, max_wait: float, count: int = 1) -> Reservation:
         import redis
 
         try:
@@ -167,7 +178,7 @@ class FileRateLimiter(RateLimiter):
             self._pid = os.getpid()
         return self._fd
 
-    def reserve(self, max_wait: float, count: int = 1) -> Reservation:
+    def _reserve(self, max_wait: float, count: int = 1) -> Reservation:
         with self._lock:
             try:
                 fd = self._open()
@@ -199,7 +210,7 @@ class ProcessRateLimiter(RateLimiter):
         self._tat = 0.0
         self._lock = threading.Lock()
 
-    def reserve(self, max_wait: float, count: int = 1) -> Reservation:
+    def _reserve(self, max_wait: float, count: int = 1) -> Reservation:
         with self._lock:
             self._tat, reservation = _gcra_step(self._tat, time.monotonic(), self.interval, self.burst, max_wait,
                                                 max(1, int(count)))

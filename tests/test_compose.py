@@ -7,6 +7,7 @@ exists in the project, and the start-up order is right.
 from __future__ import annotations
 
 import importlib
+import json
 import re
 import shlex
 from pathlib import Path
@@ -177,3 +178,66 @@ def test_dockerfile_installs_the_locked_dependencies():
     assert "requirements.lock" in dockerfile and re.search(r"pip install .*-c requirements\.lock \.", dockerfile)
     for package in ("models", "tasks", "workers", "producer"):
         assert f"COPY {package} " in dockerfile, f"the image lacks the {package} package"
+
+
+# --- profile "observability": Prometheus, Grafana with the dashboard, Jaeger ------------------------
+
+OBSERVABILITY = ("prometheus", "grafana", "jaeger")
+DASHBOARD = REPO_ROOT / "docs" / "observability" / "progress-reset-dashboard.json"
+
+
+def mounts(service: str) -> dict[str, str]:
+    """``{path in the container: path in the repository}`` of a service's bind mounts."""
+    out = {}
+    for volume in SERVICES[service].get("volumes", []):
+        source, target = volume.split(":")[:2]
+        if source.startswith("./"):
+            out[target] = source[2:]
+    return out
+
+
+def test_the_observability_services_run_only_in_their_profile_with_pinned_images():
+    for name in OBSERVABILITY:
+        service = SERVICES[name]
+        assert service.get("profiles") == ["observability"], name
+        image, _, tag = service["image"].partition(":")
+        assert tag and tag != "latest", f"{name}: pin the image version"
+        assert all(str(port).startswith("127.0.0.1:") for port in service.get("ports", [])), name
+    for name in APP_SERVICES:
+        assert "profiles" not in SERVICES[name], f"{name} must run without any profile"
+
+
+def test_app_services_send_traces_where_the_profile_receives_them():
+    for name in APP_SERVICES:
+        assert SERVICES[name]["environment"]["OTEL_EXPORTER_OTLP_ENDPOINT"] == "${OTEL_EXPORTER_OTLP_ENDPOINT:-}"
+    header = (REPO_ROOT / "docker-compose.yml").read_text()
+    assert "OTEL_EXPORTER_OTLP_ENDPOINT=http://jaeger:4318 docker compose --profile observability up" in header
+    assert SERVICES["jaeger"]["environment"]["COLLECTOR_OTLP_ENABLED"] == "true"
+
+
+def test_prometheus_scrapes_the_api_metrics():
+    config_path = mounts("prometheus")["/etc/prometheus/prometheus.yml"]
+    config = yaml.safe_load((REPO_ROOT / config_path).read_text())
+    (job,) = config["scrape_configs"]
+    assert job["metrics_path"] == "/metrics"
+    assert job["static_configs"][0]["targets"] == [f"api:{SERVICES['api']['environment']['HTTP_PORT']}"]
+    assert option(argv_of(SERVICES["prometheus"]["command"]), "--config.file") == "/etc/prometheus/prometheus.yml"
+
+
+def test_grafana_provisions_the_prometheus_source_and_the_dashboard():
+    grafana = mounts("grafana")
+    provisioning = REPO_ROOT / grafana["/etc/grafana/provisioning"]
+    sources = yaml.safe_load((provisioning / "datasources" / "datasources.yml").read_text())["datasources"]
+    prometheus = next(s for s in sources if s["type"] == "prometheus")
+    assert prometheus["url"] == "http://prometheus:9090"
+    (provider,) = yaml.safe_load((provisioning / "dashboards" / "dashboards.yml").read_text())["providers"]
+    folder = provider["options"]["path"]
+    dashboards = {target: source for target, source in grafana.items() if target.startswith(folder + "/")}
+    assert list(dashboards.values()) == ["docs/observability/progress-reset-dashboard.json"]
+    dashboard = json.loads(DASHBOARD.read_text())
+    panels = [p for p in dashboard["panels"] if p["type"] != "row"]
+    assert panels and all(p["datasource"]["uid"] == prometheus["uid"] for p in panels)
+    titles = " ".join(p["title"] for p in panels)
+    for shown in ("Queue depth", "throughput", "Unit wait p95", "Notification lag", "Webhook delivery lag",
+                  "Dead-lettered"):
+        assert shown in titles, shown

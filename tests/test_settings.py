@@ -20,7 +20,7 @@ VARIABLES = {_current_name(field.validation_alias): name for name, field in Sett
 
 # The smallest value each numeric variable accepts.
 MINIMUMS = {
-    "RESET_BATCH_SIZE": 1, "RESET_PURGE_CHUNK_ROWS": 1, "RESET_PURGE_PARTITIONS": 1, "RESET_PURGE_MIN_ROWS": 0,
+    "RESET_BATCH_SIZE": 1, "METRICS_ORGANIZATION_LABELS": 0, "RESET_PURGE_CHUNK_ROWS": 1, "RESET_PURGE_PARTITIONS": 1, "RESET_PURGE_MIN_ROWS": 0,
     "RESET_WORK_TOKENS": 1, "TASK_SLICE_SECONDS": 0.05, "RESET_BATCH_MAX_ATTEMPTS": 1,
     "RESET_BATCH_LEASE_SECONDS": 1, "RESET_TOKEN_TTL_SECONDS": 1, "CAMPAIGN_MIN_INTERVAL_SECONDS": 60,
     "RESET_JOB_STALE_SECONDS": 1, "PUBLISH_STALE_SECONDS": 1, "SWEEP_INTERVAL_SECONDS": 0.1,
@@ -235,6 +235,32 @@ def test_use_env_reconfigures_settings_and_the_celery_app(use_env, tmp_path):
     assert app.conf.broker_transport_options == {"visibility_timeout": get_settings().visibility_timeout_seconds}
     use_env(CELERY_BROKER_URL=None)
     assert app.conf.broker_url == "filesystem://"
+
+
+@pytest.mark.parametrize(("env", "exporters"), [
+    ({}, ()),
+    ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318"}, ("otlp",)),
+    ({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://collector:4318/v1/traces"}, ("otlp",)),
+    ({"OTEL_TRACES_EXPORTER": "Console"}, ("console",)),
+    ({"OTEL_TRACES_EXPORTER": "otlp, console"}, ("otlp", "console")),
+    ({"OTEL_TRACES_EXPORTER": "none", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318"}, ()),
+    ({"OTEL_TRACES_EXPORTER": "console", "OTEL_SDK_DISABLED": "true"}, ()),
+])
+def test_tracing_is_on_only_when_the_otel_variables_ask_for_it(env, exporters):
+    assert Settings.from_env(env).tracing_exporters == exporters
+
+
+@pytest.mark.parametrize(("variable", "value", "message"), [
+    ("OTEL_TRACES_EXPORTER", "jaeger", "OTEL_TRACES_EXPORTER must be otlp, console, both separated by a comma, "
+                                       "or none; got 'jaeger'"),
+    ("OTEL_TRACES_EXPORTER", "none,console", "OTEL_TRACES_EXPORTER must be otlp, console"),
+    ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc", "OTEL_EXPORTER_OTLP_PROTOCOL must be http/protobuf, got 'grpc'"),
+    ("OTEL_SDK_DISABLED", "maybe", "OTEL_SDK_DISABLED must be true or false"),
+])
+def test_malformed_tracing_variables_name_themselves(variable, value, message):
+    with pytest.raises(SettingsError) as refused:
+        Settings.from_env({variable: value})
+    assert str(refused.value).startswith(message)
 
 
 def test_tests_run_with_a_private_data_dir():

@@ -13,11 +13,11 @@ import json
 import threading
 import time
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from tasks.webhooks.signing import verify_signature
+from tests.loopback_support import LoopbackServer, QuietHandler
 
 
 def _standard_ok(secret: str, body: bytes, headers) -> bool:
@@ -40,6 +40,7 @@ class Received:
     signature_ok: bool
     at: float
     status: int | None = None
+    headers: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -57,12 +58,9 @@ class Receiver:
         self._release = threading.Event()
         receiver = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):  # quiet
-                pass
-
+        class Handler(QuietHandler):
             def do_POST(self):
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                body = self.body()
                 with receiver.lock:
                     secrets = list(receiver.secrets)
                 ok = bool(secrets) and all(
@@ -73,7 +71,8 @@ class Receiver:
                 except ValueError:
                     payload = {}
                 record = Received(self.headers.get("X-Event-Id", ""), self.headers.get("X-Event-Type", ""),
-                                  int(self.headers.get("X-Delivery-Attempt") or 0), payload, ok, time.monotonic())
+                                  int(self.headers.get("X-Delivery-Attempt") or 0), payload, ok, time.monotonic(),
+                                  headers={k.lower(): v for k, v in self.headers.items()})
                 with receiver.lock:
                     receiver.requests.append(record)
                     step = receiver.script.pop(0) if receiver.script else receiver.default
@@ -93,22 +92,19 @@ class Receiver:
                 except OSError:
                     pass  # the sender is gone (killed, or gave up after its timeout)
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.http = LoopbackServer(Handler)
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}/hooks"
+        return f"{self.http.base_url}/hooks"
 
     def start(self) -> "Receiver":
-        self.thread.start()
+        self.http.start()
         return self
 
     def stop(self) -> None:
         self._release.set()
-        self.server.shutdown()
-        self.server.server_close()
+        self.http.stop()
 
     def release(self) -> None:
         with self.lock:

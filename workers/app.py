@@ -7,12 +7,13 @@ from collections.abc import Mapping
 from functools import cached_property
 
 from celery import Celery
-from celery.signals import after_setup_logger, worker_process_init
+from celery.signals import after_setup_logger, worker_process_init, worker_process_shutdown
 
 from models.db import dispose_engine
 from models.logs import configure_logging
 from models.messaging import use_app
 from models.settings import get_settings
+from models.tracing import flush, provider, setup_tracing
 from workers import broker
 from workers.config import TASK_MODULES, celery_config
 
@@ -67,10 +68,25 @@ def reconfigure() -> None:
         amqp._producer_pool = None
 
 
+WORKER_SERVICE_NAME = "progress-reset-worker"
+
+
 @worker_process_init.connect
 def _fresh_engine_in_child(**_kwargs) -> None:
     # Never share pooled connections across a fork: each pool child builds its own.
     dispose_engine()
+    # Tracing too is per process, after the fork (the SDK's exporter threads and connections do
+    # not survive one); off unless the OTEL_* variables ask for it (models/tracing.py).
+    if setup_tracing(WORKER_SERVICE_NAME):
+        from opentelemetry.instrumentation.celery import CeleryInstrumentor
+
+        CeleryInstrumentor().instrument(tracer_provider=provider())
+
+
+@worker_process_shutdown.connect
+def _export_spans_left(**_kwargs) -> None:
+    # A pool process ends without running atexit hooks: send what the batch processor still holds.
+    flush()
 
 
 @after_setup_logger.connect

@@ -15,6 +15,7 @@ from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from models.errors import ProgressResetError
+from models.tracing import provider, setup_tracing
 from producer.http import problems
 from producer.http.middleware import RequestContextMiddleware
 from producer.http.openapi import custom_openapi
@@ -23,6 +24,9 @@ from producer.http.routes import audit, campaigns, ops, resets, webhooks
 from producer.metrics import ResetSystemCollector
 
 API_VERSION = "1.0.0"
+API_SERVICE_NAME = "progress-reset-api"
+# Probes and scrapes are not traced: they would bury the requests worth following.
+UNTRACED_PATHS = "healthz,readyz,metrics"
 
 # ``*_created`` series only double the size of every scrape; nothing here reads them.
 disable_created_metrics()
@@ -52,6 +56,11 @@ def create_app() -> FastAPI:
     app.add_exception_handler(OperationalError, problems.on_database_down)
     app.add_exception_handler(SQLAlchemyError, problems.on_database_error)
     app.state.metrics_registry = registry
+    if setup_tracing(API_SERVICE_NAME):  # per process: uvicorn calls this factory in each one
+        from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+
+        # A caller's traceparent is honoured: its request's span is the parent of the one here.
+        FastAPIInstrumentor.instrument_app(app, tracer_provider=provider(), excluded_urls=UNTRACED_PATHS)
     app.openapi = lambda: custom_openapi(app)
 
     # The order of the routers is the order of the paths in the OpenAPI document. The /v1/ query

@@ -122,6 +122,8 @@ class StatusOut(_Out):
     started_at: str | None
     finished_at: str | None
     error: str | None
+    trace_id: str | None = Field(description="The job's OpenTelemetry trace id (32 hex digits): the trace of the "
+                                             "request that confirmed it; null when tracing was off.")
 
 
 class JobOut(_Out):

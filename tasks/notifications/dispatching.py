@@ -34,6 +34,7 @@ from models.logs import log_event
 from models.messaging import publish_after_commit
 from models.settings import Settings, get_settings
 from models.times import utcnow
+from models.tracing import link_jobs
 from tasks.notifications.backends import BackendConfigError, make_backend
 from tasks.notifications.message import render_notifications
 from tasks.notifications.outbox import (
@@ -146,6 +147,7 @@ def _hand_over(job_id: str | None, count: int, settings: Settings, lease: float)
         with session_scope() as session:
             claims = claim_notifications(session, job_id, count, lease, settings.notify_max_attempts,
                                          utcnow(), token)
+            link_jobs(session, {claim.reset_job_id for claim in claims})  # this dispatch serves their traces
             lease_ends = time.monotonic() + lease
             ready, broken = render_notifications(session, claims, settings)
             for claim, reason in broken:

@@ -30,8 +30,9 @@ from sqlalchemy.orm import Session
 
 from models.dialect import is_postgres
 from models.job_ids import job_uuid
+from models.lag_metrics import NOTIFICATION_LAG, observe
 from models.logs import log_event
-from models.messaging import publish_after_commit
+from models.messaging import on_commit, publish_after_commit
 from models.schema import Notification, ResetJob
 from models.settings import Settings, get_settings
 from models.states import NotificationStatus
@@ -164,15 +165,26 @@ def mark_sent_many(session: Session, sent: list[tuple[int, str]], now: datetime 
     if not sent:
         return 0
     t = Notification.__table__
+    now = now or utcnow()
     stmt = (
         # OR rather than IN: an expanding IN cannot run as executemany.
         update(t).where(t.c.id == bindparam("nid"),
                         or_(t.c.status == NotificationStatus.SENDING, t.c.status == NotificationStatus.PENDING))
-        .values(status=NotificationStatus.SENT, sent_at=now or utcnow(), provider_id=bindparam("pid"), error=None,
+        .values(status=NotificationStatus.SENT, sent_at=now, provider_id=bindparam("pid"), error=None,
                 claimed_at=None, next_attempt_at=None)
     )
     result = session.execute(stmt, [{"nid": nid, "pid": provider_id[:300]} for nid, provider_id in sent])
+    _observe_lag(session, [nid for nid, _ in sent], now)
     return max(0, result.rowcount)
+
+
+def _observe_lag(session: Session, ids: list[int], sent_at: datetime) -> None:
+    """Created-to-sent lag of the rows just marked, per organization, once the marks commit."""
+    t, j = Notification.__table__, ResetJob.__table__
+    rows = session.execute(select(j.c.organization_id, t.c.created_at).join(j, j.c.id == t.c.reset_job_id)
+                           .where(t.c.id.in_(ids), t.c.sent_at == sent_at)).all()
+    lags = [(organization_id, (sent_at - as_utc(created_at)).total_seconds()) for organization_id, created_at in rows]
+    on_commit(session, lambda: observe(NOTIFICATION_LAG, lags))
 
 
 def mark_sent(session: Session, notification_id: int, provider_id: str, now: datetime | None = None) -> bool:

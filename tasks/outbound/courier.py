@@ -20,12 +20,14 @@ database, and a job that never ran is found again by the maintenance sweep.
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import os
 import threading
 from collections import Counter
 from collections.abc import Callable, Hashable
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 from models.logs import log_event
 from models.settings import Settings
@@ -58,7 +60,10 @@ class Courier:
 
     def offer(self, key: Hashable, lane: str, job: Job) -> bool:
         """Run ``job`` on a courier thread, now or as soon as its lane and a thread have room.
-        False when the same key is already running or waiting here (nothing is added)."""
+        False when the same key is already running or waiting here (nothing is added).
+
+        The job runs in a copy of the caller's context (its trace among it)."""
+        job = partial(contextvars.copy_context().run, job)
         with self._lock:
             if key in self._running or key in self._waiting:
                 return False
@@ -85,7 +90,8 @@ class Courier:
             return True
 
     def run_held(self, key: Hashable, lane: str, job: Job) -> None:
-        """Run ``job`` in the place :meth:`hold` took for ``lane``."""
+        """Run ``job`` in the place :meth:`hold` took for ``lane``, in a copy of the caller's context."""
+        job = partial(contextvars.copy_context().run, job)
         with self._lock:
             self._held[lane] -= 1
             self._lane_running[lane] -= 1

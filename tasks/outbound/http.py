@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import certifi
 import httpcore
 
+from models.tracing import client_span
 from tasks.outbound.deadline import MAX_ANSWER_BYTES, Deadline, DeadlinePassed
 
 _deadline: ContextVar[Deadline | None] = ContextVar("outbound_deadline", default=None)
@@ -138,8 +139,10 @@ def post(url: str, body: bytes, headers: dict[str, str], deadline: Deadline,
     left = deadline.remaining()
     timeouts = {"connect": left, "read": left, "write": left, "pool": left}
     try:
-        with _pool().stream("POST", url, headers=list(headers.items()), content=body,
-                            extensions={"timeout": timeouts}) as response:
+        with client_span("POST", url) as call, _pool().stream(
+                "POST", url, headers=list({**headers, **call.headers}.items()), content=body,
+                extensions={"timeout": timeouts}) as response:
+            call.answered(response.status)
             received = bytearray()
             truncated = False
             for chunk in response.iter_stream():

@@ -24,11 +24,15 @@ from models.messaging import send_now
 from models.schema import ResetJob
 from models.states import FINISHED_BATCH_STATES, JobState
 from models.times import utcnow
+from models.tracing import job_span
 from tasks.base import DATABASE_UNAVAILABLE
 from tasks.resets.cancelling import finalize_cancelled
 from tasks.resets.progress import close_job, job_totals
 from tasks.resets.tables import batches, jobs
 from tasks.resets.wakeups import FINALIZE_TASK
+
+# The span of a job's finalize in its trace.
+FINALIZE_SPAN = "resets.finalize"
 
 
 @dataclass
@@ -91,8 +95,9 @@ def finalize_job(session: Session, job_id: str | uuid.UUID, now: datetime | None
 
 
 def finalize_now(job_id: str) -> FinalizeResult:
-    """:func:`finalize_job` in its own transaction (the ``resets.finalize`` task)."""
-    with session_scope() as session:
+    """:func:`finalize_job` in its own transaction (the ``resets.finalize`` task), in a span of the
+    job's trace (models/tracing.py)."""
+    with job_span(FINALIZE_SPAN, job_id=job_id), session_scope() as session:
         return finalize_job(session, job_id)
 
 

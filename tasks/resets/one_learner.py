@@ -8,10 +8,12 @@ the broker.
 from __future__ import annotations
 
 from models.messaging import send_now
+from models.tracing import job_span
 from tasks.base import DATABASE_UNAVAILABLE
 from tasks.resets.failures import BatchFailed, unit_backoff_seconds
 from tasks.resets.finalize import finalize_now, finalize_or_publish
 from tasks.resets.learner_batch import run_learner_batch
+from tasks.resets.work import UNIT_SPAN
 
 RETRY_TASK = "resets.run_single"
 
@@ -34,10 +36,12 @@ def retry_one_learner_batch(job_id: str, batch_no: int) -> float | None:
 
     A retry after the batch committed finds it done and only finalizes. The batch row counts the
     attempts, so one that keeps failing is dead-lettered and the job then ends ``failed``.
+    The retry runs in a span of the job's trace (models/tracing.py).
     """
-    try:
-        run_learner_batch(job_id, batch_no)
-    except BatchFailed as failed:
-        return unit_backoff_seconds(failed.attempts)
-    finalize_now(job_id)
+    with job_span(UNIT_SPAN, job_id=job_id, batch=batch_no):
+        try:
+            run_learner_batch(job_id, batch_no)
+        except BatchFailed as failed:
+            return unit_backoff_seconds(failed.attempts)
+        finalize_now(job_id)
     return None

@@ -121,8 +121,10 @@ def purge_step(
         session.flush()
         return PurgeResult(Outcome.DONE, deleted, row.cursor_row_id,
                            job_complete=count_purge_finished(session, key, now, dead=stuck_rows))
-    # Between chunks the batch is pending again: the next chunk is whichever unit is next in turn.
+    # Between chunks the batch is pending again: the next chunk is whichever unit is next in turn
+    # (runnable from now: the wake-up the unit hands on is published for it).
     row.state = BatchState.PENDING
+    row.published_at = now
     row.lease_expires_at = None
     session.flush()
     session.execute(update(jobs).where(jobs.c.id == key).values(heartbeat_at=now))

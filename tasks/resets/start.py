@@ -22,17 +22,21 @@ from models.db import session_scope
 from models.dialect import is_postgres
 from models.job_ids import job_uuid
 from models.jobs import target_filter
+from models.lag_metrics import JOB_START_WAIT, observe
 from models.logs import log_event
 from models.schema import ResetJob
 from models.settings import get_settings
 from models.states import BatchKind, BatchState, JobScope, JobState
 from models.times import as_utc, utcnow
+from models.tracing import JobSpan, current_traceparent, job_traceparent, job_work
 from tasks.resets.one_learner import run_one_learner_job
 from tasks.resets.tables import assignments, batches, jobs
 from tasks.resets.turns import next_queued_job, take_turn
 from tasks.resets.wakeups import wake_workers
 
 MAX_USER_ID = 2**31 - 1
+# The span of a job's start in its trace.
+START_SPAN = "resets.start"
 
 
 @dataclass
@@ -42,6 +46,8 @@ class StartResult:
     batch_nos: list[int] = field(default_factory=list)
     purge_total: int = 0
     job_id: str | None = None
+    organization_id: int | None = None
+    waited_seconds: float = 0.0  # confirmed to started
 
 
 def plan_batches(session: Session, job: ResetJob, batch_size: int) -> list[int]:
@@ -138,9 +144,12 @@ def start_job(session: Session, job_id: str | uuid.UUID, batch_size: int, now: d
     """
     now = now or utcnow()
     key = job_uuid(job_id)
+    values = dict(state=JobState.RUNNING, started_at=now, heartbeat_at=now)
+    traceparent = current_traceparent()
+    if traceparent is not None:  # a job confirmed untraced (the CLI, tracing off then) is traced from here
+        values["traceparent"] = func.coalesce(jobs.c.traceparent, traceparent)
     claimed = session.execute(
-        update(jobs).where(jobs.c.id == key, jobs.c.state == JobState.QUEUED)
-        .values(state=JobState.RUNNING, started_at=now, heartbeat_at=now)
+        update(jobs).where(jobs.c.id == key, jobs.c.state == JobState.QUEUED).values(**values)
     ).rowcount
     if claimed != 1:
         return StartResult(False)
@@ -153,19 +162,27 @@ def start_job(session: Session, job_id: str | uuid.UUID, batch_size: int, now: d
     take_turn(session, job, now)
     log_event("reset.job.started", job_id=str(key), course_id=job.course_id, scope=job.scope,
               batches=len(batch_nos), purge_batches=purge_total)
-    return StartResult(True, job.scope, batch_nos, purge_total, str(key))
+    waited = max(0.0, (now - as_utc(job.confirmed_at or now)).total_seconds())
+    return StartResult(True, job.scope, batch_nos, purge_total, str(key), job.organization_id, waited)
 
 
 def start_next_job(job_id: str) -> StartResult:
     """Start the queued job whose turn it is (usually ``job_id``: each confirm publishes one start,
     so each job gets one), in one transaction; then wake workers for a course-wide job's units,
-    or run a one-learner job's batch right here."""
+    or run a one-learner job's batch right here. The start runs in a span of the started job's
+    trace, linked to the message that carried it (models/tracing.py)."""
+    with job_work(START_SPAN) as work:
+        return _start_next_job(job_id, work)
+
+
+def _start_next_job(job_id: str, work: JobSpan) -> StartResult:
     settings = get_settings()
     with session_scope() as session:
         key = next_queued_job(session)
         if key is None:
             log_event("reset.start.skipped", job_id=job_id)
             return StartResult(False)
+        work.join(job_traceparent(session, key), job_id=str(key))
         # SQLite serialises writers, so parallel purge batches would only queue behind each other.
         partitions = settings.purge_partitions if is_postgres(session) else 1
         result = start_job(session, key, settings.batch_size, purge_partitions=partitions,
@@ -174,6 +191,8 @@ def start_next_job(job_id: str) -> StartResult:
             wake_workers(session, len(result.batch_nos) or 1)
     if not result.started:
         log_event("reset.start.skipped", job_id=job_id)
-    elif result.scope == JobScope.LEARNER:
+        return result
+    observe(JOB_START_WAIT, [(result.organization_id, result.waited_seconds)])
+    if result.scope == JobScope.LEARNER:
         run_one_learner_job(result.job_id, result.batch_nos)
     return result

@@ -21,7 +21,7 @@ from models.dialect import insert
 from models.job_ids import job_uuid
 from models.schema import ResetJob
 from models.states import BatchKind, BatchState, JobScope, JobState
-from models.times import utcnow
+from models.times import as_utc, utcnow
 from tasks.resets.learner_batch import ClaimResult, claim_batch
 from tasks.resets.tables import batches, jobs, turns
 
@@ -67,6 +67,9 @@ class UnitClaim:
     batch_no: int
     kind: str  # BatchKind
     claim: ClaimResult
+    traceparent: str | None = None  # the job's trace (models/tracing.py)
+    organization_id: int | None = None
+    waited_seconds: float | None = None  # runnable to claimed (None: its own message took it back)
 
 
 def claim_next_unit(session: Session, max_attempts: int, lease_seconds: int, now: datetime | None = None,
@@ -85,6 +88,7 @@ def claim_next_unit(session: Session, max_attempts: int, lease_seconds: int, now
     b = batches.alias("b")
     j = jobs.alias("j")
     row = None
+    runnable_since = None
     if owner is not None:
         row = session.execute(
             select(b.c.job_id, b.c.batch_no, b.c.kind).select_from(b.join(j, j.c.id == b.c.job_id))
@@ -92,25 +96,33 @@ def claim_next_unit(session: Session, max_attempts: int, lease_seconds: int, now
             .with_for_update(of=b, skip_locked=True)
         ).first()
     if row is None:
+        # Runnable since it was published (planned, released, back between purge chunks), or since
+        # its lease ran out (a backoff, a worker gone).
+        since = case((b.c.state == BatchState.RUNNING, b.c.lease_expires_at), else_=b.c.published_at)
         row = session.execute(
-            select(b.c.job_id, b.c.batch_no, b.c.kind)
+            select(b.c.job_id, b.c.batch_no, b.c.kind, since)
             .select_from(b.join(j, j.c.id == b.c.job_id)
                          .outerjoin(turns, turns.c.organization_id == j.c.organization_id))
             .where(_runnable(b, now), j.c.state == JobState.RUNNING, j.c.scope == JobScope.COURSE)
             .order_by(*_turn_order(j, turns), b.c.batch_no).limit(1)
             .with_for_update(of=b, skip_locked=True)
         ).first()
+        if row is not None:
+            row, runnable_since = row[:3], row[3]
     if row is None:
         return None
     key, batch_no, kind = row
-    take_turn(session, session.get(ResetJob, key), now)
+    job = session.get(ResetJob, key)
+    take_turn(session, job, now)
+    waited = None if runnable_since is None else max(0.0, (now - as_utc(runnable_since)).total_seconds())
+    seen = dict(traceparent=job.traceparent, organization_id=job.organization_id, waited_seconds=waited)
     if kind == BatchKind.PURGE:  # a purge chunk counts an attempt only when it fails (fail_purge_step)
         session.execute(update(batches).where(batches.c.job_id == key, batches.c.batch_no == batch_no).values(
             state=BatchState.RUNNING, claimed_at=now, claimed_by=owner,
             lease_expires_at=now + timedelta(seconds=lease_seconds)))
-        return UnitClaim(str(key), int(batch_no), kind, ClaimResult(True))
+        return UnitClaim(str(key), int(batch_no), kind, ClaimResult(True), **seen)
     return UnitClaim(str(key), int(batch_no), kind,
-                     claim_batch(session, key, batch_no, max_attempts, lease_seconds, now, owner=owner))
+                     claim_batch(session, key, batch_no, max_attempts, lease_seconds, now, owner=owner), **seen)
 
 
 def runnable_units(session: Session, job_id: str | uuid.UUID | None = None, now: datetime | None = None,

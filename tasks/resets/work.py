@@ -12,14 +12,20 @@ from __future__ import annotations
 from enum import StrEnum
 
 from models.db import session_scope
+from models.lag_metrics import UNIT_WAIT, observe
 from models.settings import get_settings
 from models.states import BatchKind
+from models.tracing import JobSpan, job_work
 from tasks.resets.failures import BatchFailed, defer_failed_unit
 from tasks.resets.learner_batch import run_learner_batch
 from tasks.resets.outcome import Outcome
 from tasks.resets.purge import run_purge_chunk
 from tasks.resets.turns import claim_next_unit, runnable_units
 from tasks.resets.wakeups import hand_on_turn, publish_follow_ups
+
+
+# The span of one unit's work in its job's trace.
+UNIT_SPAN = "resets.unit"
 
 
 class UnitRun(StrEnum):
@@ -33,17 +39,27 @@ def run_next_unit(owner: str) -> UnitRun:
     """Claim the unit whose turn it is and run it; ``owner`` is the wake-up's message id.
 
     The same message delivered again (its worker died, or the task is retried) first takes back
-    the unit it claimed, so a claimed unit is never left to its lease.
+    the unit it claimed, so a claimed unit is never left to its lease. The unit runs in a span of
+    its job's trace, linked to the wake-up that carried it (models/tracing.py).
     """
+    with job_work(UNIT_SPAN) as work:
+        return _run_next_unit(owner, work)
+
+
+def _run_next_unit(owner: str, work: JobSpan) -> UnitRun:
     settings = get_settings()
     with session_scope() as session:
         unit = claim_next_unit(session, settings.batch_max_attempts, settings.batch_lease_seconds, owner=owner)
+        if unit is not None:
+            work.join(unit.traceparent, job_id=unit.job_id, batch=unit.batch_no, kind=unit.kind)
         if unit is not None and unit.claim.dead:
             publish_follow_ups(session, unit.job_id, unit.claim.job_complete, len(unit.claim.purge))
         # Nothing claimable, yet units are waiting: their rows are locked, typically by the open
         # transaction of a worker killed a moment ago (PostgreSQL rolls it back when it notices).
         # Ending here could leave the job's last units with no wake-up at all.
         locked = unit is None and runnable_units(session, owner=owner) > 0
+    if unit is not None and unit.waited_seconds is not None:
+        observe(UNIT_WAIT, [(unit.organization_id, unit.waited_seconds)])
     if locked:
         return UnitRun.LOCKED
     if unit is None:

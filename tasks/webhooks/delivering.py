@@ -21,9 +21,11 @@ from functools import partial
 from sqlalchemy import select
 
 from models.db import session_scope
+from models.lag_metrics import observe_webhook_attempt
 from models.schema import WebhookEndpoint
 from models.settings import Settings, get_settings
 from models.times import utcnow
+from models.tracing import job_span
 from tasks.outbound.courier import courier_for, organization_lane
 from tasks.webhooks.deliveries import claim_next_delivery, record_outcome
 from tasks.webhooks.sending import send_delivery
@@ -58,10 +60,13 @@ def deliver_endpoint(endpoint_id: int, organization_id: int, settings: Settings,
             claimed = claim_next_delivery(session, endpoint_id, settings=settings)
         if claimed is None:
             break
-        outcome = send_delivery(claimed, settings)
+        # In the job's trace: the receiver gets a traceparent there (nothing when tracing is off).
+        with job_span("webhooks.delivery", job_id=claimed.payload["data"]["job_id"],
+                      delivery_id=claimed.delivery_id):
+            outcome = send_delivery(claimed, settings)
         attempts += 1
         with session_scope() as session:
-            record_outcome(session, claimed, outcome, settings=settings)
+            observe_webhook_attempt(claimed.payload, record_outcome(session, claimed, outcome, settings=settings))
         if time.monotonic() - started >= slice_seconds:
             # Once this run ends, behind whatever else waits; the endpoint's lane keeps its share.
             courier_for(settings).again(("webhooks", endpoint_id), organization_lane(organization_id),
