@@ -1,0 +1,98 @@
+"""RabbitMQ for the tests: virtual hosts of this test process on the shared server, and what
+the broker says about its queues.
+
+- Virtual hosts ``pr_t<pid>_v<n>`` are created with ``rabbitmqctl`` (root, the
+  local node) and deleted at the end; those of test processes that died are deleted at the
+  start, like their databases.
+- :func:`queue_types` asks the broker itself (``rabbitmqctl list_queues name type``), and
+  :func:`messages_waiting` counts each queue's ready messages (passive declares).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from urllib.parse import quote, urlsplit, urlunsplit
+
+VHOST_PREFIX = f"pr_t{os.getpid()}"
+
+
+class RabbitMQUnavailable(RuntimeError):
+    """rabbitmqctl cannot manage the local RabbitMQ (not installed, not root, not local)."""
+
+
+def rabbitmqctl(*args: str, timeout: float = 60) -> str:
+    """``rabbitmqctl <args>`` on the local node; its standard output."""
+    if shutil.which("rabbitmqctl") is None:
+        raise RabbitMQUnavailable("rabbitmqctl is not on PATH")
+    run = subprocess.run(["rabbitmqctl", *args], capture_output=True, text=True, timeout=timeout)
+    if run.returncode != 0:
+        raise RabbitMQUnavailable(f"rabbitmqctl {' '.join(args)} failed: {(run.stderr or run.stdout).strip()[:500]}")
+    return run.stdout
+
+
+def with_vhost(url: str, vhost: str) -> str:
+    """``url`` with its virtual host replaced."""
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc, "/" + quote(vhost, safe=""), "", ""))
+
+
+def create_vhost(name: str, user: str = "guest") -> None:
+    rabbitmqctl("add_vhost", name)
+    rabbitmqctl("set_permissions", "-p", name, user, ".*", ".*", ".*")
+
+
+def delete_vhost(name: str) -> None:
+    try:
+        rabbitmqctl("delete_vhost", name)
+    except RabbitMQUnavailable:
+        pass  # already gone
+
+
+def vhosts() -> list[str]:
+    return [line.strip() for line in rabbitmqctl("list_vhosts", "-q", "--no-table-headers", "name").splitlines()
+            if line.strip()]
+
+
+def delete_stale_vhosts(pid_alive) -> list[str]:
+    """Delete the virtual hosts of test processes of this machine that died without cleaning up
+    (``pid_alive(pid)`` says whether a test process is still running)."""
+    stale = []
+    for name in vhosts():
+        match = re.fullmatch(r"pr_t(\d+)(_\w+)?", name)
+        if match and int(match.group(1)) != os.getpid() and not pid_alive(int(match.group(1))):
+            delete_vhost(name)
+            stale.append(name)
+    return stale
+
+
+def queue_types(vhost: str) -> dict[str, str]:
+    """``{queue: type}`` as the broker reports them (``classic``, ``quorum``, ``stream``)."""
+    out = rabbitmqctl("list_queues", "-p", vhost, "-q", "--no-table-headers", "name", "type")
+    return dict(line.split("\t")[:2] for line in out.splitlines() if "\t" in line)
+
+
+def local_url(url: str) -> bool:
+    return (urlsplit(url).hostname or "127.0.0.1") in {"127.0.0.1", "localhost", "::1"}
+
+
+def messages_waiting(url: str, queues: list[str] | tuple[str, ...]) -> dict[str, int]:
+    """Ready messages per queue, by passive declares (a queue that does not exist counts 0)."""
+    from kombu import Connection
+
+    counts: dict[str, int] = {}
+    with Connection(url, connect_timeout=3) as conn:
+        for queue in queues:
+            channel = conn.channel()
+            try:
+                counts[queue] = int(channel.queue_declare(queue=queue, passive=True).message_count)
+            except Exception:  # noqa: BLE001 - NOT_FOUND closes the channel
+                counts[queue] = 0
+            finally:
+                try:
+                    channel.close()
+                except Exception:  # noqa: BLE001
+                    pass
+    return counts
