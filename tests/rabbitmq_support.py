@@ -1,11 +1,13 @@
-"""RabbitMQ for the tests: virtual hosts of this test process on the shared server, and what
-the broker says about its queues.
+"""RabbitMQ for the tests: virtual hosts of this test process on the shared server, what the
+broker says about its queues, and worker apps with a task that retries itself.
 
 - Virtual hosts ``pr_t<pid>_v<n>`` are created with ``rabbitmqctl`` (root, the
   local node) and deleted at the end; those of test processes that died are deleted at the
   start, like their databases.
 - :func:`queue_types` asks the broker itself (``rabbitmqctl list_queues name type``), and
   :func:`messages_waiting` counts each queue's ready messages (passive declares).
+- ``-A tests.rabbitmq_support:retrying_app``: the project's app with one more task that retries
+  itself with a countdown (and ``retrying_app_as_celery_does``, without the project's publish hook).
 """
 
 from __future__ import annotations
@@ -96,3 +98,51 @@ def messages_waiting(url: str, queues: list[str] | tuple[str, ...]) -> dict[str,
                 except Exception:  # noqa: BLE001
                     pass
     return counts
+
+
+def server_version(url: str) -> tuple[int, ...]:
+    """RabbitMQ's version as the server announces it to a client."""
+    from kombu import Connection
+
+    with Connection(url, connect_timeout=3) as conn:
+        conn.connect()
+        raw = conn.connection.server_properties.get("version", b"0")
+    text = raw.decode() if isinstance(raw, bytes) else str(raw)
+    return tuple(int(part) for part in re.findall(r"\d+", text)[:3])
+
+
+# --- Apps for worker processes (``celery -A tests.rabbitmq_support:<name>``) ---------------------
+
+RETRY_TASK = "tests.retry_three_times"
+
+
+def _retrying_app(drop_headers: bool = True):
+    """The project's app with one more task that retries itself three times with a countdown
+    (``args: [countdown]``), logging ``tests.retry.run`` on every run. ``drop_headers=False``
+    publishes the retries as Celery 5.5 does on its own (RabbitMQ's headers copied along)."""
+    from celery.signals import before_task_publish
+
+    from models.logs import log_event
+    from tasks.base import project_task
+    from workers.app import app
+    from workers.rabbitmq import drop_broker_headers
+
+    if not drop_headers:
+        before_task_publish.disconnect(drop_broker_headers)
+
+    @project_task(RETRY_TASK, bind=True, autoretry_for=(), max_retries=5)
+    def retry_three_times(self, countdown: float) -> None:
+        log_event("tests.retry.run", retries=self.request.retries)
+        if self.request.retries < 3:
+            raise self.retry(countdown=countdown)
+
+    return app
+
+
+def __getattr__(name: str):
+    # Built only in a worker started with ``-A tests.rabbitmq_support:<name>``.
+    if name == "retrying_app":
+        return _retrying_app()
+    if name == "retrying_app_as_celery_does":
+        return _retrying_app(drop_headers=False)
+    raise AttributeError(name)

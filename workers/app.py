@@ -7,7 +7,8 @@ from collections.abc import Mapping
 from functools import cached_property
 
 from celery import Celery
-from celery.signals import after_setup_logger, worker_process_init
+from celery.signals import after_setup_logger, before_task_publish, worker_process_init
+from celery.utils.quorum_queues import detect_quorum_queues
 
 from models.db import dispose_engine
 from models.logs import configure_logging
@@ -15,6 +16,7 @@ from models.messaging import use_app
 from models.settings import get_settings
 from workers.broker import transport_config
 from workers.config import TASK_MODULES, celery_config
+from workers.rabbitmq import CONFIRM_TIMEOUT_SECONDS, drop_broker_headers, whole_seconds
 
 
 def _configuration(settings) -> dict:
@@ -41,7 +43,20 @@ class _ConfigurationOnFirstUse(Mapping):
         return len(self._values)
 
 
-app = Celery("progress_reset", include=list(TASK_MODULES))
+class ProjectCelery(Celery):
+    """Celery, publishing every task (``send_now``, retries, autoretries) the way the broker can carry it."""
+
+    def send_task(self, name, args=None, kwargs=None, countdown=None, eta=None, **options):
+        driver = self.producer_pool.connections.connection.transport.driver_type
+        if driver == "amqp":
+            # Publisher confirms wait for RabbitMQ's answer: never for ever (workers/rabbitmq.py).
+            options.setdefault("confirm_timeout", CONFIRM_TIMEOUT_SECONDS)
+            if detect_quorum_queues(self, driver)[0]:
+                countdown = whole_seconds(countdown)
+        return super().send_task(name, args, kwargs, countdown=countdown, eta=eta, **options)
+
+
+app = ProjectCelery("progress_reset", include=list(TASK_MODULES))
 app.config_from_object(_ConfigurationOnFirstUse())
 app.set_default()
 use_app(app)  # models.messaging publishes through this app, for the workers and the producer
@@ -64,9 +79,12 @@ def reconfigure() -> None:
     # Pools are registered globally per connection: a closed one must not be handed out again.
     pools.reset()
     app._pool = None
-    amqp = app.__dict__.get("amqp")
-    if amqp is not None:
-        amqp._producer_pool = None
+    # Queues, exchanges and routes were built from the old configuration too (RabbitMQ's differ).
+    app.__dict__.pop("amqp", None)
+
+
+# Every process that publishes (workers, beat, the producer) imports this module.
+before_task_publish.connect(drop_broker_headers, weak=False)
 
 
 @worker_process_init.connect

@@ -1,0 +1,193 @@
+"""RabbitMQ as the broker (issue 20, item 1): real RabbitMQ, real worker processes, real PostgreSQL.
+
+Each test gets a virtual host of its own on the shared server (``rabbitmq_vhost``) and its own
+database; Redis (``REDIS_URL``) still holds the notification rate limit and the health replies.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+import time
+from datetime import datetime, timezone
+
+import pytest
+
+from models.canary import reply_store
+from models.db import dispose_engine, session_scope
+from models.messaging import send_now
+from models.queues import QUEUES, canary_task_name
+from models.settings import get_settings
+from models.seed import seed
+from producer import resets
+from tests import fault_support as fs
+from tests import rabbitmq_support as rmq
+from tests.reset_checks import assert_reset_exact, snapshot, targeted
+from tests.test_resets_e2e import wait_for_job
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+def amqp_env(fresh_db, use_env, redis_url, rabbitmq_vhost, tmp_path):
+    """Factory: ``amqp_env(**env)`` -> ``(environment, vhost)`` for workers on a fresh vhost and database."""
+    def make(**env):
+        url = rabbitmq_vhost()
+        values = {"DATABASE_URL": fresh_db(), "CELERY_BROKER_URL": url, "REDIS_URL": redis_url,
+                  "RESET_BATCH_SIZE": "100", "NOTIFY_CONSOLE_PATH": str(tmp_path / "notifications.jsonl"),
+                  "NOTIFY_RATE_PER_SECOND": "5000", "LOG_FORMAT": "json", **env}
+        return use_env(**values), url.rsplit("/", 1)[1]
+
+    yield make
+    dispose_engine()
+
+
+def reset(org, course: int, learner: int | None = None, timeout: float = 90) -> tuple[str, dict]:
+    with session_scope() as session:
+        before = snapshot(session, org.course_ids)
+        req = resets.request(session, org.admin_id, course, learner_id=learner, reason="broker check")
+    with session_scope() as session:
+        job = resets.confirm(session, req.request_id, org.admin_id, req.token)
+    st = wait_for_job(job.job_id, timeout=timeout)
+    assert st["state"] == "succeeded", st
+    with session_scope() as session:
+        assert_reset_exact(session, before, job.job_id, course, {learner} if learner else targeted(before, course))
+    return job.job_id, st
+
+
+def test_the_celery_settings_follow_the_broker(use_env):
+    from workers.app import app
+
+    use_env(CELERY_BROKER_URL="amqp://guest:guest@127.0.0.1:5672//")
+    declared = {q.name: (q.exchange.name, q.exchange.type, q.queue_arguments, q.durable)
+                for q in app.amqp.queues.values()}
+    assert declared == {q: ("progress_reset", "topic", {"x-queue-type": "quorum"}, True) for q in QUEUES}
+    assert app.conf.broker_transport_options == {"confirm_publish": True}
+    assert app.conf.worker_prefetch_multiplier == 1 and app.conf.task_acks_late
+    use_env(RABBITMQ_QUEUE_TYPE="classic")
+    assert {q.queue_arguments["x-queue-type"] for q in app.amqp.queues.values()} == {"classic"}
+    # Back on Redis nothing of RabbitMQ's is left in the reconfigured app.
+    use_env(CELERY_BROKER_URL="redis://127.0.0.1:6379/9", RABBITMQ_QUEUE_TYPE=None)
+    assert all(not q.queue_arguments and q.exchange.type == "direct" for q in app.amqp.queues.values())
+    assert "confirm_publish" not in app.conf.broker_transport_options
+
+
+@pytest.mark.parametrize("given, sent", [(None, None), (0, 0), (0.05, 1.0), (0.5, 1.0), (1, 1.0), (2.2, 3.0),
+                                         (60.05, 61.0)])
+def test_countdowns_are_whole_seconds_on_quorum_queues(given, sent):
+    from workers.rabbitmq import whole_seconds
+
+    assert whole_seconds(given) == sent
+
+
+@pytest.mark.parametrize("queue_type", ["quorum", "classic"])
+def test_queues_are_declared_as_chosen_and_resets_run_on_them(amqp_env, celery_worker_proc, queue_type):
+    env, vhost = amqp_env(**({"RABBITMQ_QUEUE_TYPE": queue_type} if queue_type == "classic" else {}))
+    with session_scope() as session:
+        org = seed(session, learners=400, lessons=3, courses=2, completed_ratio=0.4, random_seed=5)
+    celery_worker_proc(env, concurrency=2, name=f"rabbit-{queue_type}")
+
+    declared = rmq.queue_types(vhost)
+    assert {q: declared.get(q) for q in QUEUES} == {q: queue_type for q in QUEUES}, declared
+    delay_queues = {q: t for q, t in declared.items() if q.startswith("celery_delayed_")}
+    if queue_type == "quorum":
+        # Native delayed delivery: 28 levels of delay queues, quorum themselves.
+        assert len(delay_queues) == 28 and set(delay_queues.values()) == {"quorum"}, delay_queues
+    else:
+        assert not delay_queues, "classic queues take countdowns in the worker (global QoS)"
+
+    course, other = org.course_ids
+    _job, st = reset(org, course)
+    assert st["batches_total"] >= 2
+    reset(org, other, learner=org.learner_id)
+
+
+
+# --- Countdowns -----------------------------------------------------------------------------------
+
+def test_countdowns_wait_in_rabbitmq_and_arrive_once_due(amqp_env, celery_worker_proc):
+    """Every countdown the project publishes (0.5 s wake-up retries, unit backoffs, follow-ups and
+    wake-ups of up to a minute) goes through RabbitMQ's delay queues: rounded up to whole seconds
+    (Celery refuses less than one), it reaches the worker once due, not earlier, and not so early
+    that the worker would hold it, which on quorum queues blocks a prefetch slot."""
+    env, _vhost = amqp_env()
+    worker = celery_worker_proc(env, concurrency=2, name="countdowns")
+    nonce = secrets.token_hex(8)
+    countdowns = {"resets": 0.5, "reset_batches": 2.2, "notifications": None, "webhooks": 1.0}
+    published = {}
+    for queue, countdown in countdowns.items():
+        published[queue] = datetime.now(timezone.utc)
+        assert send_now(canary_task_name(queue), [nonce], countdown=countdown)
+    # Meanwhile the three delayed ones wait in RabbitMQ's delay queues, not in the worker.
+    delayed = rmq.messages_waiting(env["CELERY_BROKER_URL"], [f"celery_delayed_{level}" for level in range(28)])
+    assert sum(delayed.values()) == 3, delayed
+    store = reply_store(get_settings())
+    try:
+        replies = fs.wait_until(lambda: (r := store.get_many(nonce, list(countdowns))) and len(r) == len(countdowns)
+                                and r, 30, what="every canary to run")
+    finally:
+        store.close()
+    for queue, countdown in countdowns.items():
+        ran_after = (datetime.fromisoformat(replies[queue]["at"]) - published[queue]).total_seconds()
+        due = math.ceil(countdown) if countdown else 0
+        assert due - 0.05 <= ran_after <= due + 2.5, (queue, countdown, ran_after)
+    assert "Direct exchanges are not supported" not in worker.log_text()
+
+
+def _retry_runs(worker) -> list[int]:
+    import json
+
+    return [json.loads(line)["retries"] for line in worker.log_text().splitlines() if '"tests.retry.run"' in line]
+
+
+@pytest.mark.parametrize("app", ["retrying_app", "retrying_app_as_celery_does"])
+def test_a_task_retried_through_the_delay_queues_again_and_again_is_not_lost(amqp_env, tmp_path, app):
+    """A task retried three times with a 3 s countdown (delay queues of 2 s and 1 s, each time):
+    every retry runs. Celery 5.5 copies RabbitMQ's ``x-death`` header into the retry, and RabbitMQ
+    before 4.0.1 then drops the second delayed retry as a dead-letter cycle; the project's app
+    removes those headers before publishing (``workers.rabbitmq.drop_broker_headers``)."""
+    env, _vhost = amqp_env()
+    procs = fs.Processes(tmp_path)
+    try:
+        worker = procs.worker(env, "resets", concurrency=1, name="retries", app=f"tests.rabbitmq_support:{app}")
+        assert send_now(rmq.RETRY_TASK, [3])
+        if app == "retrying_app":
+            fs.wait_until(lambda: _retry_runs(worker) == [0, 1, 2, 3], 30, interval=0.2,
+                          what=f"the task and its three retries to run (runs so far: {_retry_runs(worker)})")
+            return
+        if rmq.server_version(env["CELERY_BROKER_URL"]) >= (4, 0, 1):
+            pytest.skip("RabbitMQ 4.0.1 and later no longer see a cycle in a republished message")
+        # Without the project's publish hook: the second delayed retry vanishes in the broker.
+        fs.wait_until(lambda: len(_retry_runs(worker)) >= 2, 20, interval=0.2, what="the first retry to run")
+        time.sleep(8)
+        assert _retry_runs(worker) == [0, 1], "expected RabbitMQ to drop the retry (dead-letter cycle)"
+    finally:
+        procs.stop_all()
+
+
+
+def test_notifications_that_failed_come_back_by_their_countdown_follow_ups(amqp_env, celery_worker_proc):
+    """The provider answers 503 for a while: the rows back off, and the sender's follow-ups,
+    published with a countdown to the next due row, bring them back; no sweep runs (no beat)."""
+    from tests.notify_support import WebhookSink
+    from tests.test_notifications_e2e import notifiable, settled
+
+    sink = WebhookSink().start()
+    try:
+        env, _vhost = amqp_env(**sink.env())
+        with session_scope() as session:
+            org = seed(session, learners=300, lessons=2, courses=1, completed_ratio=0.5, random_seed=13)
+        wanted = notifiable(org.course_ids[0])
+        sink.state.fail_status = 503
+        celery_worker_proc(env, concurrency=2, name="notify")
+        job_id, _st = reset(org, org.course_ids[0])
+        # A refused send holds the run's other rows back too (provider_unavailable): the next run
+        # is a follow-up published with a countdown to the row's backoff (1, 2, 4 s ...).
+        fs.wait_until(lambda: len(sink.deliveries()) >= 3, 30, what="three refused sends")
+        sink.state.fail_status = None
+        st = settled(job_id, timeout=60)
+    finally:
+        sink.stop()
+    assert st["notifications"] == {"pending": 0, "sent": len(wanted), "failed": 0}, st
+    assert sink.keys_per_learner() == {uid: 1 for uid in wanted}
+
