@@ -4,8 +4,7 @@ broker says about its queues, and worker apps with a task that retries itself.
 - Virtual hosts ``pr_t<pid>_v<n>`` are created with ``rabbitmqctl`` (root, the
   local node) and deleted at the end; those of test processes that died are deleted at the
   start, like their databases.
-- :func:`queue_types` asks the broker itself (``rabbitmqctl list_queues name type``), and
-  :func:`messages_waiting` counts each queue's ready messages (passive declares).
+- :func:`queue_types` asks the broker itself (``rabbitmqctl list_queues name type``).
 - ``-A tests.rabbitmq_support:retrying_app``: the project's app with one more task that retries
   itself with a countdown (and ``retrying_app_as_celery_does``, without the project's publish hook).
 """
@@ -78,26 +77,6 @@ def queue_types(vhost: str) -> dict[str, str]:
 
 def local_url(url: str) -> bool:
     return (urlsplit(url).hostname or "127.0.0.1") in {"127.0.0.1", "localhost", "::1"}
-
-
-def messages_waiting(url: str, queues: list[str] | tuple[str, ...]) -> dict[str, int]:
-    """Ready messages per queue, by passive declares (a queue that does not exist counts 0)."""
-    from kombu import Connection
-
-    counts: dict[str, int] = {}
-    with Connection(url, connect_timeout=3) as conn:
-        for queue in queues:
-            channel = conn.channel()
-            try:
-                counts[queue] = int(channel.queue_declare(queue=queue, passive=True).message_count)
-            except Exception:  # noqa: BLE001 - NOT_FOUND closes the channel
-                counts[queue] = 0
-            finally:
-                try:
-                    channel.close()
-                except Exception:  # noqa: BLE001
-                    pass
-    return counts
 
 
 def server_version(url: str) -> tuple[int, ...]:

@@ -12,11 +12,12 @@ import time
 from datetime import datetime, timezone
 
 import pytest
+import redis
 
 from models.canary import reply_store
 from models.db import dispose_engine, session_scope
 from models.messaging import send_now
-from models.queues import QUEUES, canary_task_name
+from models.queues import MALFORMED_COUNTS_KEY, QUEUES, canary_task_name, malformed_key
 from models.settings import get_settings
 from models.seed import seed
 from producer import resets
@@ -24,6 +25,7 @@ from tests import fault_support as fs
 from tests import rabbitmq_support as rmq
 from tests.reset_checks import assert_reset_exact, snapshot, targeted
 from tests.test_resets_e2e import wait_for_job
+from workers.rabbitmq import queue_lengths
 
 pytestmark = pytest.mark.e2e
 
@@ -64,12 +66,14 @@ def test_the_celery_settings_follow_the_broker(use_env):
     assert declared == {q: ("progress_reset", "topic", {"x-queue-type": "quorum"}, True) for q in QUEUES}
     assert app.conf.broker_transport_options == {"confirm_publish": True}
     assert app.conf.worker_prefetch_multiplier == 1 and app.conf.task_acks_late
+    assert app.conf.worker_consumer == "workers.rabbitmq:Consumer"  # sets malformed messages aside
     use_env(RABBITMQ_QUEUE_TYPE="classic")
     assert {q.queue_arguments["x-queue-type"] for q in app.amqp.queues.values()} == {"classic"}
     # Back on Redis nothing of RabbitMQ's is left in the reconfigured app.
     use_env(CELERY_BROKER_URL="redis://127.0.0.1:6379/9", RABBITMQ_QUEUE_TYPE=None)
     assert all(not q.queue_arguments and q.exchange.type == "direct" for q in app.amqp.queues.values())
     assert "confirm_publish" not in app.conf.broker_transport_options
+    assert app.conf.worker_consumer == "celery.worker.consumer:Consumer"  # the Redis transport does it there
 
 
 @pytest.mark.parametrize("given, sent", [(None, None), (0, 0), (0.05, 1.0), (0.5, 1.0), (1, 1.0), (2.2, 3.0),
@@ -103,6 +107,53 @@ def test_queues_are_declared_as_chosen_and_resets_run_on_them(amqp_env, celery_w
 
 
 
+
+# --- Health and queue lengths ----------------------------------------------------------------------
+
+def test_health_and_queue_lengths_on_rabbitmq(amqp_env, celery_worker_proc):
+    """Queue lengths come from passive declares; ``progress-reset health`` proves every queue is
+    consumed, as on Redis, and names the queue type it checked."""
+    import json
+
+    from producer.metrics import ResetSystemCollector
+    from prometheus_client import CollectorRegistry, generate_latest
+    from tests.test_http_api import run_cli
+    from workers.health import queue_lengths as broker_queue_lengths
+
+    env, _vhost = amqp_env()
+    for _ in range(3):  # nobody consumes maintenance yet
+        assert send_now(canary_task_name("maintenance"), ["ab" * 8])
+    assert broker_queue_lengths(get_settings())["maintenance"] == 3
+    registry = CollectorRegistry()
+    registry.register(ResetSystemCollector())
+    assert 'progress_reset_queue_length{queue="maintenance"} 3.0' in generate_latest(registry).decode()
+
+    celery_worker_proc(env, concurrency=2, name="health")
+    healthy = run_cli(env, "health", "--json", "--timeout", "15")
+    assert healthy.returncode == 0, healthy.stdout + healthy.stderr
+    report = json.loads(healthy.stdout)
+    assert report["broker"]["detail"].endswith("(quorum queues)"), report["broker"]
+    assert {q: r["state"] for q, r in report["queues"].items()} == dict.fromkeys(QUEUES, "ok")
+    assert broker_queue_lengths(get_settings())["maintenance"] == 0
+
+
+def test_health_names_a_queue_declared_with_the_other_type(amqp_env):
+    """Queues keep the type they were declared with: after RABBITMQ_QUEUE_TYPE changed, health
+    says which queue is in the way and what to do, in one line."""
+    from tests.test_http_api import run_cli
+    from workers.rabbitmq import declaration_problem
+
+    env, vhost = amqp_env(RABBITMQ_QUEUE_TYPE="classic")
+    assert declaration_problem(get_settings()) is None  # declares the five classic queues
+    assert set(rmq.queue_types(vhost).values()) == {"classic"}
+    result = run_cli({**env, "RABBITMQ_QUEUE_TYPE": "quorum"}, "health", "--timeout", "3")
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr
+    assert "queue resets cannot be declared as a quorum queue" in errors[0], errors[0]
+    assert "inequivalent arg 'x-queue-type'" in errors[0] and "docs/operations.md" in errors[0]
+
+
 # --- Countdowns -----------------------------------------------------------------------------------
 
 def test_countdowns_wait_in_rabbitmq_and_arrive_once_due(amqp_env, celery_worker_proc):
@@ -119,7 +170,7 @@ def test_countdowns_wait_in_rabbitmq_and_arrive_once_due(amqp_env, celery_worker
         published[queue] = datetime.now(timezone.utc)
         assert send_now(canary_task_name(queue), [nonce], countdown=countdown)
     # Meanwhile the three delayed ones wait in RabbitMQ's delay queues, not in the worker.
-    delayed = rmq.messages_waiting(env["CELERY_BROKER_URL"], [f"celery_delayed_{level}" for level in range(28)])
+    delayed = queue_lengths(env["CELERY_BROKER_URL"], [f"celery_delayed_{level}" for level in range(28)])
     assert sum(delayed.values()) == 3, delayed
     store = reply_store(get_settings())
     try:
@@ -191,3 +242,92 @@ def test_notifications_that_failed_come_back_by_their_countdown_follow_ups(amqp_
     assert st["notifications"] == {"pending": 0, "sent": len(wanted), "failed": 0}, st
     assert sink.keys_per_learner() == {uid: 1 for uid in wanted}
 
+
+# --- Undecodable and foreign messages (decision record 0006) ----------------------------------------
+
+# As anyone with access to the virtual host could publish them.
+RAW = {
+    "resets": [dict(body=b"this is not json"), dict(body=b"\xff\xfe not utf-8", content_type="application/json")],
+    "reset_batches": [dict(body=b'{"json": true}', content_type="application/json"),
+                      dict(body=b"[1, 2, 3]", content_type="application/json")],
+    "notifications": [dict(body=b"not json", content_type="application/json",
+                           headers={"task": "notifications.send", "id": "n1"}),
+                      dict(body=b"\x1f\x8b garbage", content_type="application/json",
+                           headers={"task": "notifications.send", "id": "n2", "compression": "application/x-gzip"})],
+    "maintenance": [dict(body=b"\x80\x04garbage", content_type="application/x-python-serialize",
+                         headers={"task": "maintenance.sweep", "id": "m1"})],
+    "webhooks": [dict(body=b'[[], {}, {}]', content_type="application/json", headers={"task": "no.such.task", "id": "f1"}),
+                 dict(body=b'[[], {}, {}]', content_type="application/json", headers={"task": 42, "id": "f2"})],
+}
+
+
+def publish_raw(url: str, queue: str, body: bytes, content_type: str | None = None, headers: dict | None = None):
+    import amqp
+
+    parts = url.split("/")
+    conn = amqp.Connection(host=parts[2].split("@")[1], userid="guest", password="guest",
+                           virtual_host=parts[3])
+    conn.connect()
+    try:
+        ch = conn.channel()
+        props = {"application_headers": headers or {}, "delivery_mode": 2}
+        if content_type:
+            props["content_type"] = content_type
+        ch.basic_publish(amqp.Message(body, **props), exchange="", routing_key=queue)
+    finally:
+        conn.close()
+
+
+def kept_bodies(url: str, queue: str) -> list[bytes]:
+    """The bodies kept in ``<queue>.malformed`` (taken off it)."""
+    import amqp
+
+    parts = url.split("/")
+    conn = amqp.Connection(host=parts[2].split("@")[1], userid="guest", password="guest", virtual_host=parts[3])
+    conn.connect()
+    bodies = []
+    try:
+        ch = conn.channel()
+        while (message := ch.basic_get(malformed_key(queue), no_ack=True)) is not None:
+            bodies.append(message.body)
+    finally:
+        conn.close()
+    return bodies
+
+
+def test_malformed_messages_on_every_queue_are_set_aside_and_the_worker_keeps_serving(amqp_env, celery_worker_proc):
+    """What Celery would log with its body and drop, the worker moves, untouched, to
+    ``<queue>.malformed``; it logs (never the content) and counts it, and keeps serving."""
+    import json
+
+    from tests.test_malformed_messages import assert_malformed_metrics
+
+    env, _vhost = amqp_env()
+    redis.Redis.from_url(env["REDIS_URL"]).delete(MALFORMED_COUNTS_KEY)
+    with session_scope() as session:
+        org = seed(session, learners=300, lessons=3, courses=2, completed_ratio=0.4, random_seed=2)
+    worker = celery_worker_proc(env, concurrency=1, name="poison")
+    url = env["CELERY_BROKER_URL"]
+    for queue, messages in RAW.items():
+        for message in messages:
+            publish_raw(url, queue, **message)
+    malformed = [malformed_key(q) for q in RAW]
+    fs.wait_until(lambda: queue_lengths(url, malformed) == {malformed_key(q): len(m) for q, m in RAW.items()}, 30,
+                  what="every malformed message to be set aside")
+    assert queue_lengths(url, QUEUES) == dict.fromkeys(QUEUES, 0)
+    assert worker.alive(), worker.log_tail(60)
+
+    logged = [json.loads(line) for line in worker.log_text().splitlines() if '"broker.message.malformed"' in line]
+    assert len(logged) == sum(len(m) for m in RAW.values()), logged
+    assert {entry["queue"] for entry in logged} == set(RAW)
+    log = worker.log_text()
+    assert "this is not json" not in log and "not json" not in json.dumps(logged)
+    assert_malformed_metrics({queue: len(messages) for queue, messages in RAW.items()})
+    # Kept byte for byte, for inspection.
+    assert sorted(kept_bodies(url, "resets")) == sorted(m["body"] for m in RAW["resets"])
+
+    # The same worker process still does its work, on every queue.
+    course, other = org.course_ids
+    reset(org, course)
+    reset(org, other, learner=org.learner_id)
+    assert worker.alive() and "Unrecoverable error" not in worker.log_text()
