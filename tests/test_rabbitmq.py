@@ -257,7 +257,8 @@ RAW = {
                            headers={"task": "notifications.send", "id": "n2", "compression": "application/x-gzip"})],
     "maintenance": [dict(body=b"\x80\x04garbage", content_type="application/x-python-serialize",
                          headers={"task": "maintenance.sweep", "id": "m1"})],
-    "webhooks": [dict(body=b'[[], {}, {}]', content_type="application/json", headers={"task": "no.such.task", "id": "f1"}),
+    "webhooks": [dict(body=b'[[], {}, {}]', content_type="application/json",
+                      headers={"task": "no.such.task", "id": "f1"}),
                  dict(body=b'[[], {}, {}]', content_type="application/json", headers={"task": 42, "id": "f2"})],
 }
 

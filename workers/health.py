@@ -7,8 +7,9 @@ consumed but the length went down, the queue is ``backlogged`` (being consumed, 
 as a warning) rather than ``not_consumed``. Queue lengths come from kombu's public
 ``queue_declare`` (the message count of each queue, priority lists included, on Redis and on the
 embedded filesystem broker alike; passive declares on RabbitMQ). On RabbitMQ the broker check
-also declares the queues as configured, so a queue left with another type fails it by name. The canary itself is hand-made on purpose: ``celery inspect``
-proves a worker answers its control queue, not that it consumes a given task queue.
+also declares the queues as configured, so a queue left with another type fails it by name.
+The canary itself is hand-made on purpose: ``celery inspect`` proves a worker answers its
+control queue, not that it consumes a given task queue.
 """
 
 from __future__ import annotations
