@@ -34,6 +34,7 @@ from sqlalchemy import create_engine, func, select, text
 from sqlalchemy.pool import NullPool
 
 from bench import common
+from models.states import AssignmentStatus
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # Test processes claim Redis DB numbers in this registry (DB 0); the benchmark claims one the same way.
@@ -136,7 +137,7 @@ def single_resets(info: dict, stop: threading.Event, latencies: list[float]) -> 
     course = small["course_ids"][0]
     with session_scope() as session:
         learners = session.scalars(sa_select(CourseAssignment.user_id).where(
-            CourseAssignment.course_id == course, CourseAssignment.status != "not_started")).all()
+            CourseAssignment.course_id == course, CourseAssignment.status != AssignmentStatus.NOT_STARTED)).all()
     for learner in learners:
         if stop.is_set():
             return
@@ -161,7 +162,7 @@ def warm_up(info: dict) -> None:
     course = small["course_ids"][0]
     with session_scope() as session:
         learner = session.scalar(select(CourseAssignment.user_id).where(
-            CourseAssignment.course_id == course, CourseAssignment.status != "not_started")
+            CourseAssignment.course_id == course, CourseAssignment.status != AssignmentStatus.NOT_STARTED)
             .order_by(CourseAssignment.user_id.desc()).limit(1))
         req = resets.request(session, small["admin_id"], course, learner_id=learner, reason="warm-up")
     with session_scope() as session:
@@ -355,7 +356,9 @@ def run(argv: list[str] | None = None) -> int:
     }
     if "burst" in results:
         b = results["burst"]
-        for key in ("burst_drain_ratio", "burst_other_org_slowdown", "single_p95_ms", "small_300_p50_ms"):
+        for key in ("burst_drain_ratio", "burst_other_org_slowdown", "single_p95_ms", "small_300_p50_ms",
+                    "slow_receiver_other_org_p95_ms", "slow_receiver_other_org_max_ms", "notify_rate_achieved",
+                    "duplicate_sends"):
             name = "burst_single_p95_ms" if key == "single_p95_ms" else key
             summary[name] = {t: round(b[t][key], 3) for t in ("compose", "single")}
         print(f"{'topology':>9} {'drain s':>8} {'floor s':>8} {'ratio':>6} {'B burst s':>9} {'B alone s':>9} "

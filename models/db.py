@@ -23,7 +23,11 @@ _engine_pid: int | None = None
 
 
 def make_engine(url: str, **kwargs) -> Engine:
-    """Build an engine with the settings each dialect needs."""
+    """Build an engine with the settings each dialect needs.
+
+    On PostgreSQL the pool (``DATABASE_POOL_SIZE`` + ``DATABASE_MAX_OVERFLOW``) and prepared
+    statements (``DATABASE_PREPARED_STATEMENTS``) follow the settings unless ``kwargs`` say otherwise.
+    """
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"timeout": 60}, **kwargs)
 
@@ -43,10 +47,17 @@ def make_engine(url: str, **kwargs) -> Engine:
             conn.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
+    settings = get_settings()
     kwargs.setdefault("pool_pre_ping", True)
     if "poolclass" not in kwargs:
-        kwargs.setdefault("pool_size", 5)
-        kwargs.setdefault("max_overflow", 5)
+        kwargs.setdefault("pool_size", settings.database_pool_size)
+        kwargs.setdefault("max_overflow", settings.database_max_overflow)
+    if not settings.database_prepared_statements:
+        # psycopg prepares a statement on the server after its fifth execution on a connection.
+        # Behind a transaction-pooling PgBouncer the next transaction may run on another server
+        # connection, where that statement does not exist (or another client's of the same name
+        # does): never prepare.
+        kwargs["connect_args"] = {**kwargs.get("connect_args", {}), "prepare_threshold": None}
     return create_engine(url, **kwargs)
 
 

@@ -23,12 +23,12 @@ from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
 from models.dialect import is_postgres
-from models.jobs import as_utc, utcnow
 from models.logs import log_event
-from models.schema import Notification, ResetBatch, ResetJob, RetrainingCampaign
 from models.queues import QUEUES
+from models.schema import Notification, ResetBatch, ResetJob, RetrainingCampaign
 from models.settings import get_settings
 from models.states import BatchState, CampaignState, JobState, NotificationStatus
+from models.times import as_utc, utcnow
 
 PREFIX = "progress_reset"
 # A scrape never holds the database longer than this.

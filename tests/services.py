@@ -12,6 +12,10 @@ For each service, in order:
    ``postgresql``, ``redis-server`` and ``rabbitmq-server`` and start them;
 4. otherwise stop with one message that says exactly what is missing.
 
+PgBouncer is not a shared server: :func:`start_pgbouncer` starts one on a free port, with its
+own configuration, in front of the test PostgreSQL for the test that needs it; the binary comes
+from the Debian package ``pgbouncer``, installed the same way when missing (:func:`ensure_pgbouncer`).
+
 It also points this process at another database or broker
 (:func:`refresh_configuration`); Celery processes are started with
 :mod:`workers.processes`, the launcher the demo and the benchmark use too.
@@ -302,6 +306,121 @@ def ensure_services(allow_install: bool = True) -> tuple[str, str]:
     return pg_url, redis_url
 
 
+# -- PgBouncer ----------------------------------------------------------------------------------
+#
+# Not a server the tests share: each test that needs one starts its own PgBouncer (a free port,
+# its own configuration in a temporary folder) in front of the test PostgreSQL, and stops it.
+
+PGBOUNCER_PACKAGE = "pgbouncer"
+PGBOUNCER_USER = "nobody"  # PgBouncer refuses to run as root; as root it is started as this user
+
+
+def pgbouncer_binary() -> str | None:
+    """The ``pgbouncer`` executable (Debian puts it in /usr/sbin, outside a user's PATH)."""
+    return shutil.which("pgbouncer") or shutil.which("pgbouncer", path="/usr/sbin:/usr/local/sbin")
+
+
+def ensure_pgbouncer(allow_install: bool = True) -> str:
+    """The ``pgbouncer`` executable, installing the Debian package as root when it is missing.
+
+    Raises :class:`ServicesUnavailable` with one message when it is missing and cannot be installed.
+    """
+    binary = pgbouncer_binary()
+    if binary is None and allow_install and _can_install():
+        failure = _apt_install([PGBOUNCER_PACKAGE])
+        if failure is not None:
+            raise ServicesUnavailable(f"pgbouncer is not installed and could not be installed ({failure})")
+        binary = pgbouncer_binary()
+    if binary is None:
+        raise ServicesUnavailable(f"pgbouncer is not installed and installing is not possible here (needs root "
+                                  f"and apt-get); install the Debian package {PGBOUNCER_PACKAGE!r}")
+    return binary
+
+
+@dataclass
+class PgBouncer:
+    """A PgBouncer process this process started; :meth:`stop` ends it (by its pid)."""
+
+    process: subprocess.Popen
+    port: int
+    folder: Path
+
+    def url_for(self, database_url: str, **changes) -> str:
+        """``database_url`` (same user, password and database) through this PgBouncer."""
+        return make_url(database_url).set(host="127.0.0.1", port=self.port, **changes) \
+            .render_as_string(hide_password=False)
+
+    def log_text(self) -> str:
+        return (self.folder / "pgbouncer.log").read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_pgbouncer(upstream_url: str, folder: Path, *, pool_mode: str = "transaction", pool_size: int = 3,
+                    users: dict[str, str] | None = None, round_robin: bool = True) -> PgBouncer:
+    """Start PgBouncer on a free loopback port in front of the PostgreSQL at ``upstream_url``.
+
+    Every database of that server is reachable through it. ``users`` (name -> password) may log
+    in (default: the URL's user); PgBouncer logs them in to PostgreSQL with the same password.
+    Each (database, user) pair gets at most ``pool_size`` server connections; with
+    ``round_robin`` a client's consecutive transactions go to different ones, as on a busy pooler.
+    """
+    binary = ensure_pgbouncer()
+    upstream = make_url(upstream_url)
+    users = users or {upstream.username or "postgres": upstream.password or ""}
+    folder.mkdir(parents=True, exist_ok=True)
+    port = _free_port()
+    quoted = ['"{}" "{}"'.format(name, password.replace('"', '""')) for name, password in users.items()]
+    (folder / "users.txt").write_text("\n".join(quoted) + "\n")
+    (folder / "pgbouncer.ini").write_text(f"""[databases]
+* = host={upstream.host or '127.0.0.1'} port={upstream.port or 5432}
+
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = {port}
+unix_socket_dir =
+auth_type = trust
+auth_file = {folder / 'users.txt'}
+pool_mode = {pool_mode}
+default_pool_size = {pool_size}
+min_pool_size = {pool_size}
+server_round_robin = {int(round_robin)}
+max_client_conn = 500
+query_wait_timeout = 60
+ignore_startup_parameters = extra_float_digits,options
+""")
+    argv = [binary, str(folder / "pgbouncer.ini")]
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        argv[1:1] = ["-u", PGBOUNCER_USER]  # it reads its files first, then drops to that user
+    with open(folder / "pgbouncer.log", "ab") as log:
+        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    bouncer = PgBouncer(process, port, folder)
+    probe_url = bouncer.url_for(upstream_url)
+    deadline = time.monotonic() + WAIT_SECONDS
+    while not (result := probe_postgres(probe_url)).ok:
+        if process.poll() is not None or time.monotonic() > deadline:
+            bouncer.stop()
+            raise ServicesUnavailable(f"pgbouncer on 127.0.0.1:{port} did not answer ({result.reason}); "
+                                      f"log: {bouncer.log_text().strip()[-300:]}")
+        time.sleep(0.2)
+    return bouncer
+
+
 # -- Celery processes started by tests ----------------------------------------------------------
 
 def refresh_configuration() -> None:
@@ -325,6 +444,11 @@ def main() -> int:
         print(f"error: the tests need RabbitMQ: {exc}", file=sys.stderr)
         return 2
     print(f"services: RabbitMQ at {_hide_password(rabbitmq_url)} answers")
+    try:
+        print(f"services: PgBouncer at {ensure_pgbouncer()} (each test that needs one starts its own)")
+    except ServicesUnavailable as exc:
+        print(f"error: the tests need PgBouncer: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -23,7 +23,8 @@ from sqlalchemy.pool import NullPool
 
 from models.logs import logger
 from models.schema import Base, Course, CourseAssignment, User
-from producer.cli import MAX_ID, cli, main, parse
+from producer.cli import cli, main, parse
+from producer.cli_parameters import MAX_ID
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = Path(sys.executable).parent / "progress-reset"

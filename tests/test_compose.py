@@ -92,13 +92,29 @@ def test_redis_keeps_messages():
     assert option(command, "--maxmemory-policy") == "noeviction"
 
 
+OWNER_URL = "postgresql://postgres:postgres@postgres:5432/progress_reset"
+APP_URL = "postgresql://progress_reset_app:${DATABASE_APP_PASSWORD:-progress_reset_app}@postgres:5432/progress_reset"
+
+
 @pytest.mark.parametrize("name", APP_SERVICES)
 def test_every_app_service_runs_the_project_image_with_its_configuration(name):
     service = SERVICES[name]
     assert service["build"] == "." and (REPO_ROOT / "Dockerfile").exists()
     env = service["environment"]
-    assert env["DATABASE_URL"] == "postgresql://postgres:postgres@postgres:5432/progress_reset"
+    assert env["DATABASE_URL"] == (OWNER_URL if name == "migrate" else APP_URL)
     assert env["CELERY_BROKER_URL"] == "redis://redis:6379/0"
+
+
+def test_migrations_run_as_the_owner_and_grant_the_role_every_other_service_connects_as():
+    from models.settings import Settings
+
+    migrate = SERVICES["migrate"]["environment"]
+    role = Settings.from_env({"DATABASE_APP_ROLE": migrate["DATABASE_APP_ROLE"]}).database_app_role
+    assert APP_URL.startswith(f"postgresql://{role}:${{DATABASE_APP_PASSWORD")
+    assert migrate["DATABASE_APP_PASSWORD"] == "${DATABASE_APP_PASSWORD:-progress_reset_app}"
+    assert APP_URL.split("@")[0].endswith(":" + migrate["DATABASE_APP_PASSWORD"]), "one password for both"
+    others = [name for name in [*APP_SERVICES, *RABBITMQ_SERVICES] if name != "migrate"]
+    assert all("DATABASE_APP_ROLE" not in SERVICES[name]["environment"] for name in others)
 
 
 @pytest.mark.parametrize("name", [*APP_SERVICES, *RABBITMQ_SERVICES])

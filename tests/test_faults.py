@@ -60,7 +60,6 @@ BASE_ENV = {
     "PUBLISH_STALE_SECONDS": "2",
     "SWEEP_INTERVAL_SECONDS": "1",
     "RESET_PURGE_CHUNK_ROWS": "300",
-    "NOTIFY_STALE_SECONDS": "10",
     "NOTIFY_RATE_PER_SECOND": "5000",
     "NOTIFY_BACKEND": "console",
     "LOG_FORMAT": "json",
@@ -423,10 +422,13 @@ def test_postgres_backends_terminated_mid_batch(stack):
     stack.beat()
     job_id, before, wanted = confirm_course_reset(org, course)
     terminated = 0
-    for _ in range(3):
+    deadline = time.monotonic() + 60
+    while terminated < 3:
+        # A batch seen asleep may wake and commit before the terminate reaches it: look again.
         fs.wait_until(lambda: fs.backends_inside_batch(stack.db_url), 30, interval=0.02, what="a batch in flight")
         terminated += fs.terminate_batch_backends(stack.db_url)
         last_fault = fs.utcnow()
+        assert time.monotonic() < deadline, f"only {terminated} batches caught in flight"
         time.sleep(0.3)
     # And once every connection of the database, idle pooled ones included.
     fs.terminate_all_backends(stack.db_url)
@@ -496,7 +498,7 @@ def test_every_message_published_twice(stack):
     rows = fs.batch_rows(job_id)
     learner_batches = [r for r in rows if r.kind == "learners"]
     # Both copies of every wake-up (one is published after each unit) reached a worker.
-    received = len(re.findall(r"Task resets\.(?:work|run_batch)\[[0-9a-f-]+\] received", logs))
+    received = len(re.findall(r"Task resets\.work\[[0-9a-f-]+\] received", logs))
     assert received >= 2 * len(learner_batches), (received, len(learner_batches))
     assert logs.count("fault.duplicate.published task=notifications.send") >= 1
     RECOVERY.duration(stack.label("7. every message published twice, concurrently"), job_id,
@@ -769,9 +771,9 @@ def test_assign_unassign_and_activity_during_reset(stack):
 # --- 10. Two beat processes at once -------------------------------------------------------------
 
 def test_two_beats_do_no_work_twice(stack):
+    from models.schedule import schedule_of
     from models.schema import CampaignOccurrence, ResetJob, RetrainingCampaign
     from producer import campaigns
-    from models.schedule import schedule_of
 
     org = seed_org(stack.learners)
     manual_course, campaign_course = org.course_ids

@@ -15,10 +15,10 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from models.jobs import utcnow
 from models.schema import Notification, ResetBatch, ResetJob
-from models.training import create_organization
 from models.states import BatchState
+from models.times import utcnow
+from models.training import create_organization
 from producer.metrics import Snapshot, read_snapshot, snapshot_metrics
 from tests.test_http_api import api_env, start_api, tenants, wait_for_state  # noqa: F401 - fixtures
 
@@ -166,9 +166,9 @@ def test_metrics_parse_and_counters_move_during_a_reset(api_env, tenants, start_
 def test_dead_batches_lists_what_each_dead_letter_left_undone(db_session):
     from sqlalchemy import select, update
 
+    from models.batches import dead_batch_report
     from models.schema import CourseAssignment
     from models.seed import seed
-    from models.batches import dead_batch_report
 
     org = seed(db_session, learners=30, lessons=3, courses=1, completed_ratio=0.5, random_seed=2)
     course = org.course_ids[0]

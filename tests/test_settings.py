@@ -6,10 +6,17 @@ from pathlib import Path
 
 import pytest
 
-from models.settings import Settings, SettingsError, get_settings, reset_settings_cache
+from pydantic import AliasChoices
 
-# Every environment variable Settings reads, by attribute.
-VARIABLES = {field.validation_alias: name for name, field in Settings.model_fields.items()}
+from models.settings import RENAMED, Settings, SettingsError, get_settings, reset_settings_cache
+
+
+def _current_name(alias) -> str:
+    return alias.choices[0] if isinstance(alias, AliasChoices) else alias
+
+
+# Every environment variable Settings reads (under its current name), by attribute.
+VARIABLES = {_current_name(field.validation_alias): name for name, field in Settings.model_fields.items()}
 
 # The smallest value each numeric variable accepts.
 MINIMUMS = {
@@ -18,14 +25,15 @@ MINIMUMS = {
     "RESET_BATCH_LEASE_SECONDS": 1, "RESET_TOKEN_TTL_SECONDS": 1, "CAMPAIGN_MIN_INTERVAL_SECONDS": 60,
     "RESET_JOB_STALE_SECONDS": 1, "PUBLISH_STALE_SECONDS": 1, "SWEEP_INTERVAL_SECONDS": 0.1,
     "BROKER_VISIBILITY_TIMEOUT_SECONDS": 10, "TASK_TIME_LIMIT_SECONDS": 1, "NOTIFY_RATE_PER_SECOND": 0.01,
-    "NOTIFY_MAX_ATTEMPTS": 1, "NOTIFY_CHUNK_SIZE": 1, "NOTIFY_STALE_SECONDS": 1, "SMTP_PORT": 1,
-    "SMTP_TIMEOUT_SECONDS": 0.1, "WEBHOOK_TIMEOUT_SECONDS": 0.1, "WEBHOOKS_TIMEOUT_SECONDS": 0.1,
+    "NOTIFY_MAX_ATTEMPTS": 1, "NOTIFY_CHUNK_SIZE": 1, "SMTP_PORT": 1, "OUTBOUND_CONCURRENCY": 1,
+    "WEBHOOKS_PER_ORGANIZATION": 1,
+    "SMTP_TIMEOUT_SECONDS": 0.1, "NOTIFY_WEBHOOK_TIMEOUT_SECONDS": 0.1, "WEBHOOKS_TIMEOUT_SECONDS": 0.1,
     "WEBHOOKS_MAX_ATTEMPTS": 1, "WEBHOOKS_RETRY_BASE_SECONDS": 0.01, "WEBHOOKS_RETRY_MAX_SECONDS": 1.0,
-    "HTTP_PORT": 1,
+    "HTTP_PORT": 1, "DATABASE_POOL_SIZE": 1, "DATABASE_MAX_OVERFLOW": 0,
 }
 WHOLE_NUMBERS = sorted(v for v, m in MINIMUMS.items() if isinstance(m, int))
 NUMBERS = sorted(v for v, m in MINIMUMS.items() if isinstance(m, float))
-SWITCHES = ["SMTP_STARTTLS", "WEBHOOKS_ALLOW_HTTP_LOOPBACK"]
+SWITCHES = ["SMTP_STARTTLS", "WEBHOOKS_ALLOW_HTTP_LOOPBACK", "DATABASE_PREPARED_STATEMENTS"]
 
 
 def test_nothing_set_is_the_embedded_default(tmp_path, monkeypatch):
@@ -199,7 +207,7 @@ def test_overrides_make_a_copy_of_known_attributes_only():
 
 
 def test_secrets_stay_out_of_the_printed_settings():
-    shown = repr(Settings.from_env({"SMTP_PASSWORD": "pw-1", "WEBHOOK_SECRET": "sec-2", "FLOWER_PASSWORD": "fl-3"}))
+    shown = repr(Settings.from_env({"SMTP_PASSWORD": "pw-1", "NOTIFY_WEBHOOK_SECRET": "sec-2", "FLOWER_PASSWORD": "fl-3"}))
     assert "pw-1" not in shown and "sec-2" not in shown and "fl-3" not in shown
 
 
@@ -259,3 +267,18 @@ def test_use_env_can_switch_the_broker_away_and_back(use_env, redis_url):
     finally:
         client.delete("maintenance")
         client.close()
+
+
+@pytest.mark.parametrize("old, new", sorted(RENAMED.items()))
+def test_a_renamed_variable_is_still_read_under_its_old_name_with_a_warning(old, new):
+    value = "2.5" if "TIMEOUT" in new else "https://hooks.example.com/notify"
+    attribute = VARIABLES[new]
+    with pytest.warns(FutureWarning, match=f"{old} is deprecated.*set {new} instead"):
+        settings = Settings.from_env({old: value})
+    assert str(getattr(settings, attribute)) == value
+    with pytest.warns(FutureWarning):
+        both = Settings.from_env({old: "0.5" if "TIMEOUT" in new else "http://old", new: value})
+    assert str(getattr(both, attribute)) == value, "the current name wins"
+    if "TIMEOUT" in new:
+        with pytest.raises(SettingsError, match=f"^{old} must be a number"):
+            Settings.from_env({old: "soon"})

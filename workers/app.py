@@ -14,14 +14,12 @@ from models.db import dispose_engine
 from models.logs import configure_logging
 from models.messaging import use_app
 from models.settings import get_settings
-from workers.broker import transport_config
+from workers import broker
 from workers.config import TASK_MODULES, celery_config
 from workers.rabbitmq import CONFIRM_TIMEOUT_SECONDS, drop_broker_headers, whole_seconds
 
-
-def _configuration(settings) -> dict:
-    # The Redis transport that sets undecodable messages aside (workers/broker.py).
-    return celery_config(settings) | transport_config(settings)
+# redis:// URLs use the transport that sets undecodable messages aside (workers/broker.py).
+broker.register()
 
 
 class _ConfigurationOnFirstUse(Mapping):
@@ -31,7 +29,7 @@ class _ConfigurationOnFirstUse(Mapping):
 
     @cached_property
     def _values(self) -> dict:
-        return _configuration(get_settings())
+        return celery_config(get_settings())
 
     def __getitem__(self, key):
         return self._values[key]
@@ -75,7 +73,7 @@ def reconfigure() -> None:
 
     reset_settings_cache()
     dispose_engine()
-    app.conf.update(_configuration(get_settings()))
+    app.conf.update(celery_config(get_settings()))
     # Pools are registered globally per connection: a closed one must not be handed out again.
     pools.reset()
     app._pool = None

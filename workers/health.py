@@ -24,7 +24,7 @@ from sqlalchemy import text
 from models.canary import reply_store
 from models.messaging import send_now
 from models.queues import MALFORMED_COUNTS_KEY, QUEUES, canary_task_name, malformed_key
-from models.settings import Settings, get_settings
+from models.settings import Settings, get_settings, is_redis_url
 from workers import rabbitmq
 from workers.app import app
 from workers.config import broker_transport_options
@@ -34,10 +34,6 @@ def _first_url(url: str) -> str:
     return url.split(";")[0].strip()
 
 
-def _is_redis(url: str) -> bool:
-    return url.startswith(("redis://", "rediss://", "unix://"))
-
-
 def queue_lengths(settings: Settings | None = None, queues: tuple[str, ...] | list[str] = QUEUES
                   ) -> dict[str, int] | None:
     """Messages waiting in each queue (not yet delivered to a worker), or None when the broker can't say."""
@@ -45,7 +41,7 @@ def queue_lengths(settings: Settings | None = None, queues: tuple[str, ...] | li
     url = _first_url(settings.broker_url)
     if settings.is_rabbitmq:
         return rabbitmq.queue_lengths(url, queues)
-    if not (_is_redis(url) or url.startswith("filesystem")):
+    if not (is_redis_url(url) or url.startswith("filesystem")):
         return None
     with Connection(url, transport_options=broker_transport_options(settings), connect_timeout=3) as conn:
         channel = conn.default_channel
@@ -57,7 +53,7 @@ def _redis_broker_read(settings: Settings | None, read):
     """``read(client)`` on the Redis broker, or None when the broker is not Redis."""
     settings = settings or get_settings()
     url = _first_url(settings.broker_url)
-    if not url.startswith(("redis://", "rediss://", "unix://")):
+    if not is_redis_url(url):
         return None
     import redis
 

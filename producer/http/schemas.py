@@ -14,7 +14,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from models.webhooks import EVENT_TYPES
+from models.job_events import EVENT_TYPES
 from producer import campaigns, webhooks
 from producer.access import MAX_REASON
 
@@ -84,11 +84,15 @@ class ResetSummary(Summary):
 
 class ResetRequestOut(_Out):
     request_id: str
-    token: str | None = Field(description="One-time confirmation token; null when an idempotent replay finds "
-                                          "the request already confirmed.")
+    token: str | None = Field(description="One-time confirmation token; a replay (same Idempotency-Key and body) "
+                                          "returns the same one, or null once the request is no longer awaiting "
+                                          "confirmation.")
     expires_at: datetime | None
     summary: ResetSummary
     state: str
+    replayed: bool = Field(description="True when this is the answer to an earlier request with the same "
+                                       "Idempotency-Key (also the header `Idempotent-Replayed: true`); nothing "
+                                       "was changed.")
 
 
 class ConfirmOut(_Out):

@@ -4,48 +4,52 @@ Every backend has one method, ``send(message) -> provider_id``, and reports a
 failure by raising :class:`TransientSendError` (try again later) or
 :class:`PermanentSendError` (this message can never succeed), so the sender
 decides retries the same way whatever the transport. A backend may keep a
-connection open across the messages of one task run; ``close()`` ends it.
+connection open across messages; ``close()`` ends it. One instance is used by one thread.
+
+Every send ends by a total deadline (:func:`send_deadline_seconds`: connect, send and the whole
+answer), so a slow or trickling provider fails the attempt instead of holding it, and at most
+64 KiB of an HTTP answer is read.
 
 The message itself, with the identifiers a provider recognises a resend by, is
-made in :mod:`tasks.notify_message`; a backend only moves it.
+made in :mod:`tasks.notifications.message`; a backend only moves it.
 
 Failure reasons are stored on the outbox row and may be logged, so e-mail
-addresses are removed from them (:func:`redact`).
+addresses are removed from them (:func:`tasks.outbound.answers.redact`).
 """
 
 from __future__ import annotations
 
-import email.utils
 import hashlib
 import hmac
 import json
 import os
-import re
 import smtplib
 import socket
 import ssl
 import time
-from datetime import timezone
 from pathlib import Path
 
-import httpx
-
 from models.settings import Settings
-from tasks.notify_message import OutgoingMessage, build_email
+from tasks.notifications.message import OutgoingMessage, build_email
+from tasks.outbound.answers import parse_retry_after, redact
+from tasks.outbound.deadline import Deadline, cut_off_at
+from tasks.outbound.http import Answer, CallFailed, post
+from tasks.outbound.signatures import standard_webhook_headers
 
 USER_AGENT = "progress-reset-notifications/1"
 # SMTP connections idle longer than this are checked with NOOP before reuse.
 SMTP_IDLE_CHECK_SECONDS = 5.0
-# A Retry-After beyond this is treated as this (a provider asking for days is misconfigured).
-MAX_RETRY_AFTER_SECONDS = 3600.0
-
-_ADDRESS_RE = re.compile(r"[^\s<>\"'(),;:@]+@[^\s<>\"'(),;:@]+")
+# A local file write has no outside party; this only bounds its claim's lease.
+CONSOLE_DEADLINE_SECONDS = 1.0
 
 
-def redact(text: str, limit: int = 500) -> str:
-    """``text`` with e-mail addresses replaced by ``<address>``, cut to ``limit`` characters."""
-    return _ADDRESS_RE.sub("<address>", text)[:limit]
-
+def send_deadline_seconds(settings: Settings) -> float:
+    """The total deadline of one send with the configured backend (a claim's lease outlives it)."""
+    if settings.notify_backend == "smtp":
+        return settings.smtp_timeout_seconds
+    if settings.notify_backend == "webhook":
+        return settings.notify_webhook_timeout_seconds
+    return CONSOLE_DEADLINE_SECONDS
 
 class SendError(Exception):
     """A send failed. ``code`` is a short machine token for logs (``smtp_550``, ``http_503``, ``timeout``)."""
@@ -163,30 +167,32 @@ class SmtpBackend(NotificationBackend):
         self._conn: smtplib.SMTP | None = None
         self._last_used = 0.0
 
-    def _connect(self) -> smtplib.SMTP:
-        conn = smtplib.SMTP(self.host, self.port, timeout=self.timeout)
+    def _connect(self, deadline: Deadline) -> smtplib.SMTP:
+        conn = smtplib.SMTP(self.host, self.port, timeout=deadline.clamp(self.timeout))
         try:
-            conn.ehlo()
-            if self.starttls:
-                conn.starttls(context=ssl.create_default_context())
+            with cut_off_at(conn.sock, deadline):
                 conn.ehlo()
-            if self.username:
-                conn.login(self.username, self.password)
+                if self.starttls:
+                    conn.starttls(context=ssl.create_default_context())
+                    conn.ehlo()
+                if self.username:
+                    conn.login(self.username, self.password)
         except BaseException:
             self._quietly_close(conn)
             raise
         return conn
 
-    def _connection(self) -> smtplib.SMTP:
+    def _connection(self, deadline: Deadline) -> smtplib.SMTP:
         if self._conn is not None and time.monotonic() - self._last_used > SMTP_IDLE_CHECK_SECONDS:
             try:
-                code, _ = self._conn.noop()
+                with cut_off_at(self._conn.sock, deadline):
+                    code, _ = self._conn.noop()
                 if code != 250:
                     raise smtplib.SMTPServerDisconnected("NOOP refused")
             except (smtplib.SMTPException, OSError):
                 self._drop()
         if self._conn is None:
-            self._conn = self._connect()
+            self._conn = self._connect(deadline)
         return self._conn
 
     def send(self, message: OutgoingMessage) -> str:
@@ -197,24 +203,11 @@ class SmtpBackend(NotificationBackend):
             data = build_email(message, self.sender).as_bytes()
         except (ValueError, TypeError) as exc:  # e.g. a header that cannot be encoded
             raise PermanentSendError(f"message cannot be built: {exc}", "smtp_message") from exc
+        deadline = Deadline.after(self.timeout)
         try:
-            conn = self._connection()
-            code, reply = conn.mail(self.sender)
-            if code != 250:
-                self._rset()
-                # Our sender refused: a configuration problem, not this message's fault.
-                raise TransientSendError(f"SMTP {code} on MAIL FROM: {_smtp_text(reply)}", f"smtp_{code}",
-                                         affects_all=True)
-            code, reply = conn.rcpt(message.recipient_email)
-            if code not in (250, 251):
-                self._rset()
-                if 500 <= code < 600:
-                    raise PermanentSendError(f"SMTP {code} on RCPT TO: {_smtp_text(reply)}", f"smtp_{code}")
-                raise TransientSendError(f"SMTP {code} on RCPT TO: {_smtp_text(reply)}", f"smtp_{code}",
-                                         affects_all=code == 421)
-            code, reply = conn.data(data)
-            if code != 250:
-                raise smtplib.SMTPDataError(code, reply)
+            conn = self._connection(deadline)
+            with cut_off_at(conn.sock, deadline):
+                self._transfer(conn, message, data)
         except smtplib.SMTPDataError as exc:
             self._rset()
             text = f"SMTP {exc.smtp_code} on DATA: {_smtp_text(exc.smtp_error)}"
@@ -225,15 +218,35 @@ class SmtpBackend(NotificationBackend):
             self._drop()
             raise TransientSendError(f"SMTP {exc.smtp_code}: {_smtp_text(exc.smtp_error)}",
                                      f"smtp_{exc.smtp_code}", affects_all=True) from exc
-        except (socket.timeout, TimeoutError) as exc:
+        except (socket.timeout, TimeoutError) as exc:  # an operation's timeout, or the total deadline
             self._drop()
-            raise TransientSendError("SMTP timeout", "timeout", affects_all=True) from exc
+            raise TransientSendError(f"SMTP: no answer within {self.timeout:g}s", "timeout",
+                                     affects_all=True) from exc
         except (smtplib.SMTPException, OSError) as exc:  # refused, reset, disconnected, TLS failure
             self._drop()
             raise TransientSendError(f"SMTP connection failed: {type(exc).__name__}: {exc}", "connect_error",
                                      affects_all=True) from exc
         self._last_used = time.monotonic()
         return message.message_id
+
+    def _transfer(self, conn: smtplib.SMTP, message: OutgoingMessage, data: bytes) -> None:
+        """MAIL FROM, RCPT TO and DATA on an open connection; a refusal raises its classification."""
+        code, reply = conn.mail(self.sender)
+        if code != 250:
+            self._rset()
+            # Our sender refused: a configuration problem, not this message's fault.
+            raise TransientSendError(f"SMTP {code} on MAIL FROM: {_smtp_text(reply)}", f"smtp_{code}",
+                                     affects_all=True)
+        code, reply = conn.rcpt(message.recipient_email)
+        if code not in (250, 251):
+            self._rset()
+            if 500 <= code < 600:
+                raise PermanentSendError(f"SMTP {code} on RCPT TO: {_smtp_text(reply)}", f"smtp_{code}")
+            raise TransientSendError(f"SMTP {code} on RCPT TO: {_smtp_text(reply)}", f"smtp_{code}",
+                                     affects_all=code == 421)
+        code, reply = conn.data(data)
+        if code != 250:
+            raise smtplib.SMTPDataError(code, reply)
 
     def _rset(self) -> None:
         if self._conn is None:
@@ -267,80 +280,64 @@ class SmtpBackend(NotificationBackend):
 # --- webhook --------------------------------------------------------------------------------
 
 def sign_body(body: bytes, secret: str) -> str:
-    """The ``X-Signature`` header value: ``sha256=`` + HMAC-SHA256 of the raw body, hex."""
+    """The older ``X-Signature`` header value: ``sha256=`` + HMAC-SHA256 of the raw body, hex (kept
+    for receivers built on it; the Standard Webhooks headers are the current form)."""
     return "sha256=" + hmac.new(secret.encode("utf-8"), body, hashlib.sha256).hexdigest()
 
 
-def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
-    """Seconds from a ``Retry-After`` header (delta-seconds or HTTP-date); None if absent or unreadable."""
-    if not value:
-        return None
-    value = value.strip()
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError):
-            return None
-        if when.tzinfo is None:
-            when = when.replace(tzinfo=timezone.utc)
-        seconds = when.timestamp() - (time.time() if now is None else now)
-    return min(max(0.0, seconds), MAX_RETRY_AFTER_SECONDS)
-
-
 class WebhookBackend(NotificationBackend):
-    """An HTTP POST of the JSON payload, signed, with an idempotency key the receiver dedupes by."""
+    """An HTTP POST of the JSON payload, signed with Standard Webhooks (``webhook-id`` is the
+    idempotency key) and the older ``X-Signature``, with an ``Idempotency-Key`` the receiver dedupes by.
+
+    The provider is the operator's own choice (``NOTIFY_WEBHOOK_URL``), so its name is resolved as
+    usual; the attempt ends by ``NOTIFY_WEBHOOK_TIMEOUT_SECONDS`` and reads at most 64 KiB of answer.
+    """
 
     name = "webhook"
 
     def __init__(self, settings: Settings):
-        if not settings.webhook_url:
-            raise BackendConfigError("WEBHOOK_URL is not set; set it or choose another NOTIFY_BACKEND")
-        if not settings.webhook_secret:
-            raise BackendConfigError("WEBHOOK_SECRET is not set; the receiver could not verify the signature")
-        self.url = settings.webhook_url
-        self.secret = settings.webhook_secret
-        self._client = httpx.Client(timeout=settings.webhook_timeout_seconds, follow_redirects=False,
-                                    headers={"User-Agent": USER_AGENT})
+        if not settings.notify_webhook_url:
+            raise BackendConfigError("NOTIFY_WEBHOOK_URL is not set; set it or choose another NOTIFY_BACKEND")
+        if not settings.notify_webhook_secret:
+            raise BackendConfigError("NOTIFY_WEBHOOK_SECRET is not set; the receiver could not verify the signature")
+        self.url = settings.notify_webhook_url
+        self.secret = settings.notify_webhook_secret
+        self.timeout = settings.notify_webhook_timeout_seconds
 
     def send(self, message: OutgoingMessage) -> str:
         body = json.dumps(message.payload(), sort_keys=True, separators=(",", ":")).encode("utf-8")
         headers = {
             "Content-Type": "application/json",
+            "User-Agent": USER_AGENT,
             "Idempotency-Key": message.idempotency_key,
+            **standard_webhook_headers([self.secret], message.idempotency_key, int(time.time()), body),
             "X-Signature": sign_body(body, self.secret),
         }
         try:
-            response = self._client.post(self.url, content=body, headers=headers)
-        except httpx.TimeoutException as exc:
-            raise TransientSendError(f"webhook timeout ({type(exc).__name__})", "timeout", affects_all=True) from exc
-        except httpx.TransportError as exc:
-            raise TransientSendError(f"webhook connection failed: {type(exc).__name__}", "connect_error",
-                                     affects_all=True) from exc
-        status = response.status_code
+            answer = post(self.url, body, headers, Deadline.after(self.timeout))
+        except CallFailed as failed:
+            raise TransientSendError(f"webhook: {failed.reason}", "timeout" if failed.timed_out else "connect_error",
+                                     affects_all=True) from None
+        status = answer.status
         if 200 <= status < 300:
-            return self._provider_id(response) or message.idempotency_key
-        reason = f"HTTP {status}: {response.text.strip()[:200]}".rstrip(": ")
+            return self._provider_id(answer) or message.idempotency_key
+        reason = f"HTTP {status}: {answer.text(200)}".rstrip(": ")
         if status in (408, 425, 429) or status >= 500:
             raise TransientSendError(reason, f"http_{status}",
-                                     retry_after=parse_retry_after(response.headers.get("Retry-After")),
+                                     retry_after=parse_retry_after(answer.headers.get("retry-after")),
                                      affects_all=True)
         raise PermanentSendError(reason, f"http_{status}")
 
     @staticmethod
-    def _provider_id(response: httpx.Response) -> str | None:
+    def _provider_id(answer: Answer) -> str | None:
         try:
-            document = response.json()
+            document = json.loads(answer.body) if not answer.truncated else None
         except ValueError:
             document = None
         if isinstance(document, dict) and document.get("id") not in (None, ""):
             return str(document["id"])[:300]
-        request_id = response.headers.get("X-Request-Id")
+        request_id = answer.headers.get("x-request-id")
         return request_id[:300] if request_id else None
-
-    def close(self) -> None:
-        self._client.close()
 
 
 def make_backend(settings: Settings) -> NotificationBackend:

@@ -6,10 +6,6 @@ whichever queued job is next in turn, and a ``resets.work`` message runs whichev
 never stands in front of another's work: organizations take turns (least recently served first),
 and within one organization its jobs take turns round-robin in ``(created_at, id)`` order. Only
 the picker writes ``organization_turns``, so a claim never locks a ``reset_jobs`` row.
-
-A unit that failed backs off by :func:`unit_backoff_seconds`, the one backoff of failed units:
-:func:`defer_unit` writes it as the unit's lease, and the tasks use it as the countdown of the
-wake-up or retry that follows.
 """
 
 from __future__ import annotations
@@ -22,15 +18,12 @@ from sqlalchemy import and_, case, func, or_, select, tuple_, update
 from sqlalchemy.orm import Session
 
 from models.dialect import insert
-from models.jobs import utcnow
+from models.job_ids import job_uuid
 from models.schema import ResetJob
 from models.states import BatchKind, BatchState, JobScope, JobState
-from tasks.base import backoff_seconds
-from tasks.reset_steps.batch import RUNNABLE_BATCH_STATES, ClaimResult, claim_batch
-from tasks.reset_steps.rows import batches, job_uuid, jobs, turns
-
-UNIT_BACKOFF_BASE_SECONDS = 1.0
-UNIT_BACKOFF_MAX_SECONDS = 60.0
+from models.times import utcnow
+from tasks.resets.learner_batch import ClaimResult, claim_batch
+from tasks.resets.tables import batches, jobs, turns
 
 
 def _turn_order(j, t):
@@ -118,23 +111,6 @@ def claim_next_unit(session: Session, max_attempts: int, lease_seconds: int, now
         return UnitClaim(str(key), int(batch_no), kind, ClaimResult(True))
     return UnitClaim(str(key), int(batch_no), kind,
                      claim_batch(session, key, batch_no, max_attempts, lease_seconds, now, owner=owner))
-
-
-def unit_backoff_seconds(attempts: int) -> float:
-    """How long a unit that failed ``attempts`` times in a row is held back: the project's one backoff
-    (:func:`tasks.base.backoff_seconds`), capped at a minute (well below the broker's visibility timeout)."""
-    return backoff_seconds(attempts, UNIT_BACKOFF_BASE_SECONDS, UNIT_BACKOFF_MAX_SECONDS)
-
-
-def defer_unit(session: Session, job_id: str | uuid.UUID, batch_no: int, seconds: float,
-               now: datetime | None = None) -> None:
-    """A unit failed: no one picks it again for ``seconds`` (its lease becomes the backoff)."""
-    now = now or utcnow()
-    session.execute(
-        update(batches).where(batches.c.job_id == job_uuid(job_id), batches.c.batch_no == batch_no,
-                              batches.c.state.in_(RUNNABLE_BATCH_STATES))
-        .values(state=BatchState.RUNNING, lease_expires_at=now + timedelta(seconds=seconds))
-    )
 
 
 def runnable_units(session: Session, job_id: str | uuid.UUID | None = None, now: datetime | None = None,

@@ -1,6 +1,6 @@
 """What a course-assigned notification says, and how a resend of it is recognised.
 
-Kept apart from the backends (:mod:`tasks.notify_backends`), which only move a rendered
+Kept apart from the backends (:mod:`tasks.notifications.backends`), which only move a rendered
 message: the subject, the body, the JSON document and the e-mail headers are made here, from
 the outbox row alone, so every backend delivers the same words and every attempt of a row
 carries the same identifiers (the SMTP ``Message-ID``, the webhook ``Idempotency-Key``, a
@@ -16,16 +16,13 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from email.headerregistry import Address
 from email.message import EmailMessage
-from typing import TYPE_CHECKING
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from models.schema import Course, User
 from models.settings import Settings
-
-if TYPE_CHECKING:  # the outbox imports the backends, which import this module
-    from tasks.notifications.outbox import ClaimedNotification
+from tasks.notifications.outbox import ClaimedNotification
 
 MESSAGE_ID_DOMAIN = "progress-reset"
 

@@ -17,13 +17,15 @@ batch are excluded by their id range (:func:`models.batches.rows_to_purge`). One
 audience-filtered jobs clear everything in their learner batch and have no purge.
 
 Between chunks a purge batch is ``pending`` again with its cursor moved, so the next chunk is
-whichever unit is next in turn. A message naming a cursor the batch has moved past is a
-duplicate and does nothing.
+whichever unit is next in turn (:mod:`tasks.resets.turns`). :func:`run_purge_chunk` runs one
+chunk in its own transaction; a chunk that raises is counted and backed off
+(:mod:`tasks.resets.failures`).
 """
 
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
@@ -33,14 +35,22 @@ from sqlalchemy.orm import Session
 
 from models.batches import dead_learner_ranges, key_range, rows_to_purge
 from models.components import RESET_COMPONENTS
+from models.db import session_scope
 from models.dialect import in_ids
-from models.jobs import utcnow
+from models.job_ids import job_uuid
 from models.logs import log_event
-from models.schema import ResetJob
-from models.states import BatchKind, BatchState
+from models.messaging import publish_after_commit
+from models.settings import get_settings
+from models.states import RUNNABLE_BATCH_STATES, BatchKind, BatchState
+from models.times import utcnow
 from tasks.base import DATABASE_UNAVAILABLE
-from tasks.reset_steps.batch import RUNNABLE_BATCH_STATES, count_purge_finished
-from tasks.reset_steps.rows import Outcome, assignments, batches, job_uuid, jobs, lock_batch, running_job_or_cancel
+from tasks.resets.cancelling import running_job_or_cancel
+from tasks.resets.failures import defer_failed_unit, error_text
+from tasks.resets.finalize import finalize_or_publish
+from tasks.resets.outcome import Outcome
+from tasks.resets.progress import count_purge_finished
+from tasks.resets.tables import jobs, lock_batch
+from tasks.resets.wakeups import FINALIZE_TASK
 
 STUCK_PREFIX = "could not delete"
 
@@ -61,15 +71,15 @@ def _component(name: str):
 
 
 def purge_step(
-    session: Session, job_id: str | uuid.UUID, batch_no: int, cursor: int | None, chunk_rows: int,
-    lease_seconds: int, now: datetime | None = None,
+    session: Session, job_id: str | uuid.UUID, batch_no: int, chunk_rows: int, cursor: int | None = None,
+    now: datetime | None = None,
 ) -> PurgeResult:
     """Clear the next ``chunk_rows`` pre-job rows of one component, in id order, in the caller's transaction.
 
-    The batch row keeps the cursor. ``cursor`` is the one a ``resets.purge`` message carries
-    (None from a ``resets.work`` claim): a message whose cursor the batch has moved past is a
-    duplicate, or one already processed, and is refused. ``lease_seconds`` is not used (the
-    signature is kept for its callers): the chunk holds the batch row's lock for its transaction.
+    The batch row keeps the cursor and its lock is held for the chunk's transaction, so a
+    concurrent duplicate waits and then continues from the moved cursor. With ``cursor``, a
+    batch that has moved past it is not run (the caller's view of the batch is stale).
+    Safe to run twice.
     """
     now = now or utcnow()
     key = job_uuid(job_id)
@@ -141,50 +151,27 @@ def _delete_around_failures(session: Session, t, where) -> tuple[int, list[tuple
     return deleted, sorted(stuck)
 
 
-@dataclass(frozen=True)
-class PurgeFailure:
-    dead: bool  # dead-lettered by this failure
-    job_complete: bool  # and it was the job's last unfinished batch
-    attempts: int  # failures in a row so far (0: the batch had already finished)
+def run_purge_chunk(job_id: str, batch_no: int, finalize_inline: bool = False) -> str:
+    """One purge chunk in its own transaction; on failure count it and back it off. Returns the step's outcome.
 
-
-def fail_purge_step(
-    session: Session, job_id: str | uuid.UUID, batch_no: int, error: str, max_attempts: int,
-    now: datetime | None = None,
-) -> PurgeFailure:
-    """Count a failed purge step; dead-letter the batch after ``max_attempts`` failures in a row."""
-    now = now or utcnow()
-    key = job_uuid(job_id)
-    mine = (batches.c.job_id == key) & (batches.c.batch_no == batch_no)
-    attempts = session.scalar(
-        update(batches).where(mine, batches.c.state.in_(RUNNABLE_BATCH_STATES))
-        .values(attempts=batches.c.attempts + 1, error=error[:2000])
-        .returning(batches.c.attempts)
-    )
-    if attempts is None or attempts < max_attempts:
-        return PurgeFailure(False, False, attempts or 0)
-    session.execute(update(batches).where(mine).values(
-        state=BatchState.DEAD, error=f"dead-lettered after {attempts} attempts: {error[:1900]}", finished_at=now))
-    log_event("reset.batch.dead", logging.ERROR, job_id=str(key), batch=batch_no, attempts=attempts,
-              kind=BatchKind.PURGE)
-    return PurgeFailure(True, count_purge_finished(session, key, now, dead=True), attempts)
-
-
-def purge_reset_learners(session: Session, job: ResetJob) -> dict[str, int]:
-    """Clear the pre-job rows of the learners this job did reset (a cancelled job's clean-up).
-
-    Restricted by a join on ``last_reset_job_id``: learners the job never
-    reached keep everything. Safe to run twice.
+    The job's last chunk finalizes it here (``finalize_inline``) or publishes ``resets.finalize``.
     """
-    a = assignments.c
-    reset_by_job = select(a.user_id).where(a.course_id == job.course_id, a.last_reset_job_id == job.id)
-    cleared: dict[str, int] = {}
-    for component in RESET_COMPONENTS:
-        if component.name not in (job.watermarks or {}):
-            continue
-        t = component.table
-        cleared[component.name] = session.execute(t.delete().where(
-            t.c.course_id == job.course_id, t.c.id <= job.watermarks[component.name],
-            t.c.user_id.in_(reset_by_job),
-        )).rowcount or 0
-    return cleared
+    settings = get_settings()
+    started = time.perf_counter()
+    try:
+        with session_scope() as session:
+            result = purge_step(session, job_id, batch_no, settings.purge_chunk_rows)
+            finalize = ((result.status == Outcome.DONE and result.job_complete)
+                        or result.status == Outcome.CANCELLED)
+            if finalize and not finalize_inline:
+                publish_after_commit(session, FINALIZE_TASK, [job_id])
+    except Exception as exc:
+        error = error_text(exc)
+        log_event("reset.purge.error", logging.WARNING, job_id=job_id, batch=batch_no, error=error)
+        defer_failed_unit(job_id, batch_no, purge_error=error)
+        return Outcome.FAILED
+    log_event("reset.purge.step", job_id=job_id, batch=batch_no, status=result.status, rows=result.deleted,
+              duration_ms=round((time.perf_counter() - started) * 1000, 1))
+    if finalize and finalize_inline:
+        finalize_or_publish(job_id)
+    return result.status

@@ -1,17 +1,20 @@
-"""A learner batch: claim it (counting the attempt), reset its learners in one transaction, count it.
+"""A learner batch: claim it (counting the attempt), reset its learners in one transaction.
 
 A batch locks its row (a concurrent duplicate waits, then finds it ``done``) and the targeted
 assignments (the lock learner activity takes first, R10), clears their rows, restarts their
 attempt, writes the notification outbox rows, applies analytics deltas, marks itself ``done``
-and counts itself on the job, all in the caller's transaction. The attempt is counted in an
-earlier commit (:func:`claim_batch`), so a batch that keeps failing, even by killing its worker,
-is dead-lettered instead of looping. The job's counters also live here: the learner batch that
-finishes the learner phase releases the purge batches.
+and counts itself on the job (:mod:`tasks.resets.progress`), all in one transaction. The
+attempt is counted in an earlier commit (:func:`claim_batch`), so a batch that keeps failing,
+even by killing its worker, is dead-lettered instead of looping.
+
+:func:`run_learner_batch` runs one batch in its own transactions and publishes what follows it
+(its notifications, the released purge, the finalize).
 """
 
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -22,73 +25,26 @@ from sqlalchemy.orm import Session
 from models import analytics
 from models.batches import key_range, learners_not_reset
 from models.components import RESET_COMPONENTS
+from models.db import session_scope
 from models.dialect import in_ids, insert, is_postgres
-from models.jobs import as_utc, target_filter, utcnow
+from models.job_ids import job_uuid
+from models.jobs import target_filter
 from models.logs import log_event
+from models.messaging import publish_after_commit
 from models.schema import Notification, ResetBatch, ResetJob, User
-from models.states import BatchKind, BatchState, JobState, NotificationStatus
-from tasks.reset_steps.rows import (
-    Outcome,
-    assignments,
-    batches,
-    job_uuid,
-    jobs,
-    lock_batch,
-    running_job_or_cancel,
-)
+from models.settings import get_settings
+from models.states import RUNNABLE_BATCH_STATES, AssignmentStatus, BatchKind, BatchState, JobState, NotificationStatus
+from models.times import as_utc, utcnow
+from tasks.base import DATABASE_UNAVAILABLE
+from tasks.resets.cancelling import running_job_or_cancel
+from tasks.resets.failures import BatchFailed, error_text, record_batch_error
+from tasks.resets.finalize import finalize_or_publish
+from tasks.resets.outcome import Outcome
+from tasks.resets.progress import count_learner_batch, count_purge_finished
+from tasks.resets.tables import assignments, batches, jobs, lock_batch
+from tasks.resets.wakeups import publish_follow_ups
 
-RUNNABLE_BATCH_STATES = (BatchState.PENDING, BatchState.RUNNING)
-
-
-# --- the job's counters ----------------------------------------------------------------------
-
-@dataclass
-class PhaseProgress:
-    job_complete: bool = False
-    # Purge batches released by this commit: (batch_no, cursor).
-    purge: list[tuple[int, int]] = field(default_factory=list)
-    job_state: str = JobState.RUNNING
-
-
-def release_purge(session: Session, job_key: uuid.UUID, now: datetime) -> list[tuple[int, int]]:
-    """The learner phase is over: make the job's purge batches runnable; returns (batch_no, cursor) of each."""
-    rows = session.execute(
-        update(batches).where(batches.c.job_id == job_key, batches.c.kind == BatchKind.PURGE,
-                              batches.c.state == BatchState.WAITING)
-        .values(state=BatchState.PENDING, published_at=now)
-        .returning(batches.c.batch_no, batches.c.cursor_row_id)
-    ).all()
-    return [(int(no), int(cursor)) for no, cursor in rows]
-
-
-def count_learner_batch(session: Session, key: uuid.UUID, now: datetime, learners: int,
-                        dead: bool = False) -> PhaseProgress:
-    """Count a finished learner batch on the job (serialised on the job row); release the purge at the end."""
-    values = {"heartbeat_at": now, "learners_done": jobs.c.learners_done + learners}
-    if dead:
-        values["batches_dead"] = jobs.c.batches_dead + 1
-    else:
-        values["batches_done"] = jobs.c.batches_done + 1
-    done, dead_n, total, purge_total, state = session.execute(
-        update(jobs).where(jobs.c.id == key).values(**values)
-        .returning(jobs.c.batches_done, jobs.c.batches_dead, jobs.c.batches_total, jobs.c.purge_total, jobs.c.state)
-    ).one()
-    if done + dead_n < total:
-        return PhaseProgress(job_state=state)
-    if purge_total and state == JobState.RUNNING:
-        return PhaseProgress(purge=release_purge(session, key, now), job_state=state)
-    return PhaseProgress(job_complete=True, job_state=state)
-
-
-def count_purge_finished(session: Session, key: uuid.UUID, now: datetime, dead: bool = False) -> bool:
-    """Count a finished purge batch on the job; True when it was the job's last."""
-    values = {"heartbeat_at": now, "purge_done": jobs.c.purge_done + 1}
-    if dead:
-        values["batches_dead"] = jobs.c.batches_dead + 1
-    done, total = session.execute(
-        update(jobs).where(jobs.c.id == key).values(**values).returning(jobs.c.purge_done, jobs.c.purge_total)
-    ).one()
-    return done >= total
+NOTIFY_TASK = "notifications.send"
 
 
 # --- claim -----------------------------------------------------------------------------------
@@ -135,14 +91,6 @@ def claim_batch(
     return ClaimResult(False, attempts, dead=True, job_complete=phase.job_complete, purge=phase.purge)
 
 
-def record_batch_error(session: Session, job_id: str | uuid.UUID, batch_no: int, error: str) -> None:
-    """Remember why an attempt failed (shown when the batch is dead-lettered)."""
-    session.execute(
-        update(batches).where(batches.c.job_id == job_uuid(job_id), batches.c.batch_no == batch_no)
-        .values(error=error[:2000])
-    )
-
-
 # --- run -------------------------------------------------------------------------------------
 
 @dataclass
@@ -186,7 +134,7 @@ def _batch_targets(job: ResetJob, batch: ResetBatch):
 def _restart_values(job: ResetJob) -> dict:
     """A new attempt: nothing done, not started, and the job that reset it (R4, idempotency)."""
     a = assignments.c
-    return dict(status="not_started", progress_pct=0.0, items_done=0, score=None, started_at=None,
+    return dict(status=AssignmentStatus.NOT_STARTED, progress_pct=0.0, items_done=0, score=None, started_at=None,
                 completed_at=None, attempt=a.attempt + 1, last_reset_job_id=job.id)
 
 
@@ -257,8 +205,8 @@ def _reset_in_one_statement(session: Session, job: ResetJob, batch: ResetBatch, 
         return select(func.count()).select_from(cte).where(*where).scalar_subquery()
 
     row = session.execute(select(
-        count(restarted), count(targets, targets.c.status == "in_progress"),
-        count(targets, targets.c.status == "completed"), count(notified), *(count(c) for c in deletes.values()),
+        count(restarted), count(targets, targets.c.status == AssignmentStatus.IN_PROGRESS),
+        count(targets, targets.c.status == AssignmentStatus.COMPLETED), count(notified), *(count(c) for c in deletes.values()),
     )).one()
     cleared = dict(zip(deletes, (int(v) for v in row[4:])))
     return _Cleared(int(row[0]), int(row[1]), int(row[2]), cleared, int(row[3]))
@@ -285,10 +233,10 @@ def _reset_statement_by_statement(session: Session, job: ResetJob, batch: ResetB
                     .values(**_restart_values(job)))
     notified = len(session.execute(_notifications(session, job, now, in_ids(session, User.__table__.c.id, ids))).all())
     statuses = [row.status for row in targets]
-    return _Cleared(len(ids), statuses.count("in_progress"), statuses.count("completed"), cleared, notified)
+    return _Cleared(len(ids), statuses.count(AssignmentStatus.IN_PROGRESS), statuses.count(AssignmentStatus.COMPLETED), cleared, notified)
 
 
-def run_batch(session: Session, job_id: str | uuid.UUID, batch_no: int, now: datetime | None = None) -> BatchResult:
+def reset_batch(session: Session, job_id: str | uuid.UUID, batch_no: int, now: datetime | None = None) -> BatchResult:
     """Reset the learners of one batch in the caller's transaction.
 
     Locks the batch row (a concurrent duplicate waits, then finds it done),
@@ -322,3 +270,48 @@ def run_batch(session: Session, job_id: str | uuid.UUID, batch_no: int, now: dat
     phase = count_learner_batch(session, key, now, learners=reset.learners)
     return BatchResult(Outcome.DONE, reset.learners, reset.notified, reset.cleared, job_complete=phase.job_complete,
                        purge=phase.purge, job_state=phase.job_state)
+
+
+# --- run one batch in its own transactions --------------------------------------------------------
+
+def run_learner_batch(job_id: str, batch_no: int, claim: ClaimResult | None = None,
+                      finalize_inline: bool = False) -> BatchResult | None:
+    """Claim (unless ``claim`` was committed already), reset and commit one batch; publish its
+    notifications and the released purge after commit, and the finalize (or, with
+    ``finalize_inline``, finalize here).
+
+    An error in the batch's transaction raises :class:`BatchFailed`: the attempt stays counted and
+    the error is recorded, and the caller backs the unit off. Returns None when the batch is not
+    runnable.
+    """
+    settings = get_settings()
+    if claim is None:
+        with session_scope() as session:
+            claim = claim_batch(session, job_id, batch_no, settings.batch_max_attempts, settings.batch_lease_seconds)
+            if claim.dead:
+                publish_follow_ups(session, job_id, claim.job_complete, len(claim.purge))
+    if not claim.runnable:
+        return None
+    started = time.perf_counter()
+    try:
+        with session_scope() as session:
+            result = reset_batch(session, job_id, batch_no)
+            if result.notifications:
+                publish_after_commit(session, NOTIFY_TASK, [job_id])
+            finalize = result.job_complete or result.job_state == JobState.CANCELLING
+            publish_follow_ups(session, job_id, finalize and not finalize_inline, len(result.purge))
+    except Exception as exc:
+        error = error_text(exc)
+        log_event("reset.batch.error", logging.WARNING, job_id=job_id, batch=batch_no, attempt=claim.attempts,
+                  error=error)
+        try:
+            with session_scope() as session:
+                record_batch_error(session, job_id, batch_no, error)
+        except DATABASE_UNAVAILABLE:
+            pass  # the database is gone: the attempt stays counted, only its reason is not kept
+        raise BatchFailed(claim.attempts) from exc
+    log_event("reset.batch.done", job_id=job_id, batch=batch_no, status=result.status, learners=result.learners,
+              duration_ms=round((time.perf_counter() - started) * 1000, 1))
+    if finalize and finalize_inline:
+        finalize_or_publish(job_id)
+    return result

@@ -1,9 +1,11 @@
-"""Starting a job: claim it (``queued`` -> ``running``) and write every batch row before any runs.
+"""Starting a job: claim the queued job whose turn it is (``queued`` -> ``running``) and write every
+batch row before any runs, because a batch can finish before the others are written.
 
 Learner batches are keyset ranges of learner ids, balanced in size. A course-wide job over
 everyone assigned also gets, per component worth it, waiting purge batches over the rows that
-predate the job (see :mod:`tasks.reset_steps.purge` for why); its learner batches then clear
-only rows newer than the job's watermarks.
+predate the job (see :mod:`tasks.resets.purge` for why); its learner batches then clear
+only rows newer than the job's watermarks. :func:`start_next_job` runs it all in one
+transaction and wakes workers for the units after commit.
 """
 
 from __future__ import annotations
@@ -16,12 +18,21 @@ from sqlalchemy import func, insert, select, update
 from sqlalchemy.orm import Session
 
 from models.components import RESET_COMPONENTS
-from models.jobs import as_utc, target_filter, utcnow
+from models.db import session_scope
+from models.dialect import is_postgres
+from models.job_ids import job_uuid
+from models.jobs import target_filter
 from models.logs import log_event
 from models.schema import ResetJob
+from models.settings import get_settings
 from models.states import BatchKind, BatchState, JobScope, JobState
-from tasks.reset_steps.rows import MAX_USER_ID, assignments, batches, job_uuid, jobs
-from tasks.reset_steps.turns import take_turn
+from models.times import as_utc, utcnow
+from tasks.resets.one_learner import run_one_learner_job
+from tasks.resets.tables import assignments, batches, jobs
+from tasks.resets.turns import next_queued_job, take_turn
+from tasks.resets.wakeups import wake_workers
+
+MAX_USER_ID = 2**31 - 1
 
 
 @dataclass
@@ -143,3 +154,26 @@ def start_job(session: Session, job_id: str | uuid.UUID, batch_size: int, now: d
     log_event("reset.job.started", job_id=str(key), course_id=job.course_id, scope=job.scope,
               batches=len(batch_nos), purge_batches=purge_total)
     return StartResult(True, job.scope, batch_nos, purge_total, str(key))
+
+
+def start_next_job(job_id: str) -> StartResult:
+    """Start the queued job whose turn it is (usually ``job_id``: each confirm publishes one start,
+    so each job gets one), in one transaction; then wake workers for a course-wide job's units,
+    or run a one-learner job's batch right here."""
+    settings = get_settings()
+    with session_scope() as session:
+        key = next_queued_job(session)
+        if key is None:
+            log_event("reset.start.skipped", job_id=job_id)
+            return StartResult(False)
+        # SQLite serialises writers, so parallel purge batches would only queue behind each other.
+        partitions = settings.purge_partitions if is_postgres(session) else 1
+        result = start_job(session, key, settings.batch_size, purge_partitions=partitions,
+                           purge_chunk_rows=settings.purge_chunk_rows, purge_min_rows=settings.purge_min_rows)
+        if result.started and result.scope == JobScope.COURSE:
+            wake_workers(session, len(result.batch_nos) or 1)
+    if not result.started:
+        log_event("reset.start.skipped", job_id=job_id)
+    elif result.scope == JobScope.LEARNER:
+        run_one_learner_job(result.job_id, result.batch_nos)
+    return result
