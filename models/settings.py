@@ -237,6 +237,13 @@ class Settings(BaseSettings):
         return self.broker_url.split(";")[0].strip().startswith(("amqp://", "amqps://", "pyamqp://"))
 
     @property
+    def countdown_step_seconds(self) -> float:
+        """The finest countdown the broker delivers a message by: whole seconds on RabbitMQ's
+        quorum queues (native delayed delivery; ``workers.rabbitmq.whole_seconds`` rounds up),
+        otherwise none (0: as given)."""
+        return 1.0 if self.is_rabbitmq and self.rabbitmq_queue_type == "quorum" else 0.0
+
+    @property
     def broker_folder(self) -> Path:
         return self.data_dir / "broker"
 

@@ -244,6 +244,44 @@ def test_notifications_that_failed_come_back_by_their_countdown_follow_ups(amqp_
     assert sink.keys_per_learner() == {uid: 1 for uid in wanted}
 
 
+@pytest.mark.parametrize("queue_type", ["quorum", "classic"])
+def test_rate_limited_notifications_keep_their_rate_when_countdowns_are_whole_seconds(amqp_env, celery_worker_proc,
+                                                                                       queue_type):
+    """Reserved send slots lie a fraction of a second ahead, but quorum queues deliver a delayed
+    message in whole seconds: the chain's message goes early and the courier waits the rest, so
+    the rate holds and no slot is missed (a late message would reserve again, and again)."""
+    from tests.notify_support import WebhookSink, insert_outbox, measured_rate
+    from tasks.ratelimit import notification_group_size
+
+    rate = 20.0
+    sink = WebhookSink().start()
+    try:
+        env, _vhost = amqp_env(NOTIFY_RATE_PER_SECOND=str(rate), RABBITMQ_QUEUE_TYPE=queue_type, **sink.env())
+        with session_scope() as session:
+            org = seed(session, learners=400, lessons=2, random_seed=14)
+            job_id, users = insert_outbox(session, org.course_ids[0])
+        assert len(users) >= 150
+        workers = [celery_worker_proc(env, queues="notifications", concurrency=2, name=f"rate{i}") for i in (1, 2)]
+        for _ in range(3):  # a job's messages collapse into one chain, whichever worker runs them
+            assert send_now("notifications.send", [str(job_id)])
+        fs.wait_until(lambda: len(sink.accepted()) == len(users), len(users) / rate * 2 + 20, what="all notifications")
+    finally:
+        sink.stop()
+    logs = "".join(w.log_text() for w in workers)
+    stamps = sorted(d.at for d in sink.accepted().values())
+    measured = measured_rate(stamps)
+    group = notification_group_size(get_settings())
+    busiest = max(sum(1 for t in stamps[i:i + int(rate * 2)] if t < start + 1.0) for i, start in enumerate(stamps))
+    print(f"\n{queue_type}: {len(stamps)} notifications at {measured:.1f}/s (limit {rate:.0f}/s), busiest second "
+          f"{busiest} (at most {group} + {rate:.0f}), slots missed {logs.count('notification.slots_missed')}")
+    assert sink.keys_per_learner() == {u: 1 for u in users}
+    assert measured == pytest.approx(rate, rel=0.15), measured
+    assert busiest <= group + rate + 1
+    assert logs.count("notification.slots_missed") <= 2
+    # Workers of the notifications queue alone: every queue was declared, so Celery bound them all.
+    assert "Native delayed delivery will not be available" not in logs
+
+
 # --- Undecodable and foreign messages (decision record 0006) ----------------------------------------
 
 # As anyone with access to the virtual host could publish them.

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from functools import cached_property
 
 from celery import Celery
-from celery.signals import after_setup_logger, before_task_publish, worker_process_init
+from celery.signals import after_setup_logger, before_task_publish, worker_init, worker_process_init
 from celery.utils.quorum_queues import detect_quorum_queues
 
 from models.db import dispose_engine
@@ -16,7 +16,7 @@ from models.messaging import use_app
 from models.settings import get_settings
 from workers import broker
 from workers.config import TASK_MODULES, celery_config
-from workers.rabbitmq import CONFIRM_TIMEOUT_SECONDS, drop_broker_headers, whole_seconds
+from workers.rabbitmq import CONFIRM_TIMEOUT_SECONDS, declare_queues, drop_broker_headers, whole_seconds
 
 # redis:// URLs use the transport that sets undecodable messages aside (workers/broker.py).
 broker.register()
@@ -83,6 +83,7 @@ def reconfigure() -> None:
 
 # Every process that publishes (workers, beat, the producer) imports this module.
 before_task_publish.connect(drop_broker_headers, weak=False)
+worker_init.connect(declare_queues, weak=False)
 
 
 @worker_process_init.connect

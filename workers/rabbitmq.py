@@ -20,6 +20,8 @@ Celery settings that go with them (decision record 0008).
   RabbitMQ before 4.0.1 drops a message whose ``x-death`` says it already died in the queue it
   is dying in again (a "dead-letter cycle"): the second delayed retry of a task vanished.
   :func:`drop_broker_headers` removes those headers from every message before it is published.
+- **Every worker declares every queue** (:func:`declare_queues`) before Celery binds them to
+  its delay exchange, which fails for all queues when one is missing.
 - **Malformed messages** (decision record 0006): :class:`Consumer` sets aside, in
   ``<queue>.malformed``, what Celery would log with its body and drop.
 
@@ -55,6 +57,29 @@ def task_queues(settings: Settings) -> list[Queue]:
     arguments = {"x-queue-type": settings.rabbitmq_queue_type}
     return [Queue(name, exchange, routing_key=name, durable=True, queue_arguments=dict(arguments))
             for name in queues.QUEUES]
+
+
+def declare_queues(sender=None, **_kwargs) -> None:
+    """``worker_init`` receiver: declare every queue of the project, not only those this worker consumes.
+
+    When a worker starts, Celery's native delayed delivery binds *every* configured queue to its
+    delay exchange, and at the first queue that does not exist yet it gives up on all of them
+    ("Native delayed delivery will not be available"): a worker started with ``-Q notifications``
+    on a fresh virtual host would leave its own countdowns with no way back from the delay
+    queues. Declaring is idempotent (same name, same arguments). A broker that does not answer
+    now is logged; the bindings are durable, so the next worker to start makes them.
+    """
+    app = getattr(sender, "app", None)
+    if app is None or not get_settings().is_rabbitmq:
+        return
+    try:
+        with app.connection_for_write() as connection:
+            channel = connection.default_channel
+            for queue in app.amqp.queues.values():
+                queue.bind(channel).declare()
+    except Exception as exc:  # noqa: BLE001 - the worker still starts; see above
+        log_event("broker.queues.declare_failed", logging.WARNING, error=type(exc).__name__,
+                  detail=str(exc).splitlines()[0][:200] if str(exc) else "")
 
 
 def rabbitmq_config(settings: Settings) -> dict:
