@@ -113,6 +113,8 @@ class Settings(BaseSettings):
     # Broker: a Redis message unacked this long is delivered again. It must be
     # longer than any task's time limit and any retry countdown.
     visibility_timeout_seconds: int = Field(3600, ge=10, validation_alias="BROKER_VISIBILITY_TIMEOUT_SECONDS")
+    # RabbitMQ (an amqp:// broker): the type the project's queues are declared with.
+    rabbitmq_queue_type: Literal["quorum", "classic"] = Field("quorum", validation_alias="RABBITMQ_QUEUE_TYPE")
     task_time_limit_seconds: int = Field(900, ge=1, validation_alias="TASK_TIME_LIMIT_SECONDS")
     # Notifications
     notify_backend: Literal["console", "smtp", "webhook"] = Field("console", validation_alias="NOTIFY_BACKEND")
@@ -204,7 +206,7 @@ class Settings(BaseSettings):
             raise ValueError("must not contain the NUL character")
         return value
 
-    @field_validator("notify_backend", "log_format", mode="before")
+    @field_validator("notify_backend", "log_format", "rabbitmq_queue_type", mode="before")
     @classmethod
     def _lowercase(cls, value: Any) -> Any:
         # NOTIFY_BACKEND=SMTP and LOG_FORMAT=TEXT are meant, not malformed.
@@ -268,6 +270,18 @@ class Settings(BaseSettings):
     @property
     def is_postgres(self) -> bool:
         return self.database_url.startswith("postgresql")
+
+    @property
+    def is_rabbitmq(self) -> bool:
+        """True when the (first) broker URL is RabbitMQ's (``amqp://``, ``amqps://``, ``pyamqp://``)."""
+        return self.broker_url.split(";")[0].strip().startswith(("amqp://", "amqps://", "pyamqp://"))
+
+    @property
+    def countdown_step_seconds(self) -> float:
+        """The finest countdown the broker delivers a message by: whole seconds on RabbitMQ's
+        quorum queues (native delayed delivery; ``workers.rabbitmq.whole_seconds`` rounds up),
+        otherwise none (0: as given)."""
+        return 1.0 if self.is_rabbitmq and self.rabbitmq_queue_type == "quorum" else 0.0
 
     @property
     def broker_folder(self) -> Path:

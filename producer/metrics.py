@@ -133,7 +133,7 @@ class ResetSystemCollector(Collector):
 
     def collect(self):
         from models.db import session_scope
-        from workers.health import queue_lengths, redis_malformed, redis_unacked
+        from workers.health import malformed_messages, queue_lengths, redis_unacked
 
         started = time.perf_counter()
         settings = get_settings()
@@ -153,7 +153,7 @@ class ResetSystemCollector(Collector):
         try:
             lengths = queue_lengths(settings, QUEUES)
             unacked = redis_unacked(settings)
-            malformed = redis_malformed(settings, QUEUES)
+            malformed = malformed_messages(settings, QUEUES)
         except Exception as exc:
             broker_up, lengths, unacked, malformed = 0, None, None, None
             log_event("metrics.broker.failed", logging.WARNING, error=type(exc).__name__)
@@ -165,12 +165,13 @@ class ResetSystemCollector(Collector):
                          unacked)
         if malformed is not None:
             total, kept = malformed
-            family = CounterMetricFamily(f"{PREFIX}_broker_malformed_messages",
-                                         "Messages a worker could not decode and moved to <queue>.malformed.",
-                                         labels=["queue"])
-            for queue, value in total.items():
-                family.add_metric([queue], value)
-            yield family
+            if total is not None:
+                family = CounterMetricFamily(f"{PREFIX}_broker_malformed_messages",
+                                             "Messages a worker could not decode and moved to <queue>.malformed.",
+                                             labels=["queue"])
+                for queue, value in total.items():
+                    family.add_metric([queue], value)
+                yield family
             yield _gauge_by("broker_malformed_kept", "Undecodable messages kept in <queue>.malformed for inspection.",
                             "queue", kept)
         yield _gauge("broker_up", "1 when the metrics scrape could read the broker's queue lengths.", broker_up)

@@ -1,14 +1,15 @@
-"""Make sure the PostgreSQL and Redis the tests run against are there.
+"""Make sure the PostgreSQL, Redis and RabbitMQ the tests run against are there.
 
 Used by the test fixtures and by ``make test`` (``python -m tests.services``).
 For each service, in order:
 
 1. use it at the configured URL when it answers
-   (``TEST_DATABASE_ADMIN_URL``, ``TEST_REDIS_URL``);
+   (``TEST_DATABASE_ADMIN_URL``, ``TEST_REDIS_URL``, ``TEST_RABBITMQ_URL``);
 2. otherwise start a local one from the installed binaries
-   (``pg_ctlcluster`` for the Debian PostgreSQL cluster, ``redis-server``);
+   (``pg_ctlcluster`` for the Debian PostgreSQL cluster, ``redis-server``,
+   ``rabbitmq-server -detached``);
 3. otherwise, as root with ``apt-get``, install the Debian packages
-   ``postgresql`` and ``redis-server`` and start them;
+   ``postgresql``, ``redis-server`` and ``rabbitmq-server`` and start them;
 4. otherwise stop with one message that says exactly what is missing.
 
 PgBouncer is not a shared server: :func:`start_pgbouncer` starts one on a free port, with its
@@ -38,9 +39,11 @@ from sqlalchemy.engine import make_url
 
 DEFAULT_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379"
+DEFAULT_RABBITMQ_URL = "amqp://guest:guest@127.0.0.1:5672//"
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
 WAIT_SECONDS = 30.0
-APT_PACKAGES = {"postgresql": "postgresql", "redis": "redis-server"}
+APT_PACKAGES = {"postgresql": "postgresql", "redis": "redis-server", "rabbitmq": "rabbitmq-server"}
+URL_VARIABLES = {"postgresql": "TEST_DATABASE_ADMIN_URL", "redis": "TEST_REDIS_URL", "rabbitmq": "TEST_RABBITMQ_URL"}
 
 
 class ServicesUnavailable(RuntimeError):
@@ -168,6 +171,57 @@ def _start_redis(url: str) -> str | None:
     return None
 
 
+# -- RabbitMQ -----------------------------------------------------------------------------------
+
+def rabbitmq_base_url() -> str:
+    """The RabbitMQ URL (``TEST_RABBITMQ_URL``); tests use a virtual host of their own on that server."""
+    return os.environ.get("TEST_RABBITMQ_URL") or DEFAULT_RABBITMQ_URL
+
+
+def _hide_password(url: str) -> str:
+    parts = urlsplit(url)
+    if not parts.password:
+        return url
+    return url.replace(f":{parts.password}@", ":***@", 1)
+
+
+def probe_rabbitmq(url: str) -> Probe:
+    import amqp
+    from kombu import Connection
+
+    try:
+        with Connection(url, connect_timeout=3) as conn:
+            conn.ensure_connection(max_retries=1, interval_start=0, timeout=3)
+        return Probe(True)
+    except amqp.exceptions.AccessRefused as exc:
+        return Probe(False, _one_line(exc), refused=True)
+    except Exception as exc:  # noqa: BLE001 - refused, reset, timed out: all "does not answer"
+        refused = "ACCESS_REFUSED" in str(exc) or "NOT_ALLOWED" in str(exc)
+        return Probe(False, _one_line(exc), refused=refused)
+
+
+def _start_rabbitmq(url: str) -> str | None:
+    """``rabbitmq-server -detached`` (the Debian package's node, run as its own user)."""
+    if shutil.which("rabbitmq-server") is None:
+        return "rabbitmq-server is not on PATH (the RabbitMQ server is not installed)"
+    port = urlsplit(url).port or 5672
+    print(f"services: starting rabbitmq-server on port {port}", file=sys.stderr)
+    env = dict(os.environ, RABBITMQ_NODE_PORT=str(port))
+    run = subprocess.run(["rabbitmq-server", "-detached"], capture_output=True, text=True, env=env, timeout=120)
+    if run.returncode != 0:
+        return f"rabbitmq-server -detached failed: {_one_line(run.stderr or run.stdout)}"
+    return None
+
+
+def ensure_rabbitmq(allow_install: bool = True) -> str:
+    """Make RabbitMQ answer (as :func:`ensure_services` does for the others); returns its URL."""
+    url = rabbitmq_base_url()
+    problem = _ensure_one("rabbitmq", url, probe_rabbitmq, _start_rabbitmq, set(), allow_install)
+    if problem is not None:
+        raise ServicesUnavailable(problem)
+    return url
+
+
 # -- Orchestration ------------------------------------------------------------------------------
 
 def _can_install() -> bool:
@@ -196,7 +250,7 @@ def _wait(probe, url: str, seconds: float = WAIT_SECONDS) -> Probe:
 
 def _ensure_one(name: str, url: str, probe, start, installed: set[str], allow_install: bool) -> str | None:
     """Make one service answer; returns a description of what is missing, or None."""
-    shown = make_url(url).render_as_string(hide_password=True) if name == "postgresql" else url
+    shown = make_url(url).render_as_string(hide_password=True) if name == "postgresql" else _hide_password(url)
     first = probe(url)
     if first.ok:
         return None
@@ -206,7 +260,7 @@ def _ensure_one(name: str, url: str, probe, start, installed: set[str], allow_in
             if _wait(probe, url).ok:
                 return None
         return f"{name} at {shown} answers but refuses the connection ({first.reason}); " \
-               f"fix the credentials in {'TEST_DATABASE_ADMIN_URL' if name == 'postgresql' else 'TEST_REDIS_URL'}"
+               f"fix the credentials in {URL_VARIABLES[name]}"
     host = make_url(url).host if name == "postgresql" else urlsplit(url).hostname
     if not _is_local(host):
         return f"{name} at {shown} does not answer ({first.reason}); it is not local, so it is not started here"
@@ -221,7 +275,7 @@ def _ensure_one(name: str, url: str, probe, start, installed: set[str], allow_in
         how = "" if allow_install and _can_install() else "; installing is not possible here (needs root and apt-get)"
         return f"{name} at {shown} does not answer ({first.reason}) and cannot be started: {missing}{how}; " \
                f"install the Debian package {APT_PACKAGES[name]!r} or point " \
-               f"{'TEST_DATABASE_ADMIN_URL' if name == 'postgresql' else 'TEST_REDIS_URL'} at a running server"
+               f"{URL_VARIABLES[name]} at a running server"
     result = _wait(probe, url)
     if result.refused and name == "postgresql" and name in installed:
         _trust_local_connections()
@@ -384,6 +438,12 @@ def main() -> int:
         return 2
     print(f"services: PostgreSQL at {make_url(pg_url).render_as_string(hide_password=True)} and "
           f"Redis at {redis_url} answer")
+    try:
+        rabbitmq_url = ensure_rabbitmq()
+    except ServicesUnavailable as exc:
+        print(f"error: the tests need RabbitMQ: {exc}", file=sys.stderr)
+        return 2
+    print(f"services: RabbitMQ at {_hide_password(rabbitmq_url)} answers")
     try:
         print(f"services: PgBouncer at {ensure_pgbouncer()} (each test that needs one starts its own)")
     except ServicesUnavailable as exc:

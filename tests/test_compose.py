@@ -23,6 +23,8 @@ APP_SERVICES = ["migrate", "api", "worker-resets", "worker-batches", "worker-not
 WORKERS = {"worker-resets": "resets", "worker-batches": "reset_batches",
            "worker-notifications": "notifications", "worker-webhooks": "webhooks",
            "worker-maintenance": "maintenance"}
+# Profile `rabbitmq`: the same services on RabbitMQ (`docker compose --profile rabbitmq up`).
+RABBITMQ_SERVICES = {f"{name}-rabbitmq": name for name in APP_SERVICES if name != "migrate"}
 
 
 def argv_of(command) -> list[str]:
@@ -112,19 +114,19 @@ def test_migrations_run_as_the_owner_and_grant_the_role_every_other_service_conn
     assert APP_URL.startswith(f"postgresql://{role}:${{DATABASE_APP_PASSWORD")
     assert migrate["DATABASE_APP_PASSWORD"] == "${DATABASE_APP_PASSWORD:-progress_reset_app}"
     assert APP_URL.split("@")[0].endswith(":" + migrate["DATABASE_APP_PASSWORD"]), "one password for both"
-    others = [name for name in APP_SERVICES if name != "migrate"]
+    others = [name for name in [*APP_SERVICES, *RABBITMQ_SERVICES] if name != "migrate"]
     assert all("DATABASE_APP_ROLE" not in SERVICES[name]["environment"] for name in others)
 
 
-@pytest.mark.parametrize("name", APP_SERVICES)
+@pytest.mark.parametrize("name", [*APP_SERVICES, *RABBITMQ_SERVICES])
 def test_every_command_refers_to_an_existing_entry_point(name):
     check_entry_point(argv_of(SERVICES[name]["command"]))
 
 
-@pytest.mark.parametrize("name", sorted(WORKERS))
+@pytest.mark.parametrize("name", sorted(WORKERS) + sorted(f"{w}-rabbitmq" for w in WORKERS))
 def test_each_worker_consumes_its_queue_and_is_health_checked(name):
     argv = argv_of(SERVICES[name]["command"])
-    assert option(argv, "-Q") == WORKERS[name]
+    assert option(argv, "-Q") == WORKERS[name.removesuffix("-rabbitmq")]
     node = option(argv, "-n")
     health = SERVICES[name]["healthcheck"]["test"]
     check = health[1] if health[0] == "CMD-SHELL" else " ".join(health[1:])
@@ -241,3 +243,53 @@ def test_grafana_provisions_the_prometheus_source_and_the_dashboard():
     for shown in ("Queue depth", "throughput", "Unit wait p95", "Notification lag", "Webhook delivery lag",
                   "Dead-lettered"):
         assert shown in titles, shown
+
+
+# --- profile rabbitmq ------------------------------------------------------------------------------
+
+def test_the_rabbitmq_profile_runs_rabbitmq_with_its_own_credentials_and_a_health_check():
+    rabbitmq = SERVICES["rabbitmq"]
+    assert rabbitmq["profiles"] == ["rabbitmq"]
+    assert rabbitmq["image"].startswith("rabbitmq:3.13-management")
+    env = rabbitmq["environment"]
+    assert env["RABBITMQ_DEFAULT_VHOST"] == "progress_reset"
+    assert env["RABBITMQ_DEFAULT_USER"].startswith("${RABBITMQ_USER") and env["RABBITMQ_DEFAULT_PASS"].startswith(
+        "${RABBITMQ_PASSWORD")
+    assert "rabbitmq-diagnostics" in rabbitmq["healthcheck"]["test"]
+    assert any(str(v).endswith(":/var/lib/rabbitmq") for v in rabbitmq["volumes"]), "messages survive a restart"
+    assert all(str(port).startswith("127.0.0.1:") for port in rabbitmq["ports"])
+
+
+@pytest.mark.parametrize("name", sorted(RABBITMQ_SERVICES))
+def test_the_rabbitmq_profile_runs_the_same_services_on_rabbitmq(name):
+    """Each `<service>-rabbitmq` is its Redis twin (command, image, database) with RabbitMQ as the
+    broker, Redis for the rate limit and health replies, and only in the profile."""
+    service, twin = SERVICES[name], SERVICES[RABBITMQ_SERVICES[name]]
+    assert service["profiles"] == ["rabbitmq"] and "profiles" not in twin
+    assert service["build"] == twin["build"] and service["image"] == twin["image"]
+    assert argv_of(service["command"]) == argv_of(twin["command"])
+    env = service["environment"]
+    assert env["DATABASE_URL"] == twin["environment"]["DATABASE_URL"]
+    assert re.fullmatch(r"amqp://\$\{RABBITMQ_USER:-\w+\}:\$\{RABBITMQ_PASSWORD:-\w+\}@rabbitmq:5672/progress_reset",
+                        env["CELERY_BROKER_URL"]), env["CELERY_BROKER_URL"]
+    assert env["REDIS_URL"] == "redis://redis:6379/0"
+    assert service["depends_on"]["rabbitmq"]["condition"] == "service_healthy"
+    if "migrate" in twin.get("depends_on", {}):
+        assert service["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+        assert service["depends_on"]["postgres"]["condition"] == "service_healthy"
+    twin_ports = {str(p).split(":", 2)[2] for p in twin.get("ports", [])}
+    ports = {str(p).split(":", 2)[2] for p in service.get("ports", [])}
+    assert ports == twin_ports, "the same container ports"
+    assert all(str(p).startswith("127.0.0.1:") for p in service.get("ports", []))
+
+
+def test_both_stacks_can_run_at_once():
+    """`--profile rabbitmq up` starts both stacks: no host port may be used twice."""
+    published = [str(p).rsplit(":", 1)[0] for s in SERVICES.values() for p in s.get("ports", [])]
+    assert len(published) == len(set(published)), published
+
+
+def test_flower_on_rabbitmq_reads_queue_lengths_from_the_management_api():
+    env = SERVICES["flower-rabbitmq"]["environment"]
+    assert env["FLOWER_BROKER_API"].endswith("@rabbitmq:15672/api/")
+    assert re.fullmatch(r"\$\{FLOWER_PASSWORD(:-)?\}", env["FLOWER_PASSWORD"])

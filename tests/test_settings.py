@@ -163,6 +163,7 @@ def test_switches_read_true_and_false_and_refuse_anything_else(variable):
     [
         ("NOTIFY_BACKEND", "Pigeon", "NOTIFY_BACKEND must be console, smtp or webhook, got 'pigeon'"),
         ("LOG_FORMAT", "xml", "LOG_FORMAT must be json or text, got 'xml'"),
+        ("RABBITMQ_QUEUE_TYPE", "stream", "RABBITMQ_QUEUE_TYPE must be quorum or classic, got 'stream'"),
         ("DATABASE_URL", "mysql://root@127.0.0.1/training",
          "DATABASE_URL must be a postgresql:// or sqlite:/// URL, got 'mysql'"),
     ],

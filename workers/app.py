@@ -7,7 +7,14 @@ from collections.abc import Mapping
 from functools import cached_property
 
 from celery import Celery
-from celery.signals import after_setup_logger, worker_process_init, worker_process_shutdown
+from celery.signals import (
+    after_setup_logger,
+    before_task_publish,
+    worker_init,
+    worker_process_init,
+    worker_process_shutdown,
+)
+from celery.utils.quorum_queues import detect_quorum_queues
 
 from models.db import dispose_engine
 from models.logs import configure_logging
@@ -16,6 +23,7 @@ from models.settings import get_settings
 from models.tracing import flush, provider, setup_tracing
 from workers import broker
 from workers.config import TASK_MODULES, celery_config
+from workers.rabbitmq import CONFIRM_TIMEOUT_SECONDS, declare_queues, drop_broker_headers, whole_seconds
 
 # redis:// URLs use the transport that sets undecodable messages aside (workers/broker.py).
 broker.register()
@@ -40,7 +48,20 @@ class _ConfigurationOnFirstUse(Mapping):
         return len(self._values)
 
 
-app = Celery("progress_reset", include=list(TASK_MODULES))
+class ProjectCelery(Celery):
+    """Celery, publishing every task (``send_now``, retries, autoretries) the way the broker can carry it."""
+
+    def send_task(self, name, args=None, kwargs=None, countdown=None, eta=None, **options):
+        driver = self.producer_pool.connections.connection.transport.driver_type
+        if driver == "amqp":
+            # Publisher confirms wait for RabbitMQ's answer: never for ever (workers/rabbitmq.py).
+            options.setdefault("confirm_timeout", CONFIRM_TIMEOUT_SECONDS)
+            if detect_quorum_queues(self, driver)[0]:
+                countdown = whole_seconds(countdown)
+        return super().send_task(name, args, kwargs, countdown=countdown, eta=eta, **options)
+
+
+app = ProjectCelery("progress_reset", include=list(TASK_MODULES))
 app.config_from_object(_ConfigurationOnFirstUse())
 app.set_default()
 use_app(app)  # models.messaging publishes through this app, for the workers and the producer
@@ -63,9 +84,13 @@ def reconfigure() -> None:
     # Pools are registered globally per connection: a closed one must not be handed out again.
     pools.reset()
     app._pool = None
-    amqp = app.__dict__.get("amqp")
-    if amqp is not None:
-        amqp._producer_pool = None
+    # Queues, exchanges and routes were built from the old configuration too (RabbitMQ's differ).
+    app.__dict__.pop("amqp", None)
+
+
+# Every process that publishes (workers, beat, the producer) imports this module.
+before_task_publish.connect(drop_broker_headers, weak=False)
+worker_init.connect(declare_queues, weak=False)
 
 
 WORKER_SERVICE_NAME = "progress-reset-worker"

@@ -10,6 +10,7 @@ from kombu import Queue
 
 from models import queues
 from models.settings import Settings
+from workers.rabbitmq import rabbitmq_config
 
 TASK_MODULES = ("tasks.resets.tasks", "tasks.notifications.tasks", "tasks.maintenance", "tasks.campaigns",
                 "tasks.health", "tasks.webhooks.tasks")
@@ -50,6 +51,11 @@ def broker_transport_options(settings: Settings) -> dict:
 
 
 def celery_config(settings: Settings) -> dict:
+    """Celery's settings for this broker (RabbitMQ's own on top: :mod:`workers.rabbitmq`)."""
+    return _common_config(settings) | rabbitmq_config(settings)
+
+
+def _common_config(settings: Settings) -> dict:
     return {
         "broker_url": settings.broker_url,
         "broker_transport_options": broker_transport_options(settings),

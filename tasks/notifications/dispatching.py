@@ -15,6 +15,12 @@ one due later stands aside):
    (:mod:`tasks.outbound.courier`), which sends it off the pool (:mod:`tasks.notifications.sending`);
 4. and it publishes the job's next dispatch, which reserves the next group.
 
+A broker that delivers delayed messages only in whole seconds (RabbitMQ's quorum queues,
+``Settings.countdown_step_seconds``) would deliver a dispatch up to a second after its slots,
+and a late dispatch must reserve anew: every message would miss its slots. There the countdown
+is rounded *down*, slots less than a step away are handed over at once, and the courier's
+thread waits out the rest of the second before it sends: off the pool, never before the slots.
+
 Jobs' groups line up in the limiter one after another, so jobs take turns at the shared rate
 instead of waking together, and a slow provider slows the courier's threads, never a pool slot.
 A chain whose message was lost is started again by the maintenance sweep.
@@ -23,6 +29,7 @@ A chain whose message was lost is started again by the maintenance sweep.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -131,14 +138,22 @@ def dispatch_notifications(job_id: str | None = None, reserved: int = 0, slot_at
             return _schedule(job_id, settings, now + timedelta(seconds=LIMITER_DOWN_RETRY_SECONDS), "limiter_down")
         if not reservation.granted:
             return _schedule(job_id, settings, now + timedelta(seconds=reservation.wait), "rate_limited")
-        if reservation.wait > NOW_SECONDS:
-            return _schedule(job_id, settings, now + timedelta(seconds=reservation.wait), "reserved", reserved=count)
-        reserved = count
-    return _hand_over(job_id, reserved, settings, lease)
+        slots = now + timedelta(seconds=reservation.wait)
+        step = settings.countdown_step_seconds
+        if reservation.wait > max(NOW_SECONDS, step):
+            # With a coarse broker the message goes early (whole steps) and the courier waits the rest.
+            early = math.floor(reservation.wait / step) * step if step else reservation.wait
+            return _schedule(job_id, settings, now + timedelta(seconds=early), "reserved", reserved=count,
+                             slot_at=slots)
+        reserved, slot_at = count, slots.timestamp()
+    return _hand_over(job_id, reserved, settings, lease, not_before=slot_at)
 
 
-def _hand_over(job_id: str | None, count: int, settings: Settings, lease: float) -> DispatchResult:
-    """Claim ``count`` rows whose slots are due and give them to the courier; then the job's next group."""
+def _hand_over(job_id: str | None, count: int, settings: Settings, lease: float,
+               not_before: float | None = None) -> DispatchResult:
+    """Claim ``count`` rows whose slots are due (or due in less than the broker's countdown step:
+    the courier sends them from ``not_before``, Unix seconds) and give them to the courier; then
+    the job's next group."""
     courier = courier_for(settings)
     if not courier.hold(NOTIFICATIONS_LANE):  # the reserved slots go unused: the limit is never passed
         return _schedule(job_id, settings, utcnow() + timedelta(seconds=COURIER_BUSY_RETRY_SECONDS), "busy")
@@ -159,7 +174,7 @@ def _hand_over(job_id: str | None, count: int, settings: Settings, lease: float)
         raise
     if ready:
         courier.run_held(("notifications", token), NOTIFICATIONS_LANE,
-                         partial(send_group, ready, settings, lease_ends))
+                         partial(send_group, ready, settings, lease_ends, not_before=not_before))
     else:
         courier.release(NOTIFICATIONS_LANE)
     if claims:
@@ -177,9 +192,10 @@ def _hand_over(job_id: str | None, count: int, settings: Settings, lease: float)
 
 
 def _schedule(job_id: str | None, settings: Settings, at: datetime | None, outcome: str,
-              reserved: int = 0) -> DispatchResult:
-    """Publish the job's next dispatch for ``at`` (carrying ``reserved`` slots), if nothing is due
-    earlier and ``at`` is within a countdown; later work is the sweep's to wake."""
+              reserved: int = 0, slot_at: datetime | None = None) -> DispatchResult:
+    """Publish the job's next dispatch for ``at`` (carrying ``reserved`` slots, due at ``slot_at``,
+    by default ``at``), if nothing is due earlier and ``at`` is within a countdown; later work is
+    the sweep's to wake."""
     result = DispatchResult(job_id, outcome)
     if at is None:
         return result
@@ -191,7 +207,7 @@ def _schedule(job_id: str | None, settings: Settings, at: datetime | None, outco
         # A chain's reserved dispatch goes out whatever else is scheduled: its slots are its own.
         if job_id is not None and not claim_wake(session, job_id, at, now) and not reserved:
             return result
-        args = [job_id, reserved, round(at.timestamp(), 3)] if reserved else [job_id]
+        args = [job_id, reserved, round((slot_at or at).timestamp(), 3)] if reserved else [job_id]
         publish_after_commit(session, TASK_NAME, args, **({"countdown": round(countdown, 3)} if countdown else {}))
     result.next_in, result.reserved = round(countdown, 3), reserved
     return result

@@ -50,6 +50,8 @@ from tasks.notifications.outbox import (
 
 # A claim owns its rows for the send's total deadline plus this margin.
 LEASE_MARGIN_SECONDS = 5.0
+# The longest a group waits on its courier thread for its slots (a countdown step), well inside the margin.
+MAX_SLOT_WAIT_SECONDS = 1.5
 # Sent rows are marked in groups of at most this many, or this long after the first send.
 MARK_BATCH_SIZE = 25
 MARK_MAX_DELAY_SECONDS = 0.2
@@ -102,13 +104,17 @@ def thread_backend(settings: Settings) -> NotificationBackend:
 
 
 def send_group(ready: list[tuple[ClaimedNotification, OutgoingMessage]], settings: Settings, lease_ends: float,
-               backend: NotificationBackend | None = None) -> GroupResult:
+               backend: NotificationBackend | None = None, not_before: float | None = None) -> GroupResult:
     """Send a claimed group, one message after another, and record every outcome.
 
-    ``lease_ends`` is the ``time.monotonic()`` at which the claim's lease ends. Safe to lose at
+    ``lease_ends`` is the ``time.monotonic()`` at which the claim's lease ends; ``not_before``
+    (Unix seconds) when the group's rate-limit slots are due, at most a countdown step away
+    (the dispatch's broker cannot deliver sooner): this thread waits for it. Safe to lose at
     any point: unrecorded rows are taken back once their lease ended, and resent with the same
     Message-ID / Idempotency-Key, by which the provider drops the duplicate.
     """
+    if not_before is not None:
+        time.sleep(max(0.0, min(not_before - time.time(), MAX_SLOT_WAIT_SECONDS)))
     job_id = str(ready[0][0].reset_job_id) if ready else None
     result = GroupResult(job_id=job_id)
     backend = backend or thread_backend(settings)
