@@ -30,6 +30,7 @@ from models.states import NotificationStatus
 from models.times import as_utc
 from producer import resets
 from tasks.notifications import outbox
+from tasks.notifications.dispatching import LATE_SECONDS
 from tasks.notifications.sending import claim_lease_seconds
 from tasks.ratelimit import notification_group_size
 from tests.notify_support import SmtpSink, WebhookSink, insert_outbox, measured_rate, wait_until
@@ -305,11 +306,14 @@ def test_rate_limit_holds_across_worker_processes(setup_env, celery_worker_proc)
     print(f"\nrate limit {rate:.0f}/s over {len(stamps)} notifications, 2 worker processes x 2: "
           f"measured {measured:.1f}/s at the receiver")
     assert measured == pytest.approx(rate, rel=0.10), measured
-    # No more in any one-second window than the limiter allows: one group (its burst) plus the rate.
+    # No more in any one-second window than docs/notifications.md promises: the limiter hands out at
+    # most one group (its burst) plus the rate, and a dispatch that arrives up to LATE_SECONDS after
+    # its slots still sends them, so the sends stay within one group plus (1 s + LATE_SECONDS) x rate.
     busiest = max(sum(1 for t in stamps[i:i + int(rate * 2)] if t < start + 1.0) for i, start in enumerate(stamps))
     group = notification_group_size(get_settings())
-    print(f"busiest one-second window: {busiest} sends (at most {group} + {rate:.0f})")
-    assert busiest <= group + rate + 1
+    bound = group + (1.0 + LATE_SECONDS) * rate
+    print(f"busiest one-second window: {busiest} sends (at most {group} + (1 + {LATE_SECONDS}) x {rate:.0f})")
+    assert busiest <= bound, (busiest, bound)
 
 
 # --- throughput figure ------------------------------------------------------------------------

@@ -251,6 +251,7 @@ def test_rate_limited_notifications_keep_their_rate_when_countdowns_are_whole_se
     message in whole seconds: the chain's message goes early and the courier waits the rest, so
     the rate holds and no slot is missed (a late message would reserve again, and again)."""
     from tests.notify_support import WebhookSink, insert_outbox, measured_rate
+    from tasks.notifications.dispatching import LATE_SECONDS
     from tasks.ratelimit import notification_group_size
 
     rate = 20.0
@@ -273,10 +274,10 @@ def test_rate_limited_notifications_keep_their_rate_when_countdowns_are_whole_se
     group = notification_group_size(get_settings())
     busiest = max(sum(1 for t in stamps[i:i + int(rate * 2)] if t < start + 1.0) for i, start in enumerate(stamps))
     print(f"\n{queue_type}: {len(stamps)} notifications at {measured:.1f}/s (limit {rate:.0f}/s), busiest second "
-          f"{busiest} (at most {group} + {rate:.0f}), slots missed {logs.count('notification.slots_missed')}")
+          f"{busiest} (at most {group} + 1.2 x {rate:.0f}), slots missed {logs.count('notification.slots_missed')}")
     assert sink.keys_per_learner() == {u: 1 for u in users}
     assert measured == pytest.approx(rate, rel=0.15), measured
-    assert busiest <= group + rate + 1
+    assert busiest <= group + (1.0 + LATE_SECONDS) * rate  # the bound docs/notifications.md gives
     assert logs.count("notification.slots_missed") <= 2
     # Workers of the notifications queue alone: every queue was declared, so Celery bound them all.
     assert "Native delayed delivery will not be available" not in logs
