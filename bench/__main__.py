@@ -1,7 +1,7 @@
 """The benchmark: a course-wide reset against the SQL floor, fairness, scale, memory, notifications.
 
     python -m bench [--sizes 10000,100000] [--runs 3] [--large] [--skip-fairness] [--burst | --skip-burst]
-                    [--tracing off|on]
+                    [--tracing off|on] [--outbound inline]
 
 ``--burst`` runs only the many-jobs scenario of :mod:`bench.burst` (a campaign-day burst of
 one organization while another works, on two worker topologies, and small courses on an
@@ -20,6 +20,10 @@ quoted. Prints a table, writes ``bench/results/<date>.json`` and ends with one
 ``--tracing on`` runs the workers with tracing on (OpenTelemetry, every span exported over
 OTLP/HTTP to a sink on loopback, :mod:`bench.trace_sink`); ``--tracing off`` makes sure it is off.
 Either writes ``bench/results/<date>-tracing-<off|on>.json``, so the two runs sit side by side.
+
+``--outbound inline`` runs the workers with ``OUTBOUND_CONCURRENCY=0``: every call out inside the
+task that claimed it, bounded by its deadline only (the alternative decision record 0009 measured
+the courier against); writes ``bench/results/<date>-outbound-inline.json``.
 """
 
 from __future__ import annotations
@@ -292,7 +296,11 @@ def run(argv: list[str] | None = None) -> int:
     burst.add_argument("--burst", action="store_true", help="only the many-jobs scenario (bench/burst.py)")
     burst.add_argument("--skip-burst", action="store_true")
     parser.add_argument("--tracing", choices=("off", "on"), help="run the workers with tracing off or on")
+    parser.add_argument("--outbound", choices=("inline",),
+                        help="calls out inside their tasks (OUTBOUND_CONCURRENCY=0), to compare with the courier")
     args = parser.parse_args(argv)
+    if args.outbound == "inline":
+        os.environ["OUTBOUND_CONCURRENCY"] = "0"
     sink = None
     if args.tracing == "on":
         from bench.trace_sink import TraceSink
@@ -387,7 +395,9 @@ def run(argv: list[str] | None = None) -> int:
         results["tracing"] = {"state": args.tracing, **(sink.stop() if sink else {})}
     results["summary"] = summary
     RESULTS.mkdir(exist_ok=True)
-    suffix = f"-tracing-{args.tracing}" if args.tracing else ""
+    if args.outbound:
+        summary["outbound"] = results["outbound"] = args.outbound
+    suffix = (f"-tracing-{args.tracing}" if args.tracing else "") + (f"-outbound-{args.outbound}" if args.outbound else "")
     out = RESULTS / f"{datetime.now().strftime('%Y-%m-%d')}{suffix}.json"
     out.write_text(json.dumps(results, indent=2, default=str))
     log(f"figures written to {out}")

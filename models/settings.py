@@ -140,7 +140,8 @@ class Settings(BaseSettings):
         10.0, ge=0.1, validation_alias=AliasChoices("NOTIFY_WEBHOOK_TIMEOUT_SECONDS", "WEBHOOK_TIMEOUT_SECONDS"))
     # Calls out of the system (webhook deliveries, notification sends) run on background threads
     # of the worker process that claimed them, never in a pool slot (decision record 0009).
-    outbound_concurrency: int = Field(8, ge=1, validation_alias="OUTBOUND_CONCURRENCY")
+    # 0: each call inside the task that claimed it (for comparison only; decision record 0009).
+    outbound_concurrency: int = Field(8, ge=0, validation_alias="OUTBOUND_CONCURRENCY")
     webhooks_per_organization: int = Field(2, ge=1, validation_alias="WEBHOOKS_PER_ORGANIZATION")
     # Job events for subscribing services (webhook endpoints, queue ``webhooks``)
     webhooks_allow_http_loopback: bool = Field(False, validation_alias="WEBHOOKS_ALLOW_HTTP_LOOPBACK")
