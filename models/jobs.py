@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import ColumnElement
 
 from models.errors import Conflict, NotFound
+from models.retention import pruned_notification_counts
 from models.webhooks import record_job_event
 from models.schema import (
     AuditEvent,
@@ -190,6 +191,7 @@ def describe_status(session: Session, job: ResetJob) -> dict:
     counts = dict(session.execute(
         select(n.status, func.count()).where(n.reset_job_id == job.id).group_by(n.status)
     ).all())
+    pruned = pruned_notification_counts(session, job.id)  # rows retention removed, still counted
     return job_identity(job) | {
         "learners_total": job.learners_total,
         "learners_done": job.learners_done,
@@ -202,8 +204,8 @@ def describe_status(session: Session, job: ResetJob) -> dict:
         "cleared": dict(job.cleared or {}),
         "notifications": {
             "pending": int(counts.get(NotificationStatus.PENDING, 0) + counts.get(NotificationStatus.SENDING, 0)),
-            "sent": int(counts.get(NotificationStatus.SENT, 0)),
-            "failed": int(counts.get(NotificationStatus.FAILED, 0)),
+            "sent": int(counts.get(NotificationStatus.SENT, 0)) + pruned[NotificationStatus.SENT],
+            "failed": int(counts.get(NotificationStatus.FAILED, 0)) + pruned[NotificationStatus.FAILED],
         },
         "created_at": _iso(job.created_at),
         "confirmed_at": _iso(job.confirmed_at),
