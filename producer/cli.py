@@ -44,7 +44,7 @@ _PARSE_ONLY = "progress_reset.parse_only"  # Context.meta key: read the command 
 
 # The modules whose COMMANDS are the sub-commands, in the order ``--help`` lists them.
 COMMAND_MODULES = ("producer.cli_resets", "producer.cli_campaigns", "producer.cli_ops", "producer.cli_audit",
-                   "producer.cli_webhooks")
+                   "producer.cli_webhooks", "producer.cli_retention")
 
 
 # -- parameter types ------------------------------------------------------------------------------

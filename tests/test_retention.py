@@ -2,11 +2,12 @@
 
 The history is made by the real pipeline's plain functions at a frozen instant, then the sweep
 runs at later instants (freezegun). Each test of the plain functions runs on PostgreSQL and on
-SQLite (``pipeline_db``).
+SQLite (``pipeline_db``); the CLI and the task on a database other processes can commit to.
 """
 
 from __future__ import annotations
 
+import json
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -27,6 +28,7 @@ from tasks import reset_steps
 from tasks.notifications import outbox
 from tests.db_backends import pipeline_db  # noqa: F401 - the fixture
 from tests.reset_checks import fingerprint, run_job_in_process
+from tests.test_cli_foundation import invoke, run_cli
 
 T0 = datetime(2026, 3, 2, 9, 0, tzinfo=timezone.utc)
 EVERYTHING = ["reset.confirmed", "reset.succeeded", "reset.failed", "reset.cancelled"]
@@ -182,6 +184,74 @@ def test_a_dead_batch_stays_with_its_job(pipeline_db):
                     .values(state="dead", error="lock timeout"))
     sweep_until_done(session, T0 + timedelta(days=31))
     assert session.scalars(select(b.state).where(b.job_id == uuid.UUID(h.finished))).all() == ["dead"]
+
+
+def test_the_cli_counts_what_the_apply_removes_and_the_dry_run_changes_nothing(fresh_db, use_env):
+    from models.db import session_scope
+
+    use_env(DATABASE_URL=fresh_db())
+    with session_scope() as session:
+        h = make_history(session)
+    with freeze_time(T0 + timedelta(days=31)):
+        with session_scope() as session:
+            before = fingerprint(session)
+        dry = invoke("retention", "--json")
+        assert dry.returncode == 0, dry.stderr
+        with session_scope() as session:
+            assert fingerprint(session) == before
+        applied = invoke("retention", "--apply", "--json")
+        assert applied.returncode == 0, applied.stderr
+        text = invoke("retention")
+    planned, done = json.loads(dry.stdout), json.loads(applied.stdout)
+    assert not planned["applied"] and done["applied"]
+    assert {t: v["rows"] for t, v in planned["tables"].items()} == {t: v["rows"] for t, v in done["tables"].items()}
+    assert done["tables"]["notifications"]["rows"] > 0 and done["tables"]["webhook_events"]["rows"] == 2
+    assert done["tables"]["notifications"]["days"] == 30 and done["never_removed"] == ["audit_events"]
+    assert "audit_events" in text.stdout and "would remove" in text.stdout
+    with session_scope() as session:
+        assert describe_status(session, get_job(session, h.finished))["notifications"]["failed"] == 2
+
+
+@pytest.mark.parametrize("variable, value, message", [
+    ("RETENTION_NOTIFICATIONS_DAYS", "-1", "RETENTION_NOTIFICATIONS_DAYS must be at least 1, got -1"),
+    ("RETENTION_CHUNK_ROWS", "lots", "RETENTION_CHUNK_ROWS must be a whole number, got 'lots'"),
+    ("RETENTION_JOBS_DAYS", "0", "RETENTION_JOBS_DAYS must be at least 1, got 0"),
+])
+def test_a_bad_setting_is_refused_in_one_line_and_nothing_is_removed(fresh_db, use_env, variable, value, message):
+    """Through the installed command (the history is a year old: without the bad value, rows would go)."""
+    from models.db import session_scope
+
+    env = use_env(DATABASE_URL=fresh_db())
+    with session_scope() as session:
+        make_history(session, loopback_hook=False, at=datetime.now(timezone.utc) - timedelta(days=400))
+    with session_scope() as session:
+        before = fingerprint(session)
+    ran = run_cli("retention", "--apply", env={**env, variable: value})
+    assert ran.returncode == 1
+    assert ran.stderr == f"error: configuration: {message}\n"
+    with session_scope() as session:
+        assert fingerprint(session) == before
+    assert run_cli("retention", "--json", env=env).stdout.count('"rows": 0') < 5
+
+
+def test_the_task_runs_on_its_own_beat_entry_and_removes_in_slices(fresh_db, use_env):
+    from models.db import session_scope
+    from tasks import retention as task
+    from workers.config import celery_config
+
+    config = celery_config(get_settings())
+    assert config["task_routes"][task.TASK_NAME] == {"queue": "maintenance"}
+    assert any(e["task"] == task.TASK_NAME for e in config["beat_schedule"].values())
+    use_env(DATABASE_URL=fresh_db(), RETENTION_CHUNK_ROWS="5")
+    with session_scope() as session:
+        make_history(session)
+    with freeze_time(T0 + timedelta(days=31)):
+        nothing = task.remove_for_a_slice(budget_seconds=0)
+        assert nothing["more"] and not any(v for k, v in nothing.items() if k != "more")
+        report = task.remove_for_a_slice(budget_seconds=60)
+        assert not report["more"] and report["notifications"] > 5
+        again = task.remove_for_a_slice(budget_seconds=60)
+    assert not any(v for k, v in again.items() if k != "more")
 
 
 def test_a_job_window_shorter_than_its_rows_takes_them_along_and_the_dry_run_counts_them(pipeline_db):

@@ -12,7 +12,7 @@ from models import queues
 from models.settings import Settings
 
 TASK_MODULES = ("tasks.resets", "tasks.notifications", "tasks.maintenance", "tasks.campaigns", "tasks.health",
-                "tasks.webhooks")
+                "tasks.webhooks", "tasks.retention")
 
 # Routing by configuration, never at call sites (STYLE: route by task_routes + worker -Q).
 TASK_ROUTES = {
@@ -25,6 +25,7 @@ TASK_ROUTES = {
     "notifications.send": {"queue": queues.NOTIFICATIONS},
     "webhooks.deliver": {"queue": queues.WEBHOOKS},
     "maintenance.sweep": {"queue": queues.MAINTENANCE},
+    "maintenance.retention": {"queue": queues.MAINTENANCE},
     "campaigns.dispatch_due": {"queue": queues.MAINTENANCE},
 } | {queues.canary_task_name(queue): {"queue": queue} for queue in queues.QUEUES}
 
@@ -94,6 +95,7 @@ def celery_config(settings: Settings) -> dict:
         "beat_schedule": {
             "maintenance-sweep": {"task": "maintenance.sweep", "schedule": settings.sweep_interval_seconds},
             "campaigns-dispatch-due": {"task": "campaigns.dispatch_due", "schedule": 60.0},
+            "maintenance-retention": {"task": "maintenance.retention", "schedule": 60.0},
         },
         "timezone": "UTC",
         "enable_utc": True,
