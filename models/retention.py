@@ -38,7 +38,7 @@ from models.dialect import in_ids, insert
 from models.schema import (Notification, PrunedNotifications, ResetBatch, ResetJob, RetentionTotal, WebhookDelivery,
                            WebhookEvent)
 from models.settings import Settings
-from models.states import FINISHED_JOB_STATES, BatchState, DeliveryStatus, NotificationStatus
+from models.states import FINISHED_JOB_STATES, BatchState, DeliveryStatus, JobState, NotificationStatus
 
 n = Notification.__table__
 d = WebhookDelivery.__table__
@@ -48,6 +48,7 @@ j = ResetJob.__table__
 pruned = PrunedNotifications.__table__
 totals = RetentionTotal.__table__
 
+UNFINISHED_JOB_STATES = tuple(state for state in JobState if state not in FINISHED_JOB_STATES)
 FINISHED_NOTIFICATIONS = (NotificationStatus.SENT, NotificationStatus.FAILED)
 OPEN_NOTIFICATIONS = (NotificationStatus.PENDING, NotificationStatus.SENDING)
 FINISHED_DELIVERIES = (DeliveryStatus.DELIVERED, DeliveryStatus.FAILED, DeliveryStatus.CANCELLED)
@@ -111,26 +112,44 @@ def start_sweep(now: datetime, settings: Settings) -> Sweep:
 
 # --- what may go ----------------------------------------------------------------------------------
 
-def _of_unfinished_job(job_id):
-    """The row belongs to a job that is not finished: awaiting confirmation, queued, running, cancelling."""
-    return exists().where(j.c.id == job_id, j.c.state.not_in(FINISHED_JOB_STATES))
+def unfinished_jobs(session: Session) -> list[uuid.UUID]:
+    """The jobs nothing may be removed of: awaiting confirmation, queued, running, cancelling.
+
+    A handful at any time, read through ``ix_reset_jobs_state_created``; each chunk checks its rows
+    against this list instead of looking up every row's job. A job that starts after the list was
+    read has no row older than a window.
+    """
+    return list(session.scalars(select(j.c.id).where(j.c.state.in_(UNFINISHED_JOB_STATES))))
 
 
-def _notification_removable(t, before: datetime):
-    return and_(t.c.status.in_(FINISHED_NOTIFICATIONS), t.c.created_at < before, ~_of_unfinished_job(t.c.reset_job_id))
+def _not_of(session: Session, column, jobs: list[uuid.UUID]):
+    return ~in_ids(session, column, jobs, Uuid)
 
 
-def _delivery_removable(t, before: datetime):
-    return and_(t.c.status.in_(FINISHED_DELIVERIES), t.c.created_at < before, ~_of_unfinished_job(t.c.job_id))
+def _notification_removable(session: Session, t, before: datetime, jobs: list[uuid.UUID]):
+    return and_(t.c.status.in_(FINISHED_NOTIFICATIONS), t.c.created_at < before, _not_of(session, t.c.reset_job_id, jobs))
 
 
-def _batch_removable(t, before: datetime):
-    return and_(t.c.state.in_(REMOVED_BATCH_STATES), t.c.finished_at < before, ~_of_unfinished_job(t.c.job_id))
+def _delivery_removable(session: Session, t, before: datetime, jobs: list[uuid.UUID]):
+    return and_(t.c.status.in_(FINISHED_DELIVERIES), t.c.created_at < before,
+                or_(t.c.job_id.is_(None), _not_of(session, t.c.job_id, jobs)))
+
+
+def _batch_removable(session: Session, t, before: datetime, jobs: list[uuid.UUID]):
+    return and_(t.c.state.in_(REMOVED_BATCH_STATES), t.c.finished_at < before, _not_of(session, t.c.job_id, jobs))
+
+
+def _job_aged(t, before: datetime):
+    return and_(t.c.state.in_(FINISHED_JOB_STATES), t.c.created_at < before)
+
+
+def _open_notifications(job_id):
+    return and_(n.c.reset_job_id == job_id, n.c.status.in_(OPEN_NOTIFICATIONS))
 
 
 def _job_removable(t, before: datetime):
-    return and_(t.c.state.in_(FINISHED_JOB_STATES), t.c.created_at < before,
-                ~exists().where(n.c.reset_job_id == t.c.id, n.c.status.in_(OPEN_NOTIFICATIONS)))
+    """Finished, past its window, and none of its notifications still to be sent."""
+    return and_(_job_aged(t, before), ~exists().where(_open_notifications(t.c.id)))
 
 
 def _count(session: Session, table, where) -> int:
@@ -140,19 +159,20 @@ def _count(session: Session, table, where) -> int:
 def removable_counts(session: Session, policy: Policy) -> dict[str, int]:
     """Rows per table a sweep at ``policy.now`` would remove (the same predicates as the chunks): a job
     past its window counts with whatever is left of it (a dead batch, or rows of a longer window)."""
+    jobs = unfinished_jobs(session)
     other = d.alias("other")
-    jobs_before = policy.before("reset_jobs")
+    deliveries_before, jobs_before = policy.before("webhook_deliveries"), policy.before("reset_jobs")
     events = and_(
-        exists().where(d.c.event_id == ev.c.id, _delivery_removable(d, policy.before("webhook_deliveries"))),
-        ~exists().where(other.c.event_id == ev.c.id,
-                        ~_delivery_removable(other, policy.before("webhook_deliveries"))))
+        exists().where(d.c.event_id == ev.c.id, _delivery_removable(session, d, deliveries_before, jobs)),
+        ~exists().where(other.c.event_id == ev.c.id, ~_delivery_removable(session, other, deliveries_before, jobs)))
     removed_jobs = select(j.c.id).where(_job_removable(j, jobs_before))
     return {
-        "notifications": _count(session, n, or_(_notification_removable(n, policy.before("notifications")),
-                                                n.c.reset_job_id.in_(removed_jobs))),
-        "webhook_deliveries": _count(session, d, _delivery_removable(d, policy.before("webhook_deliveries"))),
+        "notifications": _count(session, n, or_(
+            _notification_removable(session, n, policy.before("notifications"), jobs),
+            n.c.reset_job_id.in_(removed_jobs))),
+        "webhook_deliveries": _count(session, d, _delivery_removable(session, d, deliveries_before, jobs)),
         "webhook_events": _count(session, ev, events),
-        "reset_batches": _count(session, b, or_(_batch_removable(b, policy.before("reset_batches")),
+        "reset_batches": _count(session, b, or_(_batch_removable(session, b, policy.before("reset_batches"), jobs),
                                                 b.c.job_id.in_(removed_jobs))),
         "reset_jobs": _count(session, j, _job_removable(j, jobs_before)),
     }
@@ -192,7 +212,8 @@ def _picked(table, key, where, after: datetime | None, limit: int):
 
 
 def _remove_notifications(session: Session, before: datetime, after: datetime | None, limit: int):
-    picked = _picked(n, n.c.created_at, _notification_removable(n, before), after, limit)
+    picked = _picked(n, n.c.created_at, _notification_removable(session, n, before, unfinished_jobs(session)), after,
+                     limit)
     rows = session.execute(delete(n).where(n.c.id.in_(select(picked.c.id)))
                            .returning(n.c.reset_job_id, n.c.status, n.c.created_at)).all()
     per_job: dict[uuid.UUID, Counter] = {}
@@ -207,7 +228,7 @@ def _remove_notifications(session: Session, before: datetime, after: datetime | 
 
 def _remove_deliveries(session: Session, before: datetime, after: datetime | None, limit: int):
     """Finished deliveries, and each event whose last delivery this was (in the same transaction)."""
-    picked = _picked(d, d.c.created_at, _delivery_removable(d, before), after, limit)
+    picked = _picked(d, d.c.created_at, _delivery_removable(session, d, before, unfinished_jobs(session)), after, limit)
     rows = session.execute(delete(d).where(d.c.id.in_(select(picked.c.id)))
                            .returning(d.c.event_id, d.c.created_at)).all()
     event_ids = sorted({event_id for event_id, _at in rows})
@@ -221,7 +242,7 @@ def _remove_deliveries(session: Session, before: datetime, after: datetime | Non
 
 
 def _remove_batches(session: Session, before: datetime, after: datetime | None, limit: int):
-    picked = _picked(b, b.c.finished_at, _batch_removable(b, before), after, limit)
+    picked = _picked(b, b.c.finished_at, _batch_removable(session, b, before, unfinished_jobs(session)), after, limit)
     rows = session.execute(delete(b).where(tuple_(b.c.job_id, b.c.batch_no).in_(
         select(picked.c.job_id, picked.c.batch_no))).returning(b.c.state, b.c.finished_at)).all()
     _add_totals(session, {"batches_done": sum(1 for state, _at in rows if state == BatchState.DONE)})
@@ -229,15 +250,25 @@ def _remove_batches(session: Session, before: datetime, after: datetime | None, 
 
 
 def _remove_jobs(session: Session, before: datetime, after: datetime | None, limit: int):
-    """Finished jobs past their window with nothing left to send, and whatever is left of them."""
-    query = select(j.c.id, j.c.created_at).where(_job_removable(j, before))
+    """Finished jobs past their window with nothing left to send, and whatever is left of them.
+
+    The oldest candidates are picked first; those with a notification still to be sent are then
+    looked up by job (the notifications' unique index), which stays cheap however many rows of
+    running jobs wait to be sent.
+    """
+    query = select(j.c.id, j.c.created_at).where(_job_aged(j, before))
     if after is not None:
         query = query.where(j.c.created_at >= after)
     picked = session.execute(query.order_by(j.c.created_at).limit(limit)
                              .with_for_update(of=j, skip_locked=True)).all()
     removed: Counter = Counter()
     for start in range(0, len(picked), PARAMETER_SLICE):
-        ids = [job_id for job_id, _at in picked[start:start + PARAMETER_SLICE]]
+        candidates = [job_id for job_id, _at in picked[start:start + PARAMETER_SLICE]]
+        waiting = set(session.scalars(select(n.c.reset_job_id).where(
+            in_ids(session, n.c.reset_job_id, candidates, Uuid), n.c.status.in_(OPEN_NOTIFICATIONS)).distinct()))
+        ids = [job_id for job_id in candidates if job_id not in waiting]
+        if not ids:
+            continue
         statuses = Counter(session.execute(delete(n).where(in_ids(session, n.c.reset_job_id, ids, Uuid))
                                            .returning(n.c.status)).scalars().all())
         states = Counter(session.execute(delete(b).where(in_ids(session, b.c.job_id, ids, Uuid))
