@@ -1,10 +1,12 @@
 """The benchmark: a course-wide reset against the SQL floor, fairness, scale, memory, notifications.
 
     python -m bench [--sizes 10000,100000] [--runs 3] [--large] [--skip-fairness] [--burst | --skip-burst]
+    python -m bench --history [--history-scale 1] [--runs 3]
 
 ``--burst`` runs only the many-jobs scenario of :mod:`bench.burst` (a campaign-day burst of
 one organization while another works, on two worker topologies, and small courses on an
-idle system); the default run includes it after the course sizes.
+idle system); the default run includes it after the course sizes. ``--history`` runs only
+:mod:`bench.history`: a year of history against empty tables, and after one retention pass.
 
 On PostgreSQL + Redis with real worker processes (2 for ``reset_batches``, 1
 for ``resets``, 1 for ``notifications``; console notifications to a file).
@@ -285,6 +287,10 @@ def run(argv: list[str] | None = None) -> int:
     burst = parser.add_mutually_exclusive_group()
     burst.add_argument("--burst", action="store_true", help="only the many-jobs scenario (bench/burst.py)")
     burst.add_argument("--skip-burst", action="store_true")
+    burst.add_argument("--history", action="store_true",
+                       help="only a year of history against empty tables, and after retention (bench/history.py)")
+    parser.add_argument("--history-scale", type=float, default=1.0,
+                        help="with --history: the size of the history (1: a million finished jobs)")
     args = parser.parse_args(argv)
     sizes = [] if args.burst else [int(s) for s in args.sizes.split(",") if s]
     if args.large and 1_000_000 not in sizes:
@@ -294,6 +300,8 @@ def run(argv: list[str] | None = None) -> int:
     from models.logs import configure_logging
 
     configure_logging(level=40)
+    if args.history:
+        return run_history(args.runs, log_dir, args.history_scale)
     results: dict = {"started_at": datetime.now(timezone.utc).isoformat(), "runs": args.runs, "sizes": {}}
     for n in sizes:
         base, info = seed_base(n)
@@ -365,13 +373,26 @@ def run(argv: list[str] | None = None) -> int:
             print(f"{t:>9} {e['a_drain_s']:>8.2f} {b['burst_floor_s']:>8.2f} {e['burst_drain_ratio']:>6.2f} "
                   f"{e['b_during_s']:>9.2f} {e['b_alone_s']:>9.2f} {e['burst_other_org_slowdown']:>8.2f} "
                   f"{e['single_p50_ms']:>9.0f} {e['single_p95_ms']:>9.0f} {e['small_300_p50_ms']:>10.0f}")
+    return write_results(results, summary)
+
+
+def write_results(results: dict, summary: dict, suffix: str = "") -> int:
+    """``bench/results/<date><suffix>.json`` with the summary in it, and the ``RESULT {json}`` line."""
     results["summary"] = summary
     RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"{datetime.now().strftime('%Y-%m-%d')}.json"
+    out = RESULTS / f"{datetime.now().strftime('%Y-%m-%d')}{suffix}.json"
     out.write_text(json.dumps(results, indent=2, default=str))
     log(f"figures written to {out}")
     print("RESULT " + json.dumps(summary))
     return 0
+
+
+def run_history(runs: int, log_dir: Path, scale: float) -> int:
+    from bench import history
+
+    result = history.run(runs, log_dir, scale)
+    history.print_table(result)
+    return write_results(result, history.summary(result), "-history" + ("" if scale == 1 else f"-{scale:g}"))
 
 
 if __name__ == "__main__":
