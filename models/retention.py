@@ -10,9 +10,9 @@ Each kind of finished row goes after its own number of days (``RETENTION_*_DAYS`
 - ``reset_batches`` ``done`` or ``cancelled``, counted from when the batch finished; a dead-lettered
   batch stays with its job (``dead-batches`` reads it, the job's status counts it);
 - ``reset_jobs`` finished (succeeded, failed, cancelled, or expired unconfirmed), counted from
-  creation, once none of its notifications is still to be sent: the job leaves with whatever is
-  left of it (a dead batch, rows of a longer window), and ``status`` answers "not found" from
-  then on.
+  creation, once every notification and batch row of it is past its own window (none still to be
+  sent): the job leaves with its dead-lettered batches, and ``status`` answers "not found" from
+  then on. A job window shorter than its rows' windows waits for them.
 
 Never removed: anything of a job that is not finished (awaiting confirmation, queued, running,
 cancelling), an outbox row still to be sent, and the audit trail (append-only, R5), which keeps
@@ -50,7 +50,6 @@ totals = RetentionTotal.__table__
 
 UNFINISHED_JOB_STATES = tuple(state for state in JobState if state not in FINISHED_JOB_STATES)
 FINISHED_NOTIFICATIONS = (NotificationStatus.SENT, NotificationStatus.FAILED)
-OPEN_NOTIFICATIONS = (NotificationStatus.PENDING, NotificationStatus.SENDING)
 FINISHED_DELIVERIES = (DeliveryStatus.DELIVERED, DeliveryStatus.FAILED, DeliveryStatus.CANCELLED)
 REMOVED_BATCH_STATES = (BatchState.DONE, BatchState.CANCELLED)
 
@@ -143,13 +142,25 @@ def _job_aged(t, before: datetime):
     return and_(t.c.state.in_(FINISHED_JOB_STATES), t.c.created_at < before)
 
 
-def _open_notifications(job_id):
-    return and_(n.c.reset_job_id == job_id, n.c.status.in_(OPEN_NOTIFICATIONS))
+def _notification_kept(t, policy: Policy):
+    """A notification row its own window keeps: still to be sent, or written too recently."""
+    return or_(t.c.status.not_in(FINISHED_NOTIFICATIONS), t.c.created_at >= policy.before("notifications"))
 
 
-def _job_removable(t, before: datetime):
-    """Finished, past its window, and none of its notifications still to be sent."""
-    return and_(_job_aged(t, before), ~exists().where(_open_notifications(t.c.id)))
+def _batch_kept(t, policy: Policy):
+    """A batch row its own window keeps (a dead-lettered batch goes with its job)."""
+    return and_(t.c.state != BatchState.DEAD,
+                or_(t.c.state.not_in(REMOVED_BATCH_STATES), t.c.finished_at.is_(None),
+                    t.c.finished_at >= policy.before("reset_batches")))
+
+
+def _job_removable(t, policy: Policy):
+    """Finished, past its window, and every notification and batch row of it past its own window (or
+    dead-lettered): a job waits for its rows, so removing it never removes more than its own row,
+    its dead batches and rows its steps would have removed anyway."""
+    return and_(_job_aged(t, policy.before("reset_jobs")),
+                ~exists().where(n.c.reset_job_id == t.c.id, _notification_kept(n, policy)),
+                ~exists().where(b.c.job_id == t.c.id, _batch_kept(b, policy)))
 
 
 def _count(session: Session, table, where) -> int:
@@ -157,24 +168,22 @@ def _count(session: Session, table, where) -> int:
 
 
 def removable_counts(session: Session, policy: Policy) -> dict[str, int]:
-    """Rows per table a sweep at ``policy.now`` would remove (the same predicates as the chunks): a job
-    past its window counts with whatever is left of it (a dead batch, or rows of a longer window)."""
+    """Rows per table a sweep at ``policy.now`` would remove (the same predicates as the chunks); a
+    job past its window counts its dead batches too."""
     jobs = unfinished_jobs(session)
     other = d.alias("other")
-    deliveries_before, jobs_before = policy.before("webhook_deliveries"), policy.before("reset_jobs")
+    deliveries_before = policy.before("webhook_deliveries")
     events = and_(
         exists().where(d.c.event_id == ev.c.id, _delivery_removable(session, d, deliveries_before, jobs)),
         ~exists().where(other.c.event_id == ev.c.id, ~_delivery_removable(session, other, deliveries_before, jobs)))
-    removed_jobs = select(j.c.id).where(_job_removable(j, jobs_before))
+    removed_jobs = select(j.c.id).where(_job_removable(j, policy))
     return {
-        "notifications": _count(session, n, or_(
-            _notification_removable(session, n, policy.before("notifications"), jobs),
-            n.c.reset_job_id.in_(removed_jobs))),
+        "notifications": _count(session, n, _notification_removable(session, n, policy.before("notifications"), jobs)),
         "webhook_deliveries": _count(session, d, _delivery_removable(session, d, deliveries_before, jobs)),
         "webhook_events": _count(session, ev, events),
         "reset_batches": _count(session, b, or_(_batch_removable(session, b, policy.before("reset_batches"), jobs),
-                                                b.c.job_id.in_(removed_jobs))),
-        "reset_jobs": _count(session, j, _job_removable(j, jobs_before)),
+                                                and_(b.c.state == BatchState.DEAD, b.c.job_id.in_(removed_jobs)))),
+        "reset_jobs": _count(session, j, _job_removable(j, policy)),
     }
 
 
@@ -191,7 +200,7 @@ def remove_chunk(session: Session, sweep: Sweep) -> bool:
         if step in sweep.finished:
             continue
         remover = _REMOVERS[step]
-        removed, picked, last = remover(session, sweep.policy.before(step), sweep.cursors[step], sweep.chunk_rows)
+        removed, picked, last = remover(session, sweep.policy, sweep.cursors[step], sweep.chunk_rows)
         sweep.chunks += 1
         sweep.removed.update(removed)
         sweep.cursors[step] = last or sweep.cursors[step]
@@ -211,9 +220,9 @@ def _picked(table, key, where, after: datetime | None, limit: int):
     return query.order_by(key).limit(limit).with_for_update(of=table, skip_locked=True).cte("picked")
 
 
-def _remove_notifications(session: Session, before: datetime, after: datetime | None, limit: int):
-    picked = _picked(n, n.c.created_at, _notification_removable(session, n, before, unfinished_jobs(session)), after,
-                     limit)
+def _remove_notifications(session: Session, policy: Policy, after: datetime | None, limit: int):
+    removable = _notification_removable(session, n, policy.before("notifications"), unfinished_jobs(session))
+    picked = _picked(n, n.c.created_at, removable, after, limit)
     rows = session.execute(delete(n).where(n.c.id.in_(select(picked.c.id)))
                            .returning(n.c.reset_job_id, n.c.status, n.c.created_at)).all()
     per_job: dict[uuid.UUID, Counter] = {}
@@ -226,9 +235,10 @@ def _remove_notifications(session: Session, before: datetime, after: datetime | 
     return {"notifications": len(rows)}, len(rows), max((at for *_, at in rows), default=None)
 
 
-def _remove_deliveries(session: Session, before: datetime, after: datetime | None, limit: int):
+def _remove_deliveries(session: Session, policy: Policy, after: datetime | None, limit: int):
     """Finished deliveries, and each event whose last delivery this was (in the same transaction)."""
-    picked = _picked(d, d.c.created_at, _delivery_removable(session, d, before, unfinished_jobs(session)), after, limit)
+    removable = _delivery_removable(session, d, policy.before("webhook_deliveries"), unfinished_jobs(session))
+    picked = _picked(d, d.c.created_at, removable, after, limit)
     rows = session.execute(delete(d).where(d.c.id.in_(select(picked.c.id)))
                            .returning(d.c.event_id, d.c.created_at)).all()
     event_ids = sorted({event_id for event_id, _at in rows})
@@ -241,22 +251,23 @@ def _remove_deliveries(session: Session, before: datetime, after: datetime | Non
             max((at for _e, at in rows), default=None))
 
 
-def _remove_batches(session: Session, before: datetime, after: datetime | None, limit: int):
-    picked = _picked(b, b.c.finished_at, _batch_removable(session, b, before, unfinished_jobs(session)), after, limit)
+def _remove_batches(session: Session, policy: Policy, after: datetime | None, limit: int):
+    removable = _batch_removable(session, b, policy.before("reset_batches"), unfinished_jobs(session))
+    picked = _picked(b, b.c.finished_at, removable, after, limit)
     rows = session.execute(delete(b).where(tuple_(b.c.job_id, b.c.batch_no).in_(
         select(picked.c.job_id, picked.c.batch_no))).returning(b.c.state, b.c.finished_at)).all()
     _add_totals(session, {"batches_done": sum(1 for state, _at in rows if state == BatchState.DONE)})
     return {"reset_batches": len(rows)}, len(rows), max((at for _s, at in rows), default=None)
 
 
-def _remove_jobs(session: Session, before: datetime, after: datetime | None, limit: int):
-    """Finished jobs past their window with nothing left to send, and whatever is left of them.
+def _remove_jobs(session: Session, policy: Policy, after: datetime | None, limit: int):
+    """Finished jobs past their window whose rows are all past theirs, with their dead batches.
 
-    The oldest candidates are picked first; those with a notification still to be sent are then
-    looked up by job (the notifications' unique index), which stays cheap however many rows of
-    running jobs wait to be sent.
+    The oldest candidates are picked first; those with a row its own window keeps (a notification
+    still to be sent, a batch finished too recently) are then looked up by job, through the
+    notifications' unique index and the batches' primary key, and left for a later pass.
     """
-    query = select(j.c.id, j.c.created_at).where(_job_aged(j, before))
+    query = select(j.c.id, j.c.created_at).where(_job_aged(j, policy.before("reset_jobs")))
     if after is not None:
         query = query.where(j.c.created_at >= after)
     picked = session.execute(query.order_by(j.c.created_at).limit(limit)
@@ -264,25 +275,30 @@ def _remove_jobs(session: Session, before: datetime, after: datetime | None, lim
     removed: Counter = Counter()
     for start in range(0, len(picked), PARAMETER_SLICE):
         candidates = [job_id for job_id, _at in picked[start:start + PARAMETER_SLICE]]
-        waiting = set(session.scalars(select(n.c.reset_job_id).where(
-            in_ids(session, n.c.reset_job_id, candidates, Uuid), n.c.status.in_(OPEN_NOTIFICATIONS)).distinct()))
-        ids = [job_id for job_id in candidates if job_id not in waiting]
-        if not ids:
-            continue
-        statuses = Counter(session.execute(delete(n).where(in_ids(session, n.c.reset_job_id, ids, Uuid))
-                                           .returning(n.c.status)).scalars().all())
-        states = Counter(session.execute(delete(b).where(in_ids(session, b.c.job_id, ids, Uuid))
-                                         .returning(b.c.state)).scalars().all())
-        session.execute(delete(pruned).where(in_ids(session, pruned.c.reset_job_id, ids, Uuid)))
-        learners = session.execute(delete(j).where(in_ids(session, j.c.id, ids, Uuid))
-                                   .returning(j.c.learners_done)).scalars().all()
-        _add_totals(session, {"notifications_sent": statuses[NotificationStatus.SENT],
-                              "notifications_failed": statuses[NotificationStatus.FAILED],
-                              "batches_done": states[BatchState.DONE], "batches_dead": states[BatchState.DEAD],
-                              "learners_reset": sum(learners)})
-        removed.update({"reset_jobs": len(learners), "notifications": statuses.total(),
-                        "reset_batches": states.total()})
+        held = set(session.scalars(select(n.c.reset_job_id).where(
+            in_ids(session, n.c.reset_job_id, candidates, Uuid), _notification_kept(n, policy)).distinct()))
+        held |= set(session.scalars(select(b.c.job_id).where(
+            in_ids(session, b.c.job_id, candidates, Uuid), _batch_kept(b, policy)).distinct()))
+        ids = [job_id for job_id in candidates if job_id not in held]
+        if ids:
+            removed.update(_remove_whole_jobs(session, ids))
     return removed, len(picked), max((at for _id, at in picked), default=None)
+
+
+def _remove_whole_jobs(session: Session, ids: list[uuid.UUID]) -> Counter:
+    """The jobs' rows (what their steps left: dead batches, rows another sweep held), counts, then the jobs."""
+    statuses = Counter(session.execute(delete(n).where(in_ids(session, n.c.reset_job_id, ids, Uuid))
+                                       .returning(n.c.status)).scalars().all())
+    states = Counter(session.execute(delete(b).where(in_ids(session, b.c.job_id, ids, Uuid))
+                                     .returning(b.c.state)).scalars().all())
+    session.execute(delete(pruned).where(in_ids(session, pruned.c.reset_job_id, ids, Uuid)))
+    learners = session.execute(delete(j).where(in_ids(session, j.c.id, ids, Uuid))
+                               .returning(j.c.learners_done)).scalars().all()
+    _add_totals(session, {"notifications_sent": statuses[NotificationStatus.SENT],
+                          "notifications_failed": statuses[NotificationStatus.FAILED],
+                          "batches_done": states[BatchState.DONE], "batches_dead": states[BatchState.DEAD],
+                          "learners_reset": sum(learners)})
+    return Counter({"reset_jobs": len(learners), "notifications": statuses.total(), "reset_batches": states.total()})
 
 
 _REMOVERS = {"notifications": _remove_notifications, "webhook_deliveries": _remove_deliveries,

@@ -117,7 +117,7 @@ class Settings(BaseSettings):
     retention_notifications_days: int = Field(30, ge=1, validation_alias="RETENTION_NOTIFICATIONS_DAYS")
     retention_webhooks_days: int = Field(30, ge=1, validation_alias="RETENTION_WEBHOOKS_DAYS")
     retention_batches_days: int = Field(30, ge=1, validation_alias="RETENTION_BATCHES_DAYS")
-    # A finished job leaves with whatever is left of it (its notifications, batches).
+    # A finished job leaves once its notifications and batches are past their own windows.
     retention_jobs_days: int = Field(365, ge=1, validation_alias="RETENTION_JOBS_DAYS")
     retention_chunk_rows: int = Field(5000, ge=1, validation_alias="RETENTION_CHUNK_ROWS")
     # Operations. Empty redis_url: the broker's, when the broker is Redis.

@@ -184,6 +184,13 @@ def test_a_dead_batch_stays_with_its_job(pipeline_db):
                     .values(state="dead", error="lock timeout"))
     sweep_until_done(session, T0 + timedelta(days=31))
     assert session.scalars(select(b.state).where(b.job_id == uuid.UUID(h.finished))).all() == ["dead"]
+    # ... until the job itself goes: then with it.
+    n = Notification.__table__.c
+    session.execute(update(Notification).where(n.id == h.pending_id).values(status="sent"))
+    gone = sweep_until_done(session, T0 + timedelta(days=366))
+    assert gone.report()["reset_jobs"] == 1 and gone.report()["reset_batches"] == 1
+    assert rows_of(session, ResetBatch, b.job_id, h.finished) == 0
+    assert retention_totals(session)["batches_dead"] == 1
 
 
 def test_the_cli_counts_what_the_apply_removes_and_the_dry_run_changes_nothing(fresh_db, use_env):
@@ -254,19 +261,23 @@ def test_the_task_runs_on_its_own_beat_entry_and_removes_in_slices(fresh_db, use
     assert not any(v for k, v in again.items() if k != "more")
 
 
-def test_a_job_window_shorter_than_its_rows_takes_them_along_and_the_dry_run_counts_them(pipeline_db):
+def test_a_job_window_shorter_than_its_rows_waits_for_them_and_the_dry_run_counts_what_goes(pipeline_db):
     session = pipeline_db
     h = make_history(session, loopback_hook=False)
-    n = Notification.__table__.c
+    n, b = Notification.__table__.c, ResetBatch.__table__.c
     session.execute(update(Notification).where(n.id == h.pending_id).values(status="sent", sent_at=T0))
-    policy = Policy(T0 + timedelta(days=2), {"notifications": 30, "webhook_deliveries": 30, "webhook_events": 30,
-                                             "reset_batches": 30, "reset_jobs": 1})
-    expected = removable_counts(session, policy)
-    b = ResetBatch.__table__.c
+    days = {"notifications": 30, "webhook_deliveries": 30, "webhook_events": 30, "reset_batches": 30,
+            "reset_jobs": 1}
+    # Two days on, the job is past its own window but its rows are not: nothing of it goes.
+    early = removable_counts(session, Policy(T0 + timedelta(days=2), days))
+    assert early == dict.fromkeys(early, 0)
+    # A month on, its rows go and the job with them, in the same pass.
+    later = Policy(T0 + timedelta(days=31), days)
+    expected = removable_counts(session, later)
     assert expected["reset_jobs"] == 1
     assert expected["notifications"] == rows_of(session, Notification, n.reset_job_id, h.finished)
     assert expected["reset_batches"] == rows_of(session, ResetBatch, b.job_id, h.finished) > 0
-    sweep = Sweep(policy, 5)
+    sweep = Sweep(later, 5)
     while remove_chunk(session, sweep):
         pass
     assert sweep.report() == expected
