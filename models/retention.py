@@ -10,9 +10,9 @@ Each kind of finished row goes after its own number of days (``RETENTION_*_DAYS`
 - ``reset_batches`` ``done`` or ``cancelled``, counted from when the batch finished; a dead-lettered
   batch stays with its job (``dead-batches`` reads it, the job's status counts it);
 - ``reset_jobs`` finished (succeeded, failed, cancelled, or expired unconfirmed), counted from
-  creation, once every notification and batch row of it is past its own window (none still to be
-  sent): the job leaves with its dead-lettered batches, and ``status`` answers "not found" from
-  then on. A job window shorter than its rows' windows waits for them.
+  creation, once it finished before its rows' windows began and none of its notifications is
+  still to be sent: the job leaves with its dead-lettered batches, and ``status`` answers "not
+  found" from then on. A job window shorter than its rows' windows waits for them.
 
 Never removed: anything of a job that is not finished (awaiting confirmation, queued, running,
 cancelling), an outbox row still to be sent, and the audit trail (append-only, R5), which keeps
@@ -50,6 +50,7 @@ totals = RetentionTotal.__table__
 
 UNFINISHED_JOB_STATES = tuple(state for state in JobState if state not in FINISHED_JOB_STATES)
 FINISHED_NOTIFICATIONS = (NotificationStatus.SENT, NotificationStatus.FAILED)
+OPEN_NOTIFICATIONS = (NotificationStatus.PENDING, NotificationStatus.SENDING)
 FINISHED_DELIVERIES = (DeliveryStatus.DELIVERED, DeliveryStatus.FAILED, DeliveryStatus.CANCELLED)
 REMOVED_BATCH_STATES = (BatchState.DONE, BatchState.CANCELLED)
 
@@ -138,29 +139,20 @@ def _batch_removable(session: Session, t, before: datetime, jobs: list[uuid.UUID
     return and_(t.c.state.in_(REMOVED_BATCH_STATES), t.c.finished_at < before, _not_of(session, t.c.job_id, jobs))
 
 
-def _job_aged(t, before: datetime):
-    return and_(t.c.state.in_(FINISHED_JOB_STATES), t.c.created_at < before)
-
-
-def _notification_kept(t, policy: Policy):
-    """A notification row its own window keeps: still to be sent, or written too recently."""
-    return or_(t.c.status.not_in(FINISHED_NOTIFICATIONS), t.c.created_at >= policy.before("notifications"))
-
-
-def _batch_kept(t, policy: Policy):
-    """A batch row its own window keeps (a dead-lettered batch goes with its job)."""
-    return and_(t.c.state != BatchState.DEAD,
-                or_(t.c.state.not_in(REMOVED_BATCH_STATES), t.c.finished_at.is_(None),
-                    t.c.finished_at >= policy.before("reset_batches")))
-
-
 def _job_removable(t, policy: Policy):
-    """Finished, past its window, and every notification and batch row of it past its own window (or
-    dead-lettered): a job waits for its rows, so removing it never removes more than its own row,
-    its dead batches and rows its steps would have removed anyway."""
-    return and_(_job_aged(t, policy.before("reset_jobs")),
-                ~exists().where(n.c.reset_job_id == t.c.id, _notification_kept(n, policy)),
-                ~exists().where(b.c.job_id == t.c.id, _batch_kept(b, policy)))
+    """Finished and past its window, finished before its rows' windows began, none of its notifications
+    still to be sent.
+
+    A job's notification and batch rows are all written and finished before the job finishes, so
+    once it finished before the notifications' and the batches' windows began, each of its rows
+    is past its own window: a job waits for its rows rather than taking young ones along, and
+    removing it removes nothing more than its row and its dead-lettered batches. (An unconfirmed
+    request never finished and has no rows.)
+    """
+    rows_before = min(policy.before("notifications"), policy.before("reset_batches"))
+    return and_(t.c.state.in_(FINISHED_JOB_STATES), t.c.created_at < policy.before("reset_jobs"),
+                or_(t.c.finished_at.is_(None), t.c.finished_at < rows_before),
+                ~exists().where(n.c.reset_job_id == t.c.id, n.c.status.in_(OPEN_NOTIFICATIONS)))
 
 
 def _count(session: Session, table, where) -> int:
@@ -261,44 +253,30 @@ def _remove_batches(session: Session, policy: Policy, after: datetime | None, li
 
 
 def _remove_jobs(session: Session, policy: Policy, after: datetime | None, limit: int):
-    """Finished jobs past their window whose rows are all past theirs, with their dead batches.
-
-    The oldest candidates are picked first; those with a row its own window keeps (a notification
-    still to be sent, a batch finished too recently) are then looked up by job, through the
-    notifications' unique index and the batches' primary key, and left for a later pass.
-    """
-    query = select(j.c.id, j.c.created_at).where(_job_aged(j, policy.before("reset_jobs")))
+    """Finished jobs past their window (oldest first, through ``ix_reset_jobs_finished_created``), with
+    their batches: the dead-lettered ones, or any another sweep held. A notification row of a removed
+    job another sweep held is removed by its own step."""
+    query = select(j.c.id, j.c.created_at).where(_job_removable(j, policy))
     if after is not None:
         query = query.where(j.c.created_at >= after)
     picked = session.execute(query.order_by(j.c.created_at).limit(limit)
                              .with_for_update(of=j, skip_locked=True)).all()
     removed: Counter = Counter()
     for start in range(0, len(picked), PARAMETER_SLICE):
-        candidates = [job_id for job_id, _at in picked[start:start + PARAMETER_SLICE]]
-        held = set(session.scalars(select(n.c.reset_job_id).where(
-            in_ids(session, n.c.reset_job_id, candidates, Uuid), _notification_kept(n, policy)).distinct()))
-        held |= set(session.scalars(select(b.c.job_id).where(
-            in_ids(session, b.c.job_id, candidates, Uuid), _batch_kept(b, policy)).distinct()))
-        ids = [job_id for job_id in candidates if job_id not in held]
-        if ids:
-            removed.update(_remove_whole_jobs(session, ids))
+        removed.update(_remove_whole_jobs(session, [job_id for job_id, _at in picked[start:start + PARAMETER_SLICE]]))
     return removed, len(picked), max((at for _id, at in picked), default=None)
 
 
 def _remove_whole_jobs(session: Session, ids: list[uuid.UUID]) -> Counter:
-    """The jobs' rows (what their steps left: dead batches, rows another sweep held), counts, then the jobs."""
-    statuses = Counter(session.execute(delete(n).where(in_ids(session, n.c.reset_job_id, ids, Uuid))
-                                       .returning(n.c.status)).scalars().all())
+    """The jobs' batches (dead-lettered ones, or any another sweep held), their kept counts, the jobs."""
     states = Counter(session.execute(delete(b).where(in_ids(session, b.c.job_id, ids, Uuid))
                                      .returning(b.c.state)).scalars().all())
     session.execute(delete(pruned).where(in_ids(session, pruned.c.reset_job_id, ids, Uuid)))
     learners = session.execute(delete(j).where(in_ids(session, j.c.id, ids, Uuid))
                                .returning(j.c.learners_done)).scalars().all()
-    _add_totals(session, {"notifications_sent": statuses[NotificationStatus.SENT],
-                          "notifications_failed": statuses[NotificationStatus.FAILED],
-                          "batches_done": states[BatchState.DONE], "batches_dead": states[BatchState.DEAD],
+    _add_totals(session, {"batches_done": states[BatchState.DONE], "batches_dead": states[BatchState.DEAD],
                           "learners_reset": sum(learners)})
-    return Counter({"reset_jobs": len(learners), "notifications": statuses.total(), "reset_batches": states.total()})
+    return Counter({"reset_jobs": len(learners), "reset_batches": states.total()})
 
 
 _REMOVERS = {"notifications": _remove_notifications, "webhook_deliveries": _remove_deliveries,

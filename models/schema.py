@@ -300,6 +300,10 @@ class ResetJob(Base):
               postgresql_where=text("learner_id IS NOT NULL"), sqlite_where=text("learner_id IS NOT NULL")),
         Index("ix_reset_jobs_campaign_created", "campaign_id", "created_at", "id",
               postgresql_where=text("campaign_id IS NOT NULL"), sqlite_where=text("campaign_id IS NOT NULL")),
+        # Retention: finished jobs, oldest first.
+        Index("ix_reset_jobs_finished_created", "created_at",
+              postgresql_where=text("state IN ('succeeded', 'failed', 'cancelled', 'expired')"),
+              sqlite_where=text("state IN ('succeeded', 'failed', 'cancelled', 'expired')")),
         UniqueConstraint("campaign_id", "occurrence_at", name="uq_reset_jobs_campaign_occurrence"),
     )
 
