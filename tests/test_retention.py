@@ -284,3 +284,32 @@ def test_a_job_window_shorter_than_its_rows_waits_for_them_and_the_dry_run_count
     with pytest.raises(NotFound):
         get_job(session, h.finished)
     assert get_job(session, h.running).state == "running"
+
+
+@pytest.mark.e2e
+def test_a_worker_on_the_maintenance_queue_runs_the_task_by_name(fresh_db, use_env, redis_url, celery_worker_proc):
+    """Task wiring: ``maintenance.retention`` published by name is run by a real worker."""
+    import time
+
+    from models.db import dispose_engine, session_scope
+    from models.messaging import send_now
+
+    env = use_env(DATABASE_URL=fresh_db(), CELERY_BROKER_URL=redis_url, LOG_FORMAT="json")
+    with session_scope() as session:
+        h = make_history(session, at=datetime.now(timezone.utc) - timedelta(days=40))
+        running_rows = rows_of(session, Notification, Notification.__table__.c.reset_job_id, h.running)
+    celery_worker_proc(env, queues="maintenance", concurrency=1, name="retention")
+    assert send_now("maintenance.retention")
+    n = Notification.__table__.c
+    deadline = time.monotonic() + 60
+    while True:
+        with session_scope() as session:
+            left = session.scalars(select(n.id).where(n.reset_job_id == uuid.UUID(h.finished))).all()
+        if left == [h.pending_id]:
+            break
+        assert time.monotonic() < deadline, f"retention did not run: {len(left)} rows left"
+        time.sleep(0.2)
+    with session_scope() as session:
+        assert rows_of(session, Notification, n.reset_job_id, h.running) == running_rows
+        assert describe_status(session, get_job(session, h.finished))["notifications"]["failed"] == 2
+    dispose_engine()
