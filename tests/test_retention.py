@@ -19,7 +19,7 @@ from sqlalchemy import func, select, update
 from models.errors import NotFound
 from models.jobs import describe_status, get_job
 from models.retention import Policy, Sweep, remove_chunk, removable_counts, retention_totals
-from models.schema import AuditEvent, Notification, ResetBatch, ResetJob, WebhookDelivery, WebhookEvent
+from models.schema import AuditEvent, Notification, ResetBatch, WebhookDelivery, WebhookEvent
 from models.seed import seed
 from models.settings import get_settings
 from producer import resets, webhooks
