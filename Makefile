@@ -25,12 +25,12 @@ $(VENV)/.installed-test: $(BIN)/python pyproject.toml requirements.lock
 demo: $(VENV)/.installed-run
 	$(BIN)/progress-reset demo
 
-## test: install, check the layout's dependency rule (lint), make sure PostgreSQL and Redis answer, run the tests
+## test: install, check the layout's dependency rule (lint), make sure PostgreSQL, Redis and RabbitMQ answer, run the tests
 test: lint
 	$(BIN)/python -m tests.services
 	$(BIN)/python -m pytest -q
 
-## services: only make sure PostgreSQL and Redis answer (starting or installing them)
+## services: only make sure PostgreSQL, Redis and RabbitMQ answer (starting or installing them)
 services: $(VENV)/.installed-test
 	$(BIN)/python -m tests.services
 

@@ -1,6 +1,7 @@
 """The benchmark: a course-wide reset against the SQL floor, fairness, scale, memory, notifications.
 
     python -m bench [--sizes 10000,100000] [--runs 3] [--large] [--skip-fairness] [--burst | --skip-burst]
+                    [--tracing off|on]
     python -m bench --history [--history-scale 1] [--runs 3]
 
 ``--burst`` runs only the many-jobs scenario of :mod:`bench.burst` (a campaign-day burst of
@@ -17,6 +18,10 @@ transaction, :mod:`bench.floor`), one for the system (request -> confirm ->
 ``succeeded`` through the producer and the workers). Medians of the runs are
 quoted. Prints a table, writes ``bench/results/<date>.json`` and ends with one
 ``RESULT {json}`` line.
+
+``--tracing on`` runs the workers with tracing on (OpenTelemetry, every span exported over
+OTLP/HTTP to a sink on loopback, :mod:`bench.trace_sink`); ``--tracing off`` makes sure it is off.
+Either writes ``bench/results/<date>-tracing-<off|on>.json``, so the two runs sit side by side.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from sqlalchemy import create_engine, func, select, text
 from sqlalchemy.pool import NullPool
 
 from bench import common
+from models.states import AssignmentStatus
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # Test processes claim Redis DB numbers in this registry (DB 0); the benchmark claims one the same way.
@@ -138,7 +144,7 @@ def single_resets(info: dict, stop: threading.Event, latencies: list[float]) -> 
     course = small["course_ids"][0]
     with session_scope() as session:
         learners = session.scalars(sa_select(CourseAssignment.user_id).where(
-            CourseAssignment.course_id == course, CourseAssignment.status != "not_started")).all()
+            CourseAssignment.course_id == course, CourseAssignment.status != AssignmentStatus.NOT_STARTED)).all()
     for learner in learners:
         if stop.is_set():
             return
@@ -163,7 +169,7 @@ def warm_up(info: dict) -> None:
     course = small["course_ids"][0]
     with session_scope() as session:
         learner = session.scalar(select(CourseAssignment.user_id).where(
-            CourseAssignment.course_id == course, CourseAssignment.status != "not_started")
+            CourseAssignment.course_id == course, CourseAssignment.status != AssignmentStatus.NOT_STARTED)
             .order_by(CourseAssignment.user_id.desc()).limit(1))
         req = resets.request(session, small["admin_id"], course, learner_id=learner, reason="warm-up")
     with session_scope() as session:
@@ -291,7 +297,16 @@ def run(argv: list[str] | None = None) -> int:
                        help="only a year of history against empty tables, and after retention (bench/history.py)")
     parser.add_argument("--history-scale", type=float, default=1.0,
                         help="with --history: the size of the history (1: a million finished jobs)")
+    parser.add_argument("--tracing", choices=("off", "on"), help="run the workers with tracing off or on")
     args = parser.parse_args(argv)
+    sink = None
+    if args.tracing == "on":
+        from bench.trace_sink import TraceSink
+
+        sink = TraceSink()
+        os.environ.update(OTEL_TRACES_EXPORTER="otlp", OTEL_EXPORTER_OTLP_TRACES_ENDPOINT=sink.endpoint)
+    elif args.tracing == "off":
+        os.environ["OTEL_TRACES_EXPORTER"] = "none"
     sizes = [] if args.burst else [int(s) for s in args.sizes.split(",") if s]
     if args.large and 1_000_000 not in sizes:
         sizes.append(1_000_000)
@@ -363,7 +378,9 @@ def run(argv: list[str] | None = None) -> int:
     }
     if "burst" in results:
         b = results["burst"]
-        for key in ("burst_drain_ratio", "burst_other_org_slowdown", "single_p95_ms", "small_300_p50_ms"):
+        for key in ("burst_drain_ratio", "burst_other_org_slowdown", "single_p95_ms", "small_300_p50_ms",
+                    "slow_receiver_other_org_p95_ms", "slow_receiver_other_org_max_ms", "notify_rate_achieved",
+                    "duplicate_sends"):
             name = "burst_single_p95_ms" if key == "single_p95_ms" else key
             summary[name] = {t: round(b[t][key], 3) for t in ("compose", "single")}
         print(f"{'topology':>9} {'drain s':>8} {'floor s':>8} {'ratio':>6} {'B burst s':>9} {'B alone s':>9} "
@@ -373,7 +390,10 @@ def run(argv: list[str] | None = None) -> int:
             print(f"{t:>9} {e['a_drain_s']:>8.2f} {b['burst_floor_s']:>8.2f} {e['burst_drain_ratio']:>6.2f} "
                   f"{e['b_during_s']:>9.2f} {e['b_alone_s']:>9.2f} {e['burst_other_org_slowdown']:>8.2f} "
                   f"{e['single_p50_ms']:>9.0f} {e['single_p95_ms']:>9.0f} {e['small_300_p50_ms']:>10.0f}")
-    return write_results(results, summary)
+    if args.tracing:
+        summary["tracing"] = args.tracing
+        results["tracing"] = {"state": args.tracing, **(sink.stop() if sink else {})}
+    return write_results(results, summary, f"-tracing-{args.tracing}" if args.tracing else "")
 
 
 def write_results(results: dict, summary: dict, suffix: str = "") -> int:

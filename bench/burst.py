@@ -12,13 +12,17 @@ in two courses; 20 lessons each, rows laid out by time), for each worker topolog
   for the same 60 resets (one SQL transaction each, one after another, on a copy of the same
   data), B's course time during the burst against the same reset on an idle system, and the
   one-learner latencies (confirm to succeeded) p50 / p95;
+  Notifications go out at the default ``NOTIFY_RATE_PER_SECOND`` (50/s, the console backend
+  limited like a real provider); reported: the rate achieved over ``NOTIFY_WINDOW_SECONDS`` after
+  the burst against the configured one, and how many notifications were written twice;
 - **small**: on an idle system, five 300-learner course resets one after another, confirm to
-  succeeded, p50 (against the floor of one such reset).
+  succeeded, p50 (against the floor of one such reset);
+- **slow receivers** (:mod:`bench.outside`): B's one-learner resets while A's webhook receivers
+  trickle.
 
 Topologies: ``compose`` (one worker per queue: ``resets -c 1``, ``reset_batches -c 2``,
-``notifications -c 1`` at lower CPU priority, as docker-compose.yml runs them) and ``single``
-(one worker ``-Q resets,reset_batches,notifications,maintenance -c 2``, as README "Trying it by
-hand" runs it).
+``notifications -c 1`` at lower CPU priority, ``webhooks -c 2``, as docker-compose.yml runs them)
+and ``single`` (one worker on every queue ``-c 2``, as README "Trying it by hand" runs it).
 """
 
 from __future__ import annotations
@@ -39,15 +43,25 @@ from sqlalchemy.pool import NullPool
 
 from bench import common
 from models import queues
+from models.states import AssignmentStatus
 
 A_COURSES = 60
 A_LEARNERS = 300
 B_LEARNERS = 3000
 SMALL_RUNS = 5
+# Notifications sent over this window after the burst give the rate achieved.
+NOTIFY_WINDOW_SECONDS = 20.0
 TOPOLOGIES = {
-    "compose": [(queues.RESETS, 1, 0), (queues.RESET_BATCHES, 2, 0), (queues.NOTIFICATIONS, 1, 10)],
-    "single": [(",".join((queues.RESETS, queues.RESET_BATCHES, queues.NOTIFICATIONS, queues.MAINTENANCE)), 2, 0)],
+    "compose": [(queues.RESETS, 1, 0), (queues.RESET_BATCHES, 2, 0), (queues.NOTIFICATIONS, 1, 10),
+                (queues.WEBHOOKS, 2, 0)],
+    "single": [(",".join(queues.QUEUES), 2, 0)],
 }
+
+
+def default_rate() -> float:
+    from models.settings import Settings
+
+    return Settings.model_fields["notify_rate_per_second"].default
 
 
 def seed_base() -> tuple[str, dict]:
@@ -160,7 +174,7 @@ def learners_with_progress(course: int) -> list[int]:
 
     with session_scope() as session:
         return list(session.scalars(select(CourseAssignment.user_id).where(
-            CourseAssignment.course_id == course, CourseAssignment.status != "not_started")
+            CourseAssignment.course_id == course, CourseAssignment.status != AssignmentStatus.NOT_STARTED)
             .order_by(CourseAssignment.user_id)))
 
 
@@ -210,13 +224,14 @@ def warm_up(api: Api, info: dict) -> None:
     finished_at([job], timeout=60)
 
 
-def fresh_system(base: str, info: dict, topology: str, log_dir: Path):
+def fresh_system(base: str, info: dict, topology: str, log_dir: Path, extra: dict[str, str] | None = None):
     import redis
 
     url = common.copy_db(base, f"{common.PREFIX}_run")
     console = log_dir / "notifications.jsonl"
     console.unlink(missing_ok=True)
-    env = common.configure(url, {"NOTIFY_CONSOLE_PATH": str(console)})
+    env = common.configure(url, {"NOTIFY_CONSOLE_PATH": str(console), "NOTIFY_RATE_PER_SECOND": str(default_rate()),
+                                 **(extra or {})})
     redis.Redis.from_url(common.REDIS_URL).flushdb()
     procs = start_topology(topology, env, log_dir)
     api = Api(env, log_dir)
@@ -252,11 +267,37 @@ def run_burst(base: str, info: dict, topology: str, log_dir: Path) -> dict:
         b_done = finished_at([b_job])[b_job]
         stop.set()
         singles.join(120)
+        window_start = max(max(a_done.values()), b_done)
+        time.sleep(max(0.0, (window_start - now()).total_seconds()) + NOTIFY_WINDOW_SECONDS)
+        sent = sent_between(window_start, NOTIFY_WINDOW_SECONDS)
         rss = peak_rss_mb(procs)
     finally:
         stop_system(procs, api)
     return {"a_drain_s": (max(a_done.values()) - t0).total_seconds(), "b_s": (b_done - b_t0).total_seconds(),
-            "single_ms": latencies, "rss_mb": rss}
+            "single_ms": latencies, "rss_mb": rss, "notify_rate": sent / NOTIFY_WINDOW_SECONDS,
+            "duplicate_sends": duplicate_lines(log_dir / "notifications.jsonl")}
+
+
+def sent_between(start: datetime, seconds: float) -> int:
+    """Notifications marked sent in ``[start, start + seconds)``."""
+    from datetime import timedelta
+
+    from sqlalchemy import func
+
+    from models.db import session_scope
+    from models.schema import Notification
+
+    with session_scope() as session:
+        return int(session.scalar(select(func.count()).select_from(Notification).where(
+            Notification.sent_at >= start, Notification.sent_at < start + timedelta(seconds=seconds))) or 0)
+
+
+def duplicate_lines(console: Path) -> int:
+    """Notifications the console backend wrote more than once (by idempotency key)."""
+    import json
+
+    keys = [json.loads(line)["idempotency_key"] for line in console.read_text().splitlines() if line]
+    return len(keys) - len(set(keys))
 
 
 def run_b_alone(base: str, info: dict, topology: str, log_dir: Path) -> float:
@@ -298,11 +339,17 @@ def run(runs: int, log_dir: Path) -> dict:
     result["small_300_floor_ms"] = statistics.median(small_floors) * 1000
     common.log(f"burst floor {result['burst_floor_s']:.2f}s (60 resets, one transaction each); "
                f"one 300-learner reset {result['small_300_floor_ms']:.0f} ms")
+    from bench.outside import run_slow_receivers
+
+    rate = default_rate()
+    result["notify_rate_configured"] = rate
     for topology in TOPOLOGIES:
         bursts = [run_burst(base, info, topology, log_dir) for _ in range(runs)]
         alone = [run_b_alone(base, info, topology, log_dir) for _ in range(runs)]
         small = [t for _ in range(runs) for t in run_small(base, info, topology, log_dir)]
+        slow = [run_slow_receivers(base, info, topology, log_dir) for _ in range(runs)]
         singles = [ms for r in bursts for ms in r["single_ms"]]
+        slow_singles = [ms for r in slow for ms in r["single_ms"]]
         entry = {
             "a_drain_s": statistics.median(r["a_drain_s"] for r in bursts),
             "a_drain_runs": [r["a_drain_s"] for r in bursts],
@@ -316,6 +363,12 @@ def run(runs: int, log_dir: Path) -> dict:
             "small_300_ms": small,
             "small_300_p50_ms": statistics.median(small),
             "worker_rss_mb_max": max(r["rss_mb"] for r in bursts),
+            "notify_rate_runs": [r["notify_rate"] for r in bursts],
+            "notify_rate_achieved": statistics.median(r["notify_rate"] for r in bursts) / rate,
+            "duplicate_sends": sum(r["duplicate_sends"] for r in bursts),
+            "slow_receiver_runs": slow,
+            "slow_receiver_other_org_p95_ms": common.percentile(slow_singles, 0.95),
+            "slow_receiver_other_org_max_ms": max(slow_singles),
         }
         entry["burst_drain_ratio"] = entry["a_drain_s"] / result["burst_floor_s"]
         entry["burst_other_org_slowdown"] = entry["b_during_s"] / entry["b_alone_s"]
@@ -324,7 +377,9 @@ def run(runs: int, log_dir: Path) -> dict:
                    f"B {entry['b_during_s']:.2f}s vs {entry['b_alone_s']:.2f}s alone "
                    f"({entry['burst_other_org_slowdown']:.2f}x), one-learner p50 {entry['single_p50_ms']:.0f} ms "
                    f"p95 {entry['single_p95_ms']:.0f} ms ({len(singles)}), 300-learner p50 "
-                   f"{entry['small_300_p50_ms']:.0f} ms")
+                   f"{entry['small_300_p50_ms']:.0f} ms; notifications at {entry['notify_rate_achieved']:.2f}x the "
+                   f"rate, {entry['duplicate_sends']} sent twice; with trickling receivers one-learner p95 "
+                   f"{entry['slow_receiver_other_org_p95_ms']:.0f} ms, max {entry['slow_receiver_other_org_max_ms']:.0f} ms")
     common.drop_db(f"{common.PREFIX}_run")
     common.drop_db(base)
     return result

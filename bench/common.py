@@ -15,7 +15,9 @@ ADMIN_URL = os.environ.get("BENCH_ADMIN_URL", "postgresql+psycopg://postgres@127
 REDIS_BASE = os.environ.get("BENCH_REDIS_BASE_URL", "redis://127.0.0.1:6379")
 # Set by ``python -m bench`` (a claimed DB number) unless given.
 REDIS_URL = os.environ.get("BENCH_REDIS_URL", "")
-PREFIX = "pr_bench"
+# Database names start with this; give each benchmark on a shared host its own (two runs with one
+# prefix drop each other's databases).
+PREFIX = os.environ.get("BENCH_DB_PREFIX", "pr_bench")
 
 
 def log(message: str) -> None:

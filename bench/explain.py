@@ -15,9 +15,12 @@ import sys
 from sqlalchemy import event, text
 
 from models.db import get_engine
-from models.jobs import utcnow
 from models.schema import ResetJob
-from tasks import reset_steps
+from models.states import JobScope, JobState
+from models.times import utcnow
+from tasks.resets.learner_batch import claim_batch, reset_batch
+from tasks.resets.purge import purge_step
+from tasks.resets.start import start_job
 
 INTERESTING = ("course_assignments", "lesson_progress", "assessment_results", "discussion_posts",
                "assignment_submissions", "course_completions", "certificates", "notifications", "course_analytics")
@@ -40,21 +43,21 @@ def main(argv: list[str]) -> int:
     with engine.connect() as conn:
         outer = conn.begin()
         session = Session(bind=conn, join_transaction_mode="create_savepoint")
-        job = ResetJob(organization_id=0, course_id=course_id, scope="course", state="queued", actor_id=0,
+        job = ResetJob(organization_id=0, course_id=course_id, scope=JobScope.COURSE, state=JobState.QUEUED, actor_id=0,
                        created_at=utcnow(), summary={}, cleared={})
         session.add(job)
         session.flush()
-        start = reset_steps.start_job(session, job.id, 2000, purge_partitions=4)
-        reset_steps.claim_batch(session, job.id, start.batch_nos[0], 5, 60)
+        start = start_job(session, job.id, 2000, purge_partitions=4)
+        claim_batch(session, job.id, start.batch_nos[0], 5, 60)
         event.listen(engine, "before_cursor_execute", capture)
-        reset_steps.run_batch(session, job.id, start.batch_nos[0])
+        reset_batch(session, job.id, start.batch_nos[0])
         # Pretend the learner phase is over to see the purge's statements.
         purge_no = session.execute(text("SELECT batch_no, cursor_row_id FROM reset_batches WHERE job_id = :j "
                                         "AND kind = 'purge' AND component = 'lesson_progress' ORDER BY batch_no"),
                                    {"j": job.id}).first()
         session.execute(text("UPDATE reset_batches SET state = 'pending' WHERE job_id = :j AND kind = 'purge'"),
                         {"j": job.id})
-        reset_steps.purge_step(session, job.id, purge_no[0], purge_no[1], 50000, 60)
+        purge_step(session, job.id, purge_no[0], 50000, cursor=purge_no[1])
         event.remove(engine, "before_cursor_execute", capture)
         plans = []
         for statement, params in captured:

@@ -14,6 +14,7 @@ from sqlalchemy import case, func, literal_column, select, update
 from sqlalchemy.orm import Session
 
 from models.schema import CourseAnalytics, CourseAssignment
+from models.states import AssignmentStatus
 
 
 @dataclass(frozen=True)
@@ -98,9 +99,9 @@ def count_from_rows(session: Session, course_id: int) -> AnalyticsRow:
     counts = (
         select(
             func.count().label("assigned"),
-            func.coalesce(func.sum(case((a.c.status == "not_started", 1), else_=0)), 0).label("not_started"),
-            func.coalesce(func.sum(case((a.c.status == "in_progress", 1), else_=0)), 0).label("in_progress"),
-            func.coalesce(func.sum(case((a.c.status == "completed", 1), else_=0)), 0).label("completed"),
+            func.coalesce(func.sum(case((a.c.status == AssignmentStatus.NOT_STARTED, 1), else_=0)), 0).label("not_started"),
+            func.coalesce(func.sum(case((a.c.status == AssignmentStatus.IN_PROGRESS, 1), else_=0)), 0).label("in_progress"),
+            func.coalesce(func.sum(case((a.c.status == AssignmentStatus.COMPLETED, 1), else_=0)), 0).label("completed"),
         )
         .where(a.c.course_id == course_id)
         .subquery()

@@ -21,9 +21,10 @@ from sqlalchemy import ColumnElement, Table, and_, column, or_, select
 from sqlalchemy.orm import Session
 
 from models.components import RESET_COMPONENTS
-from models.jobs import as_utc, get_job, target_filter
+from models.jobs import get_job, target_filter
 from models.schema import CourseAssignment, ResetBatch, ResetJob
 from models.states import BatchKind, BatchState
+from models.times import as_utc
 
 assignments = CourseAssignment.__table__
 batches = ResetBatch.__table__

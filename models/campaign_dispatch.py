@@ -33,13 +33,15 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from models import dialect
+from models.audit import record_audit
 from models.errors import Conflict, ValidationFailed
-from models.jobs import activate_job, as_utc, find_active_job, record_audit, summarize, utcnow
+from models.jobs import activate_job, find_active_job, summarize
 from models.logs import log_event
 from models.messaging import publish_after_commit
 from models.schedule import completed_before_for, schedule_of, to_utc
 from models.schema import PERMISSION_TRAINING, CampaignOccurrence, Course, ResetJob, RetrainingCampaign, User
 from models.states import CampaignState, JobScope, JobState, OccurrenceState
+from models.times import as_utc, utcnow
 
 # Due campaigns are locked and handled this many at a time; a second dispatcher
 # skips the locked ones and takes the next chunk.

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from sqlalchemy import Engine, create_engine, event
@@ -20,10 +20,22 @@ _lock = threading.Lock()
 _engine: Engine | None = None
 _sessionmaker: sessionmaker[Session] | None = None
 _engine_pid: int | None = None
+# Called with each engine the process builds (tracing instruments it: models/tracing.py).
+_engine_listeners: list[Callable[[Engine], None]] = []
+
+
+def on_new_engine(listener: Callable[[Engine], None]) -> None:
+    """Call ``listener(engine)`` for every engine :func:`get_engine` builds from now on."""
+    if listener not in _engine_listeners:
+        _engine_listeners.append(listener)
 
 
 def make_engine(url: str, **kwargs) -> Engine:
-    """Build an engine with the settings each dialect needs."""
+    """Build an engine with the settings each dialect needs.
+
+    On PostgreSQL the pool (``DATABASE_POOL_SIZE`` + ``DATABASE_MAX_OVERFLOW``) and prepared
+    statements (``DATABASE_PREPARED_STATEMENTS``) follow the settings unless ``kwargs`` say otherwise.
+    """
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"timeout": 60}, **kwargs)
 
@@ -43,10 +55,17 @@ def make_engine(url: str, **kwargs) -> Engine:
             conn.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
+    settings = get_settings()
     kwargs.setdefault("pool_pre_ping", True)
     if "poolclass" not in kwargs:
-        kwargs.setdefault("pool_size", 5)
-        kwargs.setdefault("max_overflow", 5)
+        kwargs.setdefault("pool_size", settings.database_pool_size)
+        kwargs.setdefault("max_overflow", settings.database_max_overflow)
+    if not settings.database_prepared_statements:
+        # psycopg prepares a statement on the server after its fifth execution on a connection.
+        # Behind a transaction-pooling PgBouncer the next transaction may run on another server
+        # connection, where that statement does not exist (or another client's of the same name
+        # does): never prepare.
+        kwargs["connect_args"] = {**kwargs.get("connect_args", {}), "prepare_threshold": None}
     return create_engine(url, **kwargs)
 
 
@@ -58,6 +77,8 @@ def get_engine() -> Engine:
             if _engine is not None:
                 _engine.dispose(close=False)
             _engine = make_engine(get_settings().database_url)
+            for listener in _engine_listeners:
+                listener(_engine)
             _sessionmaker = sessionmaker(_engine, expire_on_commit=False)
             _engine_pid = os.getpid()
         return _engine

@@ -7,8 +7,9 @@ place where the two databases are treated differently is listed here or calls in
 from __future__ import annotations
 
 from collections.abc import Sequence
+from enum import IntEnum
 
-from sqlalchemy import ColumnElement, Integer, Table, any_, bindparam
+from sqlalchemy import ColumnElement, Integer, Table, any_, bindparam, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 from sqlalchemy.types import TypeEngine
@@ -34,3 +35,31 @@ def in_ids(session: Session, column, ids: Sequence[int],
     if is_postgres(session):
         return column == any_(bindparam(None, list(ids), type_=postgresql.ARRAY(element_type)))
     return column.in_(list(ids))
+
+
+class LockSpace(IntEnum):
+    """What a :func:`hold_transaction_lock` key names: one space per kind of object, so keys never collide."""
+
+    COURSE_ACTIVATION = 0x70720001  # a job of the course being activated (models.jobs)
+    WEBHOOK_ENDPOINTS = 0x70720002  # an organization's endpoints being counted and added (producer.webhooks)
+    IDEMPOTENCY_KEYS = 0x70720003  # a request made with an actor's idempotency key (producer.idempotency)
+
+
+def hold_transaction_lock(session: Session, namespace: LockSpace, key: int) -> None:
+    """Wait for the lock named ``(namespace, key)`` and hold it until the transaction ends.
+
+    PostgreSQL: a transaction-level advisory lock. Unlike a row lock (``FOR UPDATE`` needs the
+    UPDATE privilege on the table) it needs no privilege, and it ends with the transaction, so
+    it also holds behind a transaction-pooling PgBouncer. SQLite serialises writers
+    (``BEGIN IMMEDIATE``): the transaction already holds the only write lock.
+    """
+    if is_postgres(session):
+        session.execute(select(func.pg_advisory_xact_lock(int(namespace), key)))
+
+
+def try_transaction_lock(session: Session, namespace: LockSpace, key: int) -> bool:
+    """Take the lock named ``(namespace, key)`` for the rest of the transaction if it is free; False if
+    another transaction holds it (no waiting). SQLite: always True (see :func:`hold_transaction_lock`)."""
+    if not is_postgres(session):
+        return True
+    return bool(session.scalar(select(func.pg_try_advisory_xact_lock(int(namespace), key))))

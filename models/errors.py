@@ -34,6 +34,12 @@ class NothingToReset(ValidationFailed):
     code = "nothing_to_reset"
 
 
+class IdempotencyKeyReused(ValidationFailed):
+    """An idempotency key sent again with another body (the IETF Idempotency-Key draft answers 422)."""
+
+    code = "idempotency_key_reused"
+
+
 class NotFound(ProgressResetError):
     """Unknown id, or an object of another organization (never told apart)."""
 
@@ -47,7 +53,7 @@ class PermissionDenied(ProgressResetError):
 
 
 class Conflict(ProgressResetError):
-    """Already being reset, idempotency key reused with other parameters, wrong state."""
+    """Already being reset, a request with the same idempotency key still in progress, wrong state."""
 
     http_status = 409
     code = "conflict"

@@ -1,72 +1,29 @@
-"""The reset-job ledger: who is targeted, confirmation tokens, activation and the audit trail.
+"""The reset-job ledger: who a reset targets, what it would clear, one active reset per course,
+activation of a confirmed job, and finding a job by id.
 
 Shared by the producer (requests and confirms), the campaign dispatcher and the
 reset tasks, so the rules exist once. Functions take a ``Session`` and never
-commit.
+commit. The job's status shape is :mod:`models.job_status`; the audit trail is
+written by :mod:`models.audit`; confirmation tokens are :mod:`models.tokens`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-import secrets
 import uuid
-from datetime import datetime, timezone
+from datetime import datetime
 
-from sqlalchemy import and_, func, select
+from sqlalchemy import and_, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import ColumnElement
 
+from models.dialect import LockSpace, hold_transaction_lock
 from models.errors import Conflict, NotFound
-from models.retention import pruned_notification_counts
-from models.webhooks import record_job_event
-from models.schema import (
-    AuditEvent,
-    Certificate,
-    Course,
-    CourseAssignment,
-    CourseCompletion,
-    Notification,
-    ResetBatch,
-    ResetJob,
-    User,
-)
-from models.states import ACTIVE_JOB_STATES, BatchKind, BatchState, JobScope, JobState, NotificationStatus
-
-
-def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
-
-
-def as_utc(value: datetime | None) -> datetime | None:
-    """SQLite hands back naive datetimes; every stored datetime is UTC."""
-    if value is None or value.tzinfo is not None:
-        return value
-    return value.replace(tzinfo=timezone.utc)
-
-
-# --- confirmation tokens -------------------------------------------------------------
-
-def new_token() -> tuple[str, str]:
-    """A one-time confirmation token and the hash that is stored in its place.
-
-    URL-safe base64 can start with ``-``, which a shell command line reads as an
-    option (``--token -x...``); such a draw is discarded, so every token is safe
-    to paste. Tokens issued before this rule still confirm: only the hash is compared.
-    """
-    token = secrets.token_urlsafe(24)
-    while token.startswith("-"):
-        token = secrets.token_urlsafe(24)
-    return token, hash_token(token)
-
-
-def hash_token(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
-
-
-def token_matches(token: str, stored_hash: str | None) -> bool:
-    return stored_hash is not None and hmac.compare_digest(hash_token(token), stored_hash)
+from models.job_ids import job_uuid
+from models.schema import Certificate, CourseAssignment, CourseCompletion, ResetJob, User
+from models.states import ACTIVE_JOB_STATES, AssignmentStatus, JobScope, JobState
+from models.times import utcnow
+from models.tracing import current_traceparent
 
 
 # --- who a reset targets --------------------------------------------------------------
@@ -79,11 +36,11 @@ def target_filter(
     One definition for the request summary, batch planning and the batches.
     """
     a = CourseAssignment.__table__.c
-    clauses = [a.course_id == course_id, a.status != "not_started"]
+    clauses = [a.course_id == course_id, a.status != AssignmentStatus.NOT_STARTED]
     if learner_id is not None:
         clauses.append(a.user_id == learner_id)
     if completed_before is not None:
-        clauses.extend([a.status == "completed", a.completed_at < completed_before])
+        clauses.extend([a.status == AssignmentStatus.COMPLETED, a.completed_at < completed_before])
     return and_(*clauses)
 
 
@@ -138,12 +95,13 @@ def already_active_error(job: ResetJob, course_id: int, learner_id: int | None) 
 def activate_job(session: Session, job: ResetJob, now: datetime | None = None) -> ResetJob:
     """Move a confirmed job to ``queued``, refusing if the course or learner already has an active reset.
 
-    The partial unique indexes over active jobs decide same-scope races; the
-    course row lock serialises a learner reset against a course-wide one.
+    The partial unique indexes over active jobs decide same-scope races; a lock on the
+    course serialises a learner reset against a course-wide one (an advisory lock, not a row
+    lock: the application only reads courses).
     Raises :class:`Conflict` naming the active job. Does not commit.
     """
     now = now or utcnow()
-    session.execute(select(Course.id).where(Course.id == job.course_id).with_for_update())
+    hold_transaction_lock(session, LockSpace.COURSE_ACTIVATION, job.course_id)
     blocking = find_active_job(session, job.course_id, job.learner_id if job.scope == JobScope.LEARNER else None)
     if blocking is not None and blocking.id != job.id:
         raise already_active_error(blocking, job.course_id, job.learner_id)
@@ -153,6 +111,8 @@ def activate_job(session: Session, job: ResetJob, now: datetime | None = None) -
             job.confirmed_at = now
             job.published_at = now
             job.heartbeat_at = now
+            # The job's trace: the span confirming it (the caller's request, a campaign's dispatch).
+            job.traceparent = current_traceparent() or job.traceparent
             session.add(job)
             session.flush()
     except IntegrityError:
@@ -166,7 +126,7 @@ def activate_job(session: Session, job: ResetJob, now: datetime | None = None) -
 def get_job(session: Session, job_id: str | uuid.UUID, organization_id: int | None = None) -> ResetJob:
     """The job by id; jobs of another organization are reported as not found."""
     try:
-        key = job_id if isinstance(job_id, uuid.UUID) else uuid.UUID(str(job_id))
+        key = job_uuid(job_id)
     except ValueError:
         raise NotFound(f"job {job_id} not found") from None
     session.flush()
@@ -176,86 +136,11 @@ def get_job(session: Session, job_id: str | uuid.UUID, organization_id: int | No
     return job
 
 
-def job_identity(job: ResetJob) -> dict:
-    """What a job is: its id, state, scope and the ids it concerns (the first keys of every job shape)."""
-    return {"job_id": str(job.id), "state": job.state, "scope": job.scope, "course_id": job.course_id,
-            "learner_id": job.learner_id, "campaign_id": job.campaign_id}
-
-
-def describe_status(session: Session, job: ResetJob) -> dict:
-    """The job's state and counts in the contract's status shape (docs/rules.md, "Contracts").
-
-    One definition for ``status`` (CLI and HTTP) and the data of webhook events.
-    """
-    n = Notification.__table__.c
-    counts = dict(session.execute(
-        select(n.status, func.count()).where(n.reset_job_id == job.id).group_by(n.status)
-    ).all())
-    pruned = pruned_notification_counts(session, job.id)  # rows retention removed, still counted
-    return job_identity(job) | {
-        "learners_total": job.learners_total,
-        "learners_done": job.learners_done,
-        "batches_total": job.batches_total + job.purge_total,
-        "batches_done": job.batches_done + job.purge_done - _dead_purges(session, job),
-        "batches_dead": job.batches_dead,
-        "learner_batches_total": job.batches_total,
-        "purge_batches_total": job.purge_total,
-        "purge_batches_done": job.purge_done,
-        "cleared": dict(job.cleared or {}),
-        "notifications": {
-            "pending": int(counts.get(NotificationStatus.PENDING, 0) + counts.get(NotificationStatus.SENDING, 0)),
-            "sent": int(counts.get(NotificationStatus.SENT, 0)) + pruned[NotificationStatus.SENT],
-            "failed": int(counts.get(NotificationStatus.FAILED, 0)) + pruned[NotificationStatus.FAILED],
-        },
-        "created_at": _iso(job.created_at),
-        "confirmed_at": _iso(job.confirmed_at),
-        "started_at": _iso(job.started_at),
-        "finished_at": _iso(job.finished_at),
-        "error": job.error,
-    }
-
-
-def _dead_purges(session: Session, job: ResetJob) -> int:
-    if not job.batches_dead or not job.purge_total:
-        return 0
-    b = ResetBatch.__table__
-    return session.scalar(select(func.count()).select_from(b).where(
-        b.c.job_id == job.id, b.c.kind == BatchKind.PURGE, b.c.state == BatchState.DEAD)) or 0
-
-
-def _iso(value: datetime | None) -> str | None:
-    return as_utc(value).isoformat() if value is not None else None
-
-
-# --- audit ---------------------------------------------------------------------------------
-
-def record_audit(
-    session: Session,
-    action: str,
-    organization_id: int,
-    *,
-    actor_id: int | None = None,
-    course_id: int | None = None,
-    learner_id: int | None = None,
-    job_id: uuid.UUID | None = None,
-    campaign_id: int | None = None,
-    learner_count: int | None = None,
-    reason: str = "",
-    origin: str = "",
-    details: dict | None = None,
-) -> AuditEvent:
-    """Record the fact of an action: never the data it cleared (R5).
-
-    A job's state change (confirmed, succeeded, failed, cancelled) also writes
-    its webhook event and deliveries here, in the same transaction
-    (:func:`models.webhooks.record_job_event`).
-    """
-    now = utcnow()
-    event = AuditEvent(
-        organization_id=organization_id, actor_id=actor_id, action=action, course_id=course_id,
-        learner_id=learner_id, job_id=job_id, campaign_id=campaign_id, learner_count=learner_count,
-        reason=reason, origin=origin, details=details or {}, created_at=now,
-    )
-    session.add(event)
-    record_job_event(session, action, organization_id, job_id, actor_id, now)
-    return event
+def expire_requests(session: Session, now: datetime) -> int:
+    """Unconfirmed requests past their token's lifetime become ``expired`` (they never blocked anything);
+    nothing that could open their token is kept."""
+    j = ResetJob.__table__
+    return session.execute(
+        update(j).where(j.c.state == JobState.AWAITING_CONFIRMATION, j.c.token_expires_at < now)
+        .values(state=JobState.EXPIRED, token_hash=None, sealed_token=None)
+    ).rowcount or 0

@@ -1,6 +1,7 @@
 """Structured logs: an event name plus ids, one JSON object per line.
 
-Never log learner names or e-mails: ids only.
+Never log learner names or e-mails: ids only. A line written inside a traced operation also
+carries ``trace_id`` and ``span_id`` (nothing is looked up while tracing is off).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import sys
 from datetime import datetime, timezone
 
 from models.settings import get_settings
+from models.tracing import log_fields
 
 logger = logging.getLogger("progress_reset")
 
@@ -23,6 +25,7 @@ class JsonFormatter(logging.Formatter):
             "event": getattr(record, "event", record.getMessage()),
         }
         payload.update(getattr(record, "fields", {}))
+        payload.update(log_fields())
         if record.exc_info:
             payload["exc"] = self.formatException(record.exc_info).splitlines()[-1]
         return json.dumps(payload, default=str)
@@ -30,7 +33,7 @@ class JsonFormatter(logging.Formatter):
 
 class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        fields = " ".join(f"{k}={v}" for k, v in getattr(record, "fields", {}).items())
+        fields = " ".join(f"{k}={v}" for k, v in (getattr(record, "fields", {}) | log_fields()).items())
         return f"{record.levelname.lower():7} {getattr(record, 'event', record.getMessage())} {fields}".rstrip()
 
 

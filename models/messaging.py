@@ -22,6 +22,7 @@ from sqlalchemy import event
 from sqlalchemy.orm import Session, SessionTransaction
 
 from models.logs import log_event
+from models.tracing import trace_headers
 
 _PENDING_KEY = "progress_reset.on_commit"
 _LISTENING_KEY = "progress_reset.on_commit.listening"
@@ -43,6 +44,12 @@ def send_now(task_name: str, args: list | tuple = (), **options) -> bool:
     """
     if _app is None:
         raise RuntimeError("no Celery app to publish through: import workers.app first")
+    headers = trace_headers()
+    if headers:
+        # The worker's run joins the publisher's trace. (In a worker the Celery instrumentation
+        # also injects its publish span's context; a producer publishes by name, which that
+        # instrumentation cannot follow for a task its process never imported.)
+        options["headers"] = {**headers, **options.get("headers", {})}
     try:
         _app.send_task(task_name, args=list(args), **options)
         return True

@@ -1,4 +1,4 @@
-"""Retention: what no one needs after a while is removed, in bounded chunks (decision record 0009).
+"""Retention: what no one needs after a while is removed, in bounded chunks (decision record 0012).
 
 Each kind of finished row goes after its own number of days (``RETENTION_*_DAYS``):
 

@@ -28,13 +28,12 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from models.states import BatchState, CampaignState, DeliveryStatus, JobState, NotificationStatus
+from models.states import AssignmentStatus, BatchState, CampaignState, DeliveryStatus, JobState, NotificationStatus
 
 # SQLite only auto-increments INTEGER PRIMARY KEY, so big ids are BIGINT on
 # PostgreSQL and INTEGER on SQLite.
 BigId = BigInteger().with_variant(Integer(), "sqlite")
 
-ASSIGNMENT_STATUSES = ("not_started", "in_progress", "completed")
 ITEM_KINDS = ("lesson", "practical_assessment", "discussion", "assignment")
 
 PERMISSION_USERS = "platform.users"
@@ -104,7 +103,7 @@ class CourseAssignment(Base):
 
     course_id: Mapped[int] = mapped_column(ForeignKey("courses.id"), primary_key=True)
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), primary_key=True)
-    status: Mapped[str] = mapped_column(String(16), default="not_started")
+    status: Mapped[str] = mapped_column(String(16), default=AssignmentStatus.NOT_STARTED.value)
     progress_pct: Mapped[float] = mapped_column(Float, default=0.0)
     items_done: Mapped[int] = mapped_column(Integer, default=0)
     score: Mapped[float | None] = mapped_column(Float, nullable=True)
@@ -178,7 +177,7 @@ class CourseCompletion(Base):
     course_id: Mapped[int] = mapped_column(Integer)
     user_id: Mapped[int] = mapped_column(Integer)
     attempt: Mapped[int] = mapped_column(Integer)
-    status: Mapped[str] = mapped_column(String(16), default="completed")
+    status: Mapped[str] = mapped_column(String(16), default=AssignmentStatus.COMPLETED.value)
     score: Mapped[float | None] = mapped_column(Float, nullable=True)
     progress_pct: Mapped[float] = mapped_column(Float, default=100.0)
     completed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
@@ -237,7 +236,10 @@ class ResetJob(Base):
     occurrence_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     # Audience filter: only learners whose completion is older than this.
     completed_before: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
-    idempotency_key: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    # An idempotency key is never stored: only a digest to find the request again, and the
+    # token sealed under the key, so a replay can answer with it (producer/idempotency.py).
+    idempotency_key_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    sealed_token: Mapped[str | None] = mapped_column(String(64), nullable=True)
     params_hash: Mapped[str] = mapped_column(String(64), default="")
     token_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
     token_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
@@ -263,6 +265,11 @@ class ResetJob(Base):
     purge_total: Mapped[int] = mapped_column(Integer, default=0)
     purge_done: Mapped[int] = mapped_column(Integer, default=0)
     finalized_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    # When the job's next ``notifications.send`` is due: one chain of sends per job (tasks/notifications).
+    notify_wake_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    # The W3C traceparent of the span that confirmed the job (null when tracing was off): every
+    # unit, the finalize and the job's notifications and webhook deliveries join that trace.
+    traceparent: Mapped[str | None] = mapped_column(String(55), nullable=True)
 
     __table_args__ = (
         # R11: at most one active reset per course and per learner-in-course,
@@ -285,10 +292,10 @@ class ResetJob(Base):
         Index(
             "uq_reset_jobs_idempotency",
             "actor_id",
-            "idempotency_key",
+            "idempotency_key_hash",
             unique=True,
-            postgresql_where=text("idempotency_key IS NOT NULL"),
-            sqlite_where=text("idempotency_key IS NOT NULL"),
+            postgresql_where=text("idempotency_key_hash IS NOT NULL"),
+            sqlite_where=text("idempotency_key_hash IS NOT NULL"),
         ),
         Index("ix_reset_jobs_course_state", "course_id", "state"),
         Index("ix_reset_jobs_state_created", "state", "created_at"),
@@ -378,8 +385,7 @@ class Notification(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     claimed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
-    # The ``notifications.send`` message whose run claimed the row: delivered again after its
-    # worker died, it takes its rows back at once instead of after NOTIFY_STALE_SECONDS.
+    # The token of the claim that owns the row while it is ``sending`` (every write checks it).
     claimed_by: Mapped[str | None] = mapped_column(String(64), nullable=True)
     sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     provider_id: Mapped[str | None] = mapped_column(String(300), nullable=True)
@@ -396,6 +402,9 @@ class Notification(Base):
         # Retention: sent and failed rows, oldest first.
         Index("ix_notifications_finished_created", "created_at",
               postgresql_where=text("status IN ('sent', 'failed')"), sqlite_where=text("status IN ('sent', 'failed')")),
+        # Claims whose lease ran out are taken back per job: only rows being sent are in this index.
+        Index("ix_notifications_sending_job", "reset_job_id", "claimed_at",
+              postgresql_where=text("status = 'sending'"), sqlite_where=text("status = 'sending'")),
     )
 
 

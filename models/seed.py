@@ -26,6 +26,7 @@ from models.schema import (
     CourseItem,
     User,
 )
+from models.states import AssignmentStatus
 from models.training import create_course, create_organization, create_user
 
 # Extra items after the lessons, in course order.
@@ -162,18 +163,18 @@ def seed(
             for n, uid in enumerate(learner_ids):
                 roll = rng.random()
                 if n == 0 or roll < completed_ratio:
-                    status, done = "completed", total_items
+                    status, done = AssignmentStatus.COMPLETED, total_items
                 elif roll < completed_ratio + in_progress_ratio:
-                    status, done = "in_progress", rng.randint(1, total_items - 1)
+                    status, done = AssignmentStatus.IN_PROGRESS, rng.randint(1, total_items - 1)
                 else:
-                    yield (course_id, uid, "not_started", 0.0, 0, None, None, None, 1, now)
+                    yield (course_id, uid, AssignmentStatus.NOT_STARTED, 0.0, 0, None, None, None, 1, now)
                     continue
                 step = _step(uid)
                 started = now - timedelta(seconds=total_items * step + rng.randrange(300 * 86400))
-                completed = started + timedelta(seconds=(total_items - 1) * step) if status == "completed" else None
-                pct = 100.0 if status == "completed" else round(100.0 * done / total_items, 2)
+                completed = started + timedelta(seconds=(total_items - 1) * step) if status == AssignmentStatus.COMPLETED else None
+                pct = 100.0 if status == AssignmentStatus.COMPLETED else round(100.0 * done / total_items, 2)
                 # The one assessment sits at position ``lessons``; its score is the course score.
-                score = _score(uid) if status == "completed" else None
+                score = _score(uid) if status == AssignmentStatus.COMPLETED else None
                 yield (course_id, uid, status, pct, done, score, started, completed, 1, started)
 
         bulk_insert(

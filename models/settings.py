@@ -19,18 +19,35 @@ naming the variable, which the CLI prints as one line.
 from __future__ import annotations
 
 import os
+import re
+import warnings
 from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import Field, ValidationError, ValidationInfo, field_validator
+from pydantic import AliasChoices, Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
 from pydantic_settings.sources.utils import parse_env_vars
 
 
+_ROLE_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+
+
 class SettingsError(ValueError):
     """A configuration value is malformed."""
+
+
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+# The span exporters installed (models/tracing.py).
+TRACE_EXPORTERS = ("otlp", "console")
+
+
+def is_redis_url(url: str) -> bool:
+    """True for a Redis URL (TCP, TLS or a unix socket); the first of several ``;``-separated
+    broker URLs (fail-over) decides."""
+    return url.split(";")[0].strip().startswith(REDIS_SCHEMES)
 
 
 class _Environ(EnvSettingsSource):
@@ -64,6 +81,15 @@ class Settings(BaseSettings):
     data_dir: Path = Field(Path("data"), validation_alias="PROGRESS_RESET_DATA_DIR")
     # Empty: the embedded SQLite file under data_dir.
     database_url: str = Field("", validation_alias="DATABASE_URL")
+    # Least privilege (PostgreSQL): the role the API, workers and beat connect as. ``db upgrade``,
+    # run as the tables' owner, creates it when missing and grants it what the code needs.
+    database_app_role: str = Field("", validation_alias="DATABASE_APP_ROLE")
+    database_app_password: str = Field("", validation_alias="DATABASE_APP_PASSWORD", repr=False)
+    # Connections: each process's pool, and whether psycopg may prepare statements on the server
+    # (false behind a transaction-pooling PgBouncer that does not track them, docs/operations.md).
+    database_pool_size: int = Field(5, ge=1, validation_alias="DATABASE_POOL_SIZE")
+    database_max_overflow: int = Field(5, ge=0, validation_alias="DATABASE_MAX_OVERFLOW")
+    database_prepared_statements: bool = Field(True, validation_alias="DATABASE_PREPARED_STATEMENTS")
     broker_url: str = Field("filesystem://", validation_alias="CELERY_BROKER_URL")
     # Reset pipeline
     batch_size: int = Field(5000, ge=1, validation_alias="RESET_BATCH_SIZE")
@@ -83,10 +109,12 @@ class Settings(BaseSettings):
     campaign_min_interval_seconds: int = Field(86400, ge=60, validation_alias="CAMPAIGN_MIN_INTERVAL_SECONDS")
     job_stale_seconds: int = Field(300, ge=1, validation_alias="RESET_JOB_STALE_SECONDS")
     publish_stale_seconds: int = Field(60, ge=1, validation_alias="PUBLISH_STALE_SECONDS")
-    sweep_interval_seconds: float = Field(30.0, ge=0.1, validation_alias="SWEEP_INTERVAL_SECONDS")
+    sweep_interval_seconds: float = Field(10.0, ge=0.1, validation_alias="SWEEP_INTERVAL_SECONDS")
     # Broker: a Redis message unacked this long is delivered again. It must be
     # longer than any task's time limit and any retry countdown.
     visibility_timeout_seconds: int = Field(3600, ge=10, validation_alias="BROKER_VISIBILITY_TIMEOUT_SECONDS")
+    # RabbitMQ (an amqp:// broker): the type the project's queues are declared with.
+    rabbitmq_queue_type: Literal["quorum", "classic"] = Field("quorum", validation_alias="RABBITMQ_QUEUE_TYPE")
     task_time_limit_seconds: int = Field(900, ge=1, validation_alias="TASK_TIME_LIMIT_SECONDS")
     # Notifications
     notify_backend: Literal["console", "smtp", "webhook"] = Field("console", validation_alias="NOTIFY_BACKEND")
@@ -94,7 +122,6 @@ class Settings(BaseSettings):
     notify_rate_per_second: float = Field(50.0, ge=0.01, validation_alias="NOTIFY_RATE_PER_SECOND")
     notify_max_attempts: int = Field(8, ge=1, validation_alias="NOTIFY_MAX_ATTEMPTS")
     notify_chunk_size: int = Field(50, ge=1, validation_alias="NOTIFY_CHUNK_SIZE")
-    notify_stale_seconds: int = Field(300, ge=1, validation_alias="NOTIFY_STALE_SECONDS")
     course_base_url: str = Field("https://training.example.com/courses", validation_alias="COURSE_BASE_URL")
     smtp_host: str = Field("127.0.0.1", validation_alias="SMTP_HOST")
     smtp_port: int = Field(25, ge=1, validation_alias="SMTP_PORT")
@@ -104,9 +131,17 @@ class Settings(BaseSettings):
     smtp_password: str = Field("", validation_alias="SMTP_PASSWORD", repr=False)
     smtp_from: str = Field("training@example.com", validation_alias="SMTP_FROM")
     smtp_timeout_seconds: float = Field(10.0, ge=0.1, validation_alias="SMTP_TIMEOUT_SECONDS")
-    webhook_url: str = Field("", validation_alias="WEBHOOK_URL")
-    webhook_secret: str = Field("", validation_alias="WEBHOOK_SECRET", repr=False)
-    webhook_timeout_seconds: float = Field(10.0, ge=0.1, validation_alias="WEBHOOK_TIMEOUT_SECONDS")
+    # The ``webhook`` notification backend (a provider's HTTP endpoint). Its variables were named
+    # WEBHOOK_* before job events got their own WEBHOOKS_*; the old names are still read (and warned of).
+    notify_webhook_url: str = Field("", validation_alias=AliasChoices("NOTIFY_WEBHOOK_URL", "WEBHOOK_URL"))
+    notify_webhook_secret: str = Field("", validation_alias=AliasChoices("NOTIFY_WEBHOOK_SECRET", "WEBHOOK_SECRET"),
+                                       repr=False)
+    notify_webhook_timeout_seconds: float = Field(
+        10.0, ge=0.1, validation_alias=AliasChoices("NOTIFY_WEBHOOK_TIMEOUT_SECONDS", "WEBHOOK_TIMEOUT_SECONDS"))
+    # Calls out of the system (webhook deliveries, notification sends) run on background threads
+    # of the worker process that claimed them, never in a pool slot (decision record 0009).
+    outbound_concurrency: int = Field(8, ge=1, validation_alias="OUTBOUND_CONCURRENCY")
+    webhooks_per_organization: int = Field(2, ge=1, validation_alias="WEBHOOKS_PER_ORGANIZATION")
     # Job events for subscribing services (webhook endpoints, queue ``webhooks``)
     webhooks_allow_http_loopback: bool = Field(False, validation_alias="WEBHOOKS_ALLOW_HTTP_LOOPBACK")
     webhooks_timeout_seconds: float = Field(5.0, ge=0.1, validation_alias="WEBHOOKS_TIMEOUT_SECONDS")
@@ -124,9 +159,24 @@ class Settings(BaseSettings):
     redis_url: str = Field("", validation_alias="REDIS_URL")
     flower_user: str = Field("", validation_alias="FLOWER_USER")
     flower_password: str = Field("", validation_alias="FLOWER_PASSWORD", repr=False)
+    # RabbitMQ's management HTTP API, read by Flower's Broker page; empty: the broker host's port 15672.
+    rabbitmq_management_url: str = Field("", validation_alias="RABBITMQ_MANAGEMENT_URL", repr=False)
     http_host: str = Field("127.0.0.1", validation_alias="HTTP_HOST")
     http_port: int = Field(8080, ge=1, validation_alias="HTTP_PORT")
     log_format: Literal["json", "text"] = Field("json", validation_alias="LOG_FORMAT")
+    # Metrics: organizations with a label value of their own (the first ones observed); the rest are "other".
+    metrics_organization_labels: int = Field(20, ge=0, validation_alias="METRICS_ORGANIZATION_LABELS")
+    # Tracing (OpenTelemetry). Only what decides "on or off" is read here (see tracing_exporters);
+    # the SDK reads the other OTEL_* variables (service name, sampler, batching, headers) itself.
+    otel_sdk_disabled: bool = Field(False, validation_alias="OTEL_SDK_DISABLED")
+    otel_traces_exporter: str = Field("", validation_alias="OTEL_TRACES_EXPORTER")
+    otel_exporter_otlp_endpoint: str = Field("", validation_alias="OTEL_EXPORTER_OTLP_ENDPOINT")
+    otel_exporter_otlp_traces_endpoint: str = Field("", validation_alias="OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+    # Only the OTLP exporter over HTTP is installed (port 4318); gRPC would fail at every export.
+    otel_exporter_otlp_protocol: Literal["http/protobuf"] = Field(
+        "http/protobuf", validation_alias="OTEL_EXPORTER_OTLP_PROTOCOL")
+    otel_exporter_otlp_traces_protocol: Literal["http/protobuf"] = Field(
+        "http/protobuf", validation_alias="OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
 
     @field_validator("data_dir")
     @classmethod
@@ -147,11 +197,36 @@ class Settings(BaseSettings):
             raise ValueError(f"must be a postgresql:// or sqlite:/// URL, got {value.split(':')[0]!r}")
         return value
 
-    @field_validator("notify_backend", "log_format", mode="before")
+    @field_validator("database_app_role")
+    @classmethod
+    def _role_name(cls, value: str) -> str:
+        # Lowercase, so the name in DATABASE_URL and the role PostgreSQL folds it to are the same.
+        if value and (not _ROLE_NAME.fullmatch(value) or value.startswith("pg_") or value == "public"):
+            raise ValueError(f"must be a PostgreSQL role name (lowercase letters, digits and _, at most 63, "
+                             f"not starting with a digit, pg_ or public), got {value[:70]!r}")
+        return value
+
+    @field_validator("database_app_password")
+    @classmethod
+    def _no_nul(cls, value: str) -> str:
+        if "\x00" in value:
+            raise ValueError("must not contain the NUL character")
+        return value
+
+    @field_validator("notify_backend", "log_format", "rabbitmq_queue_type", mode="before")
     @classmethod
     def _lowercase(cls, value: Any) -> Any:
         # NOTIFY_BACKEND=SMTP and LOG_FORMAT=TEXT are meant, not malformed.
         return value.lower() if isinstance(value, str) else value
+
+    @field_validator("otel_traces_exporter")
+    @classmethod
+    def _known_exporters(cls, value: str) -> str:
+        names = [name.strip().lower() for name in value.split(",") if name.strip()]
+        unknown = [name for name in names if name not in TRACE_EXPORTERS + ("none",)]
+        if unknown or ("none" in names and len(names) > 1):
+            raise ValueError(f"must be otlp, console, both separated by a comma, or none; got {value!r}")
+        return ",".join(names)
 
     @field_validator("course_base_url")
     @classmethod
@@ -163,7 +238,32 @@ class Settings(BaseSettings):
     @classmethod
     def _broker_redis_by_default(cls, value: str, info: ValidationInfo) -> str:
         broker_url = info.data.get("broker_url", "")
-        return value or (broker_url if broker_url.startswith("redis") else "")
+        return value or (broker_url if is_redis_url(broker_url) else "")
+
+    @field_validator("rabbitmq_management_url")
+    @classmethod
+    def _http_api_folder(cls, value: str) -> str:
+        url = urlsplit(value)  # never echoed in the error: it may hold a password
+        if value and (url.scheme not in ("http", "https") or not url.hostname):
+            raise ValueError("must be an http:// or https:// URL such as http://rabbitmq:15672/api/")
+        # Flower joins "queues/<vhost>" to it: without the trailing slash the last segment would be lost.
+        return value if not value or value.endswith("/") else value + "/"
+
+    @property
+    def tracing_exporters(self) -> tuple[str, ...]:
+        """Where spans go; empty: tracing is off. The one place that decides it.
+
+        Off unless ``OTEL_TRACES_EXPORTER`` names an exporter (``otlp``, ``console``) or an OTLP
+        endpoint is set (then ``otlp``); ``OTEL_TRACES_EXPORTER=none`` or ``OTEL_SDK_DISABLED=true``
+        turn it off whatever else is set.
+        """
+        if self.otel_sdk_disabled or self.otel_traces_exporter == "none":
+            return ()
+        if self.otel_traces_exporter:
+            return tuple(self.otel_traces_exporter.split(","))
+        if self.otel_exporter_otlp_endpoint or self.otel_exporter_otlp_traces_endpoint:
+            return ("otlp",)
+        return ()
 
     @property
     def embedded(self) -> bool:
@@ -171,8 +271,24 @@ class Settings(BaseSettings):
         return self.database_url.startswith("sqlite")
 
     @property
+    def broker_is_redis(self) -> bool:
+        return is_redis_url(self.broker_url)
+
+    @property
     def is_postgres(self) -> bool:
         return self.database_url.startswith("postgresql")
+
+    @property
+    def is_rabbitmq(self) -> bool:
+        """True when the (first) broker URL is RabbitMQ's (``amqp://``, ``amqps://``, ``pyamqp://``)."""
+        return self.broker_url.split(";")[0].strip().startswith(("amqp://", "amqps://", "pyamqp://"))
+
+    @property
+    def countdown_step_seconds(self) -> float:
+        """The finest countdown the broker delivers a message by: whole seconds on RabbitMQ's
+        quorum queues (native delayed delivery; ``workers.rabbitmq.whole_seconds`` rounds up),
+        otherwise none (0: as given)."""
+        return 1.0 if self.is_rabbitmq and self.rabbitmq_queue_type == "quorum" else 0.0
 
     @property
     def broker_folder(self) -> Path:
@@ -189,16 +305,37 @@ class Settings(BaseSettings):
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
         """Settings from ``env`` (default: the process environment); :class:`SettingsError` if malformed."""
         # Only this environment: no .env file, secrets folder or other source is read.
-        source = _Environ(cls, os.environ if env is None else env)
+        environ = os.environ if env is None else env
+        source = _Environ(cls, environ)
         try:
-            return cls(_build_sources=((source,), {}))
+            settings = cls(_build_sources=((source,), {}))
         except ValidationError as exc:
-            raise SettingsError("; ".join(_describe(error) for error in exc.errors())) from None
+            raise SettingsError("; ".join(_describe(error, environ) for error in exc.errors())) from None
+        _warn_of_renamed(environ)
+        return settings
 
 
-def _describe(error: Any) -> str:
-    """``<VARIABLE> must be ...``: pydantic's error, in the terms of the environment variable."""
+# Variables read under an older name: old name -> current name.
+RENAMED = {
+    "WEBHOOK_URL": "NOTIFY_WEBHOOK_URL",
+    "WEBHOOK_SECRET": "NOTIFY_WEBHOOK_SECRET",
+    "WEBHOOK_TIMEOUT_SECONDS": "NOTIFY_WEBHOOK_TIMEOUT_SECONDS",
+}
+
+
+def _warn_of_renamed(environ: Mapping[str, str]) -> None:
+    """One warning per variable still set under its older name (it is read all the same)."""
+    for old, new in RENAMED.items():
+        if environ.get(old):
+            warnings.warn(f"{old} is deprecated and will stop being read; set {new} instead", FutureWarning,
+                          stacklevel=3)
+
+
+def _describe(error: Any, environ: Mapping[str, str]) -> str:
+    """``<VARIABLE> must be ...``: pydantic's error, in the terms of the environment variable that was set."""
     variable = str(error["loc"][0]) if error["loc"] else "configuration"
+    if not environ.get(variable):
+        variable = next((old for old, new in RENAMED.items() if new == variable and environ.get(old)), variable)
     kind, raw, context = error["type"], error["input"], error.get("ctx") or {}
     if kind == "value_error":
         problem = str(context["error"])
@@ -228,4 +365,4 @@ def reset_settings_cache() -> None:
     get_settings.cache_clear()
 
 
-__all__ = ["Settings", "SettingsError", "get_settings", "reset_settings_cache"]
+__all__ = ["Settings", "SettingsError", "get_settings", "is_redis_url", "reset_settings_cache"]

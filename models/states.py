@@ -24,6 +24,7 @@ class JobState(StrEnum):
 
 
 ACTIVE_JOB_STATES = (JobState.QUEUED, JobState.RUNNING, JobState.CANCELLING)
+# A job in one of these will never change again (what retention may remove once it is old).
 FINISHED_JOB_STATES = (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED, JobState.EXPIRED)
 
 
@@ -40,6 +41,8 @@ class BatchState(StrEnum):
 
 
 FINISHED_BATCH_STATES = (BatchState.DONE, BatchState.DEAD, BatchState.CANCELLED)
+# A batch that may still run: waiting to be claimed, or claimed (its lease says until when).
+RUNNABLE_BATCH_STATES = (BatchState.PENDING, BatchState.RUNNING)
 
 
 class BatchKind(StrEnum):
@@ -54,6 +57,14 @@ class JobScope(StrEnum):
 
     LEARNER = "learner"
     COURSE = "course"
+
+
+class AssignmentStatus(StrEnum):
+    """``course_assignments.status``: a learner's current attempt at a course."""
+
+    NOT_STARTED = "not_started"
+    IN_PROGRESS = "in_progress"
+    COMPLETED = "completed"
 
 
 class NotificationStatus(StrEnum):

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime
 
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
@@ -35,6 +35,8 @@ from models.schema import (
     Organization,
     User,
 )
+from models.states import AssignmentStatus
+from models.times import utcnow
 
 PROGRESS_MODEL = {
     "lesson": LessonProgress,
@@ -42,10 +44,6 @@ PROGRESS_MODEL = {
     "discussion": DiscussionPost,
     "assignment": AssignmentSubmission,
 }
-
-
-def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
 
 
 def new_certificate_number(course_id: int) -> str:
@@ -128,13 +126,13 @@ def assign_course(session: Session, course_id: int, user_id: int, at: datetime |
     if existing is not None:
         return existing
     assignment = CourseAssignment(
-        course_id=course_id, user_id=user_id, status="not_started", progress_pct=0.0, items_done=0,
+        course_id=course_id, user_id=user_id, status=AssignmentStatus.NOT_STARTED, progress_pct=0.0, items_done=0,
         attempt=1, assigned_at=at or utcnow(),
     )
     session.add(assignment)
     session.flush()
     analytics.ensure_analytics_row(session, course_id)
-    analytics.apply_delta(session, course_id, **analytics.status_delta(None, "not_started"))
+    analytics.apply_delta(session, course_id, **analytics.status_delta(None, AssignmentStatus.NOT_STARTED))
     return assignment
 
 
@@ -216,8 +214,8 @@ def record_activity(
                                          grade=grade, recorded_at=at))
 
     old_status = assignment.status
-    if old_status == "not_started":
-        assignment.status = "in_progress"
+    if old_status == AssignmentStatus.NOT_STARTED:
+        assignment.status = AssignmentStatus.IN_PROGRESS
         assignment.started_at = at
     if newly_done:
         assignment.items_done += 1
@@ -226,9 +224,9 @@ def record_activity(
 
     completed_now = False
     certificate_number = None
-    if required and assignment.items_done >= required and old_status != "completed":
+    if required and assignment.items_done >= required and old_status != AssignmentStatus.COMPLETED:
         completed_now = True
-        assignment.status = "completed"
+        assignment.status = AssignmentStatus.COMPLETED
         assignment.completed_at = at
         assignment.progress_pct = 100.0
         session.flush()
@@ -240,7 +238,7 @@ def record_activity(
                 AssessmentResult.passed,
             )
         )
-        session.add(CourseCompletion(course_id=course_id, user_id=user_id, attempt=attempt, status="completed",
+        session.add(CourseCompletion(course_id=course_id, user_id=user_id, attempt=attempt, status=AssignmentStatus.COMPLETED,
                                      score=assignment.score, progress_pct=100.0, completed_at=at))
         course = session.get(Course, course_id)
         if course is not None and course.certificates_enabled:

@@ -12,9 +12,10 @@ from datetime import datetime
 from sqlalchemy.orm import Session
 
 from models.errors import NotFound, TokenExpired, TokenInvalid, ValidationFailed
-from models.jobs import as_utc, token_matches
 from models.schema import Course, User
 from models.text import check_storable
+from models.times import as_utc
+from models.tokens import token_matches
 
 MAX_REASON = 2000
 
@@ -36,7 +37,11 @@ def course_of(session: Session, actor: User, course_id: int) -> Course:
 
 
 def checked_reason(reason: str | None) -> str:
-    """The reason, stripped, storable and at most ``MAX_REASON`` characters."""
+    """The reason, stripped, storable and at most ``MAX_REASON`` characters.
+
+    Stripping can bring a formula to the front (``"\\t=1+1"`` is stored as ``=1+1``):
+    the CSV export neutralises every cell whatever was stored (:func:`producer.audit.spreadsheet_safe`).
+    """
     reason = check_storable("reason", (reason or "").strip())
     if len(reason) > MAX_REASON:
         raise ValidationFailed(f"reason is {len(reason)} characters; at most {MAX_REASON} are allowed")
@@ -55,8 +60,3 @@ def check_token(what: str, token: str | None, token_hash: str | None, expires_at
         raise TokenInvalid(f"wrong confirmation token for {what}")
     if as_utc(expires_at) <= now:
         raise TokenExpired(f"the confirmation token of {what} expired at {as_utc(expires_at).isoformat()}; {again}")
-
-
-def iso(value: datetime | None) -> str | None:
-    """An instant as ISO-8601 in UTC, or None."""
-    return as_utc(value).isoformat() if value is not None else None

@@ -23,10 +23,11 @@ from datetime import datetime
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from models.audit import record_audit
 from models.errors import NotFound, Unauthenticated, ValidationFailed
-from models.jobs import as_utc, record_audit, utcnow
 from models.schema import ApiKey, Organization, User
 from models.text import check_storable
+from models.times import as_utc, utcnow
 
 KEY_PREFIX = "prk_"
 # The name becomes the audit origin ``http:<name>`` (origin is 64 characters).

@@ -16,21 +16,26 @@ import json
 from collections.abc import Iterator
 from datetime import datetime
 
-from sqlalchemy import Select, select, tuple_
+from sqlalchemy import Select, select
 from sqlalchemy.orm import Session
 
 from models.errors import NotFound, ValidationFailed
-from models.jobs import as_utc
 from models.schema import AuditEvent, Organization
-from producer.pages import check_limit, cursor_datetime, decode_cursor, encode_cursor, parse_instant
+from models.times import as_utc, parse_instant
+from producer.pages import Filter, KeysetOrder, fetch_page, filter_values, instant_key, int_key
 
 EXPORT_FORMATS = ("jsonl", "csv")
 COLUMNS = ("id", "created_at", "action", "organization_id", "actor_id", "course_id", "learner_id", "job_id",
            "campaign_id", "learner_count", "reason", "origin", "details")
 MAX_ACTION = 64
 EXPORT_FETCH_ROWS = 2000
+# What a spreadsheet may evaluate at the start of a cell (OWASP, CSV injection), and what else
+# gets the leading "'" so that it reads back unambiguously.
+FORMULA_STARTS = frozenset("=+-@\uff1d\uff0b\uff0d\uff20")
+CELL_ESCAPED = FORMULA_STARTS | frozenset("\t\r\n'")
 
 a = AuditEvent.__table__.c
+OLDEST_EVENTS_FIRST = KeysetOrder((a.created_at, a.id), (instant_key, int_key))
 
 
 def describe_event(row) -> dict:
@@ -51,9 +56,10 @@ def describe_event(row) -> dict:
     }
 
 
-def _query(organization_id: int, date_from: datetime | None, date_to: datetime | None, action: str | None,
-           course_id: int | None) -> Select:
-    if action is not None and not 0 < len(action) <= MAX_ACTION:
+def _query(organization_id: int, date_from: datetime | None, date_to: datetime | None, action: Filter[str],
+           course_id: Filter[int]) -> Select:
+    actions, courses = filter_values("action", action), filter_values("course_id", course_id)
+    if any(not 0 < len(value) <= MAX_ACTION for value in actions):
         raise ValidationFailed(f"action must be 1 to {MAX_ACTION} characters, e.g. reset.confirmed")
     if date_from is not None and date_to is not None and date_from >= date_to:
         raise ValidationFailed("from must be earlier than to")
@@ -62,36 +68,30 @@ def _query(organization_id: int, date_from: datetime | None, date_to: datetime |
         query = query.where(a.created_at >= date_from)
     if date_to is not None:
         query = query.where(a.created_at < date_to)
-    if action is not None:
-        query = query.where(a.action == action)
-    if course_id is not None:
-        query = query.where(a.course_id == course_id)
+    if actions:
+        query = query.where(a.action.in_(actions))
+    if courses:
+        query = query.where(a.course_id.in_(courses))
     return query
 
 
 def list_events(session: Session, organization_id: int, *, date_from: str | datetime | None = None,
-                date_to: str | datetime | None = None, action: str | None = None, course_id: int | None = None,
+                date_to: str | datetime | None = None, action: Filter[str] = None, course_id: Filter[int] = None,
                 limit: int | None = None, cursor: str | None = None) -> dict:
     """One page of the organization's audit events, oldest first: ``{"items", "next_cursor"}``.
 
     ``from`` is inclusive, ``to`` exclusive. Keyset pagination on ``(created_at, id)``.
+    ``action`` and ``course_id`` take one value or a list (any of them matches).
     """
-    limit = check_limit(limit)
     query = _query(organization_id, parse_instant(date_from, "from"), parse_instant(date_to, "to"), action,
                    course_id)
-    key = decode_cursor(cursor, 2)
-    if key is not None:
-        if not isinstance(key[1], int):
-            raise ValidationFailed("cursor is not valid: pass back the next_cursor of the previous page unchanged")
-        query = query.where(tuple_(a.created_at, a.id) > tuple_(cursor_datetime(key[0]), key[1]))
-    rows = session.execute(query.order_by(a.created_at, a.id).limit(limit + 1)).all()
-    page = rows[:limit]
-    next_cursor = encode_cursor(as_utc(page[-1].created_at), page[-1].id) if len(rows) > limit else None
+    page, next_cursor = fetch_page(session, query, OLDEST_EVENTS_FIRST, lambda row: (row.created_at, row.id),
+                                   limit=limit, cursor=cursor)
     return {"items": [describe_event(r) for r in page], "next_cursor": next_cursor}
 
 
 def export_events(session: Session, organization_id: int, *, date_from: str | datetime | None = None,
-                  date_to: str | datetime | None = None, action: str | None = None, course_id: int | None = None,
+                  date_to: str | datetime | None = None, action: Filter[str] = None, course_id: Filter[int] = None,
                   fmt: str = "jsonl") -> Iterator[str]:
     """The organization's audit events in the range as text chunks (JSON lines, or CSV with a header).
 
@@ -108,8 +108,26 @@ def export_events(session: Session, organization_id: int, *, date_from: str | da
     return _render(session.execute(query), fmt)
 
 
+def spreadsheet_safe(value: object) -> object:
+    """A CSV cell no spreadsheet evaluates: text that could start a formula gets a leading ``'``.
+
+    The OWASP rule for CSV injection: a cell must not begin with ``=``, ``+``,
+    ``-``, ``@``, a tab or a carriage return (nor a line feed, nor the full-width
+    ``＝ ＋ － ＠`` some spreadsheets also read as formulas), and whitespace in front
+    of them does not make them safe. A cell that already begins with ``'`` gets
+    one too, so the rule reads back exactly: drop one leading ``'`` from any text
+    cell that has one. Numbers are written as they are (ids and counts are never
+    negative).
+    """
+    if not isinstance(value, str) or not value:
+        return value
+    if value[0] in CELL_ESCAPED or value.lstrip()[:1] in FORMULA_STARTS:
+        return "'" + value
+    return value
+
+
 def _render(rows, fmt: str) -> Iterator[str]:
-    if fmt == "jsonl":
+    if fmt == "jsonl":  # exact: JSON has no formulas
         for row in rows:
             yield json.dumps(describe_event(row), sort_keys=True, separators=(",", ":")) + "\n"
         return
@@ -119,7 +137,7 @@ def _render(rows, fmt: str) -> Iterator[str]:
     for row in rows:
         event = describe_event(row)
         event["details"] = json.dumps(event["details"], sort_keys=True, separators=(",", ":"))
-        writer.writerow(["" if event[c] is None else event[c] for c in COLUMNS])
+        writer.writerow(["" if event[c] is None else spreadsheet_safe(event[c]) for c in COLUMNS])
         if buffer.tell() > 64 * 1024:
             yield buffer.getvalue()
             buffer.seek(0)

@@ -22,8 +22,9 @@ from datetime import date, datetime, timedelta
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from models.audit import record_audit
 from models.errors import Conflict, NotFound, PermissionDenied, TokenInvalid, ValidationFailed
-from models.jobs import as_utc, new_token, record_audit, summarize, utcnow
+from models.jobs import summarize
 from models.schedule import (
     Schedule,
     build_schedule,
@@ -47,9 +48,11 @@ from models.schema import (
     User,
 )
 from models.settings import get_settings
-from models.text import check_storable
 from models.states import CampaignState
-from producer.access import actor_of, check_token, checked_reason, course_of, iso
+from models.text import check_storable
+from models.times import as_utc, iso, utcnow
+from models.tokens import new_token
+from producer.access import actor_of, check_token, checked_reason, course_of
 
 MAX_AUDIENCE_DAYS = 36500
 PREVIEW_OCCURRENCES = 3

@@ -6,11 +6,10 @@ constant memory, to stdout or a file.
 
 from __future__ import annotations
 
-import sys
-
 import click
 
-from producer.cli import ID, Group, OneOf, option
+from producer.cli_parameters import ID, Group, OneOf, option
+from producer.output import write_output
 
 
 @click.group("audit", cls=Group)
@@ -23,11 +22,11 @@ def audit() -> None:
 @option("--from", "date_from", required=True, help="ISO-8601 date or date-time, inclusive.")
 @option("--to", "date_to", required=True, help="ISO-8601 date or date-time, exclusive.")
 @option("--format", "fmt", type=OneOf(("jsonl", "csv")), default="jsonl", help="JSON lines or CSV.")
-@option("--action", default=None, help="Only this action, e.g. reset.succeeded.")
-@option("--course", type=ID, default=None, help="Only events of this course.")
+@option("--action", multiple=True, help="Only this action, e.g. reset.succeeded (repeatable: any of them).")
+@option("--course", type=ID, multiple=True, help="Only events of this course (repeatable).")
 @option("--output", default=None, help="Write to this file instead of standard output.")
-def export(organization: int, date_from: str, date_to: str, fmt: str, action: str | None, course: int | None,
-           output: str | None) -> int:
+def export(organization: int, date_from: str, date_to: str, fmt: str, action: tuple[str, ...],
+           course: tuple[int, ...], output: str | None) -> int:
     """Stream an organization's audit events (any size, constant memory)."""
     from models.db import session_scope
     from producer import audit as audit_trail
@@ -36,15 +35,7 @@ def export(organization: int, date_from: str, date_to: str, fmt: str, action: st
         # Validated before anything is written: a refusal leaves no half-written file.
         chunks = audit_trail.export_events(session, organization, date_from=date_from, date_to=date_to,
                                            action=action, course_id=course, fmt=fmt)
-        out = open(output, "w", encoding="utf-8", newline="") if output else sys.stdout
-        try:
-            for chunk in chunks:
-                out.write(chunk)
-        finally:
-            if output:
-                out.close()
-            else:
-                out.flush()
+        write_output(output, chunks)
     return 0
 
 

@@ -12,7 +12,7 @@ from datetime import datetime, timezone
 import click
 
 from models.states import OccurrenceState
-from producer.cli import ID, WHOLE, Group, RefusedValue, emit, json_option, option
+from producer.cli_parameters import ID, WHOLE, Group, RefusedValue, emit, json_option, option
 
 
 class Instant(click.ParamType):
@@ -151,7 +151,7 @@ def run_due(at: datetime | None, as_json: bool) -> int:
     """Run the dispatcher once: queue a reset job for every due occurrence."""
     from models.campaign_dispatch import dispatch_due
     from models.db import session_scope
-    from models.jobs import utcnow
+    from models.times import utcnow
 
     with session_scope() as session:
         result = dispatch_due(session, at or utcnow())

@@ -14,8 +14,19 @@ from pathlib import Path
 
 import click
 
-from producer.cli import (COUNT, EXIT_USAGE, ID, Command, DecimalNumber, Group, WholeNumber, emit, json_option,
-                          option)
+from producer.cli_parameters import (
+    COUNT,
+    EXIT_USAGE,
+    ID,
+    Command,
+    DecimalNumber,
+    Group,
+    WholeNumber,
+    emit,
+    json_option,
+    option,
+)
+from producer.output import write_output
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 OPENAPI_PATH = REPO_ROOT / "docs" / "openapi.json"
@@ -33,8 +44,7 @@ def serve(host: str | None, port: int | None, workers: int) -> int:
     """Run the HTTP producer (FastAPI on uvicorn)."""
     import uvicorn
 
-    from models.logs import logger
-    from models.logs import log_event
+    from models.logs import log_event, logger
     from models.settings import get_settings
 
     settings = get_settings()
@@ -184,10 +194,7 @@ def openapi(output: str | None, check: bool) -> int:
             return 1
         print(f"{OPENAPI_PATH.relative_to(REPO_ROOT)} is up to date")
         return 0
-    if output:
-        Path(output).write_text(text)
-    else:
-        sys.stdout.write(text)
+    write_output(output, [text])
     return 0
 
 

@@ -6,13 +6,12 @@ would clear and hands out a token, ``confirm`` queues the job.
 
 from __future__ import annotations
 
-import time
-
 import click
 
 from models.states import JobState
-from producer.cli import COUNT, ID, NUMBER, Command, Group, emit, json_option, option
-from producer.pages import DEFAULT_LIMIT, MAX_LIMIT
+from producer.cli_parameters import COUNT, ID, NUMBER, PAGE_LIMIT, Command, Group, emit, json_option, option
+from producer.pages import DEFAULT_LIMIT
+from producer.watch import read_status, watch
 
 
 @click.command("request", cls=Command)
@@ -21,7 +20,8 @@ from producer.pages import DEFAULT_LIMIT, MAX_LIMIT
 @option("--learner", type=ID, default=None, help="Reset one learner (default: every learner with progress).")
 @option("--reason", default="", show_default=False, help="Why, for the audit trail.")
 @option("--idempotency-key", default=None,
-        help="Ask again with the same key and parameters to get the same request (a fresh token).")
+        help="Ask again with the same key and parameters to get the same answer, token included; nothing "
+             "changes. Use a random key: who holds it can read the token.")
 @json_option
 def request(actor: int, course: int, learner: int | None, reason: str, idempotency_key: str | None,
             as_json: bool) -> int:
@@ -33,11 +33,13 @@ def request(actor: int, course: int, learner: int | None, reason: str, idempoten
         result = resets.request(session, actor, course, learner_id=learner, reason=reason,
                                 idempotency_key=idempotency_key, origin="cli")
     human = f"request {result.request_id}: {result.summary['description']}\n"
+    if result.replayed:
+        human += "  (the answer to the earlier request with this idempotency key; nothing changed)\n"
     if result.token:
         human += (f"  confirm before {result.expires_at.isoformat()} with:\n"
                   f"  progress-reset confirm {result.request_id} --actor {actor} --token {result.token}")
     else:
-        human += f"  already {result.state}; no new token"
+        human += f"  {result.state}; its token no longer confirms (used or expired)"
     emit(as_json, result.as_json(), human)
     return 0
 
@@ -57,59 +59,6 @@ def confirm(request_id: str, actor: int, token: str, as_json: bool) -> int:
     emit(as_json, result.as_json(), f"job {result.job_id} {result.state}; follow it with: progress-reset status "
                                     f"{result.job_id} --watch")
     return 0
-
-
-def read_status(job_id: str) -> dict:
-    from models.db import session_scope
-    from producer import resets
-
-    with session_scope() as session:
-        return resets.status(session, job_id)
-
-
-TERMINAL_STATES = {"succeeded", "failed", "cancelled", "expired"}
-
-
-def watch(job_id: str, interval: float = 0.5, console=None) -> dict:
-    """Draw a live progress bar (learners done/total, rate, ETA) until the job ends; return the last status."""
-    from rich.console import Console
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                               TimeRemainingColumn)
-
-    console = console or Console(stderr=True)
-    current = read_status(job_id)
-    with Progress(
-        TextColumn("[bold]{task.fields[state]:>9}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("learners"), TextColumn("{task.fields[rate]:>8} /s"), TimeElapsedColumn(),
-        TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[phase]}"), console=console,
-        transient=False,
-    ) as progress:
-        bar = progress.add_task("reset", total=max(current["learners_total"], 1), state=current["state"], rate="-",
-                                phase="")
-        started = time.monotonic()
-        first_done = current["learners_done"]
-        while True:
-            elapsed = time.monotonic() - started
-            rate = (current["learners_done"] - first_done) / elapsed if elapsed > 0 else 0.0
-            progress.update(bar, total=max(current["learners_total"], current["learners_done"], 1),
-                            completed=current["learners_done"], state=current["state"], rate=f"{rate:,.0f}",
-                            phase=_phase(current))
-            if current["state"] in TERMINAL_STATES:
-                break
-            time.sleep(interval)
-            current = read_status(job_id)
-    return current
-
-
-def _phase(st: dict) -> str:
-    """What the job is doing besides counting learners: the purge of older rows, once it runs."""
-    total = st.get("purge_batches_total") or 0
-    if st["state"] != JobState.RUNNING or not total:
-        return ""
-    done = st.get("purge_batches_done") or 0
-    if st["batches_done"] - done < st.get("learner_batches_total", 0):
-        return "resetting learners"
-    return f"clearing older rows: {done}/{total} parts"
 
 
 def describe_status(st: dict) -> str:
@@ -166,7 +115,7 @@ def cancel(job_id: str, actor: int, as_json: bool) -> int:
 @option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout (the progress goes to stderr).")
 def demo(learners: int, concurrency: int, as_json: bool) -> int:
     """The main job end to end: workers, seed, request, confirm, progress, summary."""
-    from producer.demo import run_demo
+    from producer.demo import run_demo  # starts worker processes: loaded only when the demo runs
 
     return run_demo(learners=learners, concurrency=concurrency, as_json=as_json)
 
@@ -178,19 +127,19 @@ def jobs() -> None:
 
 @jobs.command("list")
 @option("--organization", type=ID, required=True, help="The organization whose jobs are listed.")
-@option("--course", type=ID, default=None, help="Only jobs of this course.")
-@option("--learner", type=ID, default=None, help="Only one-learner jobs of this learner.")
-@option("--state", default=None, help="Only jobs in this state, e.g. running.")
-@option("--origin", default=None, help="Only jobs started from here: cli, http:<name> or campaign.")
-@option("--campaign", type=ID, default=None, help="Only jobs of this campaign.")
+@option("--course", type=ID, multiple=True, help="Only jobs of this course (repeatable: any of them).")
+@option("--learner", type=ID, multiple=True, help="Only one-learner jobs of this learner (repeatable).")
+@option("--state", multiple=True, help="Only jobs in this state, e.g. running (repeatable).")
+@option("--origin", multiple=True, help="Only jobs started from here: cli, http:<name> or campaign (repeatable).")
+@option("--campaign", type=ID, multiple=True, help="Only jobs of this campaign (repeatable).")
 @option("--created-after", default=None, help="Only jobs created at or after this ISO-8601 instant.")
 @option("--created-before", default=None, help="Only jobs created before this ISO-8601 instant.")
-@option("--limit", type=COUNT, default=DEFAULT_LIMIT, help=f"Jobs per page, at most {MAX_LIMIT}.")
+@option("--limit", type=PAGE_LIMIT, default=DEFAULT_LIMIT, help="Jobs per page.")
 @option("--cursor", default=None, help="The next_cursor of the previous page.")
 @json_option
-def jobs_list(organization: int, course: int | None, learner: int | None, state: str | None, origin: str | None,
-              campaign: int | None, created_after: str | None, created_before: str | None, limit: int,
-              cursor: str | None, as_json: bool) -> int:
+def jobs_list(organization: int, course: tuple[int, ...], learner: tuple[int, ...], state: tuple[str, ...],
+              origin: tuple[str, ...], campaign: tuple[int, ...], created_after: str | None,
+              created_before: str | None, limit: int, cursor: str | None, as_json: bool) -> int:
     """An organization's jobs, newest first (the same as GET /v1/resets)."""
     from models.db import session_scope
     from producer import resets

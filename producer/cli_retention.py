@@ -12,7 +12,7 @@ import time
 import click
 
 from models.retention import NEVER_REMOVED, TABLES, Policy
-from producer.cli import Command, emit, json_option, option
+from producer.cli_parameters import Command, emit, json_option, option
 
 
 def describe(policy: Policy, rows: dict[str, int], applied: bool, seconds: float | None) -> tuple[dict, str]:
@@ -41,7 +41,7 @@ def describe(policy: Policy, rows: dict[str, int], applied: bool, seconds: float
 def retention(apply: bool, as_json: bool) -> int:
     """What retention removes now, per table (finished rows past their RETENTION_*_DAYS); --apply removes it."""
     from models.db import session_scope
-    from models.jobs import utcnow
+    from models.times import utcnow
     from models.retention import remove_chunk, removable_counts, start_sweep
     from models.settings import get_settings
 

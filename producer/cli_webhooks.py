@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import click
 
-from models.webhooks import EVENT_TYPES
-from producer.cli import COUNT, ID, WHOLE, Group, OneOf, emit, json_option, option
+from models.job_events import EVENT_TYPES
+from producer.cli_parameters import ID, PAGE_LIMIT, WHOLE, Group, OneOf, emit, json_option, option
+from producer.pages import DEFAULT_LIMIT
 
 organization_option = option("--organization", type=ID, required=True, help="The organization the receiver belongs to.")
 endpoint_argument = click.argument("endpoint_id", type=ID, help="The receiver's id, as 'webhook list' shows it.")
@@ -99,11 +100,11 @@ def rotate_secret(endpoint_id: int, organization: int, overlap_seconds: int, as_
 @webhook.command("deliveries")
 @endpoint_argument
 @organization_option
-@option("--status", default=None, help="Only deliveries in this status, e.g. failed.")
-@option("--limit", type=COUNT, default=50, help="Deliveries per page.")
+@option("--status", multiple=True, help="Only deliveries in this status, e.g. failed (repeatable: any of them).")
+@option("--limit", type=PAGE_LIMIT, default=DEFAULT_LIMIT, help="Deliveries per page.")
 @option("--cursor", default=None, help="The next_cursor of the previous page.")
 @json_option
-def deliveries(endpoint_id: int, organization: int, status: str | None, limit: int, cursor: str | None,
+def deliveries(endpoint_id: int, organization: int, status: tuple[str, ...], limit: int, cursor: str | None,
                as_json: bool) -> int:
     """A receiver's delivery log, newest first."""
     from producer import webhooks

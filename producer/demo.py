@@ -19,7 +19,7 @@ from models.migrate import upgrade
 from models.seed import seed
 from models.settings import get_settings
 from producer import resets
-from producer.cli_resets import watch
+from producer.watch import watch
 from workers.processes import start_worker
 
 NOTIFY_QUEUES = queues.NOTIFICATIONS

@@ -4,8 +4,11 @@ Every value is read at scrape time from the ledger tables (and the broker), so
 it is the same whichever process serves it, survives restarts, and needs no
 push from the workers. Counters (``*_total``) are counts of rows that only
 ever move forward (batches done, learners reset, notifications sent), so they
-never go down. Labels carry states and queue names only: no organization,
-course or learner ids, no names.
+never go down. Labels carry states and queue names only: no course or
+learner ids, no names. The per-organization wait and lag histograms are
+measured by the workers and added up in Redis (:mod:`models.lag_metrics`,
+which also says how the organization label stays bounded); they are read
+from there at scrape time too.
 
 ``docs/operations.md`` explains each metric and the alert it feeds.
 """
@@ -17,19 +20,20 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
 from models.dialect import is_postgres
-from models.jobs import as_utc, utcnow
+from models.lag_metrics import HistogramValues, read_all
 from models.logs import log_event
-from models.schema import Notification, ResetBatch, ResetJob, RetrainingCampaign
 from models.queues import QUEUES
 from models.retention import retention_totals
+from models.schema import Notification, ResetBatch, ResetJob, RetrainingCampaign, WebhookDelivery
 from models.settings import get_settings
-from models.states import BatchState, CampaignState, JobState, NotificationStatus
+from models.states import BatchState, CampaignState, DeliveryStatus, JobState, NotificationStatus
+from models.times import as_utc, utcnow
 
 PREFIX = "progress_reset"
 # A scrape never holds the database longer than this.
@@ -45,6 +49,7 @@ class Snapshot:
     learners_reset: int = 0
     notifications: dict[str, int] = field(default_factory=dict)
     campaigns: dict[str, int] = field(default_factory=dict)
+    webhook_deliveries: dict[str, int] = field(default_factory=dict)
     oldest_queued_job_age: float = 0.0
     oldest_running_heartbeat_age: float = 0.0
     oldest_pending_notification_age: float = 0.0
@@ -74,6 +79,7 @@ def read_snapshot(session: Session, now: datetime | None = None) -> Snapshot:
     snap.notifications = _counts(session, n.status, tuple(NotificationStatus))
     snap.campaigns = _counts(session, RetrainingCampaign.__table__.c.state, tuple(CampaignState))
     snap.removed = retention_totals(session)
+    snap.webhook_deliveries = _counts(session, WebhookDelivery.__table__.c.status, tuple(DeliveryStatus))
     snap.oldest_queued_job_age = _age(now, session.scalar(
         select(func.min(func.coalesce(j.confirmed_at, j.created_at))).where(j.state == JobState.QUEUED)))
     snap.oldest_running_heartbeat_age = _age(now, session.scalar(
@@ -118,6 +124,7 @@ def snapshot_metrics(snap: Snapshot) -> list:
         _gauge("notifications_pending", "Notifications not sent yet (pending or being sent).",
                snap.notifications.get(NotificationStatus.PENDING, 0) + snap.notifications.get(NotificationStatus.SENDING, 0)),
         _gauge_by("campaigns", "Retraining campaigns by state.", "state", snap.campaigns),
+        _gauge_by("webhook_deliveries", "Webhook delivery rows by status.", "status", snap.webhook_deliveries),
         _gauge("oldest_queued_job_age_seconds", "Age of the oldest confirmed job no worker has started (0: none).",
                snap.oldest_queued_job_age),
         _gauge("oldest_running_job_heartbeat_age_seconds",
@@ -133,7 +140,7 @@ class ResetSystemCollector(Collector):
 
     def collect(self):
         from models.db import session_scope
-        from workers.health import queue_lengths, redis_malformed, redis_unacked
+        from workers.health import malformed_messages, queue_lengths, redis_unacked
 
         started = time.perf_counter()
         settings = get_settings()
@@ -153,7 +160,7 @@ class ResetSystemCollector(Collector):
         try:
             lengths = queue_lengths(settings, QUEUES)
             unacked = redis_unacked(settings)
-            malformed = redis_malformed(settings, QUEUES)
+            malformed = malformed_messages(settings, QUEUES)
         except Exception as exc:
             broker_up, lengths, unacked, malformed = 0, None, None, None
             log_event("metrics.broker.failed", logging.WARNING, error=type(exc).__name__)
@@ -165,14 +172,40 @@ class ResetSystemCollector(Collector):
                          unacked)
         if malformed is not None:
             total, kept = malformed
-            family = CounterMetricFamily(f"{PREFIX}_broker_malformed_messages",
-                                         "Messages a worker could not decode and moved to <queue>.malformed.",
-                                         labels=["queue"])
-            for queue, value in total.items():
-                family.add_metric([queue], value)
-            yield family
+            if total is not None:
+                family = CounterMetricFamily(f"{PREFIX}_broker_malformed_messages",
+                                             "Messages a worker could not decode and moved to <queue>.malformed.",
+                                             labels=["queue"])
+                for queue, value in total.items():
+                    family.add_metric([queue], value)
+                yield family
             yield _gauge_by("broker_malformed_kept", "Undecodable messages kept in <queue>.malformed for inspection.",
                             "queue", kept)
         yield _gauge("broker_up", "1 when the metrics scrape could read the broker's queue lengths.", broker_up)
+        try:
+            lags = read_all(settings)
+        except Exception as exc:
+            lags = None
+            log_event("metrics.lags.failed", logging.WARNING, error=type(exc).__name__)
+        if lags is not None:
+            yield from lag_metrics(*lags)
         yield _gauge("scrape_duration_seconds", "Time this scrape took to read the database and the broker.",
                      time.perf_counter() - started)
+
+
+def lag_metrics(histograms: list[HistogramValues], attempts: dict[tuple[str, str], int]) -> list:
+    """The families of the per-organization wait and lag histograms and the webhook attempt counts."""
+    families = []
+    for values in histograms:
+        labels = ["organization"] if values.histogram.by_organization else []
+        family = HistogramMetricFamily(f"{PREFIX}_{values.histogram.name}", values.histogram.help, labels=labels)
+        for label, (buckets, total) in values.series.items():
+            family.add_metric([label] if labels else [], buckets, total)
+        families.append(family)
+    family = CounterMetricFamily(f"{PREFIX}_webhook_delivery_attempts",
+                                 "Webhook delivery attempts by outcome (delivered, pending: to be retried, failed).",
+                                 labels=["organization", "outcome"])
+    for (label, outcome), value in sorted(attempts.items()):
+        family.add_metric([label, outcome], value)
+    families.append(family)
+    return families

@@ -15,12 +15,14 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import func, select, tuple_, update
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from models.audit import record_audit
 from models.errors import (
     Conflict,
+    IdempotencyKeyReused,
     NotFound,
     NothingToReset,
     PermissionDenied,
@@ -28,19 +30,8 @@ from models.errors import (
     TokenInvalid,
     ValidationFailed,
 )
-from models.jobs import (
-    activate_job,
-    already_active_error,
-    as_utc,
-    describe_status,
-    find_active_job,
-    get_job,
-    job_identity,
-    new_token,
-    record_audit,
-    summarize,
-    utcnow,
-)
+from models.job_status import describe_status, job_identity
+from models.jobs import activate_job, already_active_error, find_active_job, get_job, summarize
 from models.messaging import publish_after_commit
 from models.schema import (
     PERMISSION_TRAINING,
@@ -51,12 +42,16 @@ from models.schema import (
     User,
 )
 from models.settings import get_settings
-from models.text import check_storable
 from models.states import JobScope, JobState
-from producer.access import actor_of, check_token, checked_reason, course_of, iso
-from producer.pages import check_limit, cursor_datetime, decode_cursor, encode_cursor, parse_instant
+from models.text import check_storable
+from models.times import as_utc, iso, parse_instant, utcnow
+from models.tokens import new_token, token_matches
+from producer import idempotency
+from producer.access import actor_of, check_token, checked_reason, course_of
+from producer.pages import Filter, KeysetOrder, fetch_page, filter_values, instant_key, uuid_key
 
 MAX_IDEMPOTENCY_KEY = 200
+NEWEST_JOBS_FIRST = KeysetOrder((ResetJob.created_at, ResetJob.id), (instant_key, uuid_key), descending=True)
 
 
 @dataclass(frozen=True)
@@ -66,11 +61,12 @@ class RequestResult:
     expires_at: datetime | None
     summary: dict
     state: str
+    replayed: bool = False  # the answer to an earlier request with the same idempotency key
 
     def as_json(self) -> dict:
         return {"request_id": self.request_id, "token": self.token,
                 "expires_at": self.expires_at.isoformat() if self.expires_at else None,
-                "summary": self.summary, "state": self.state}
+                "summary": self.summary, "state": self.state, "replayed": self.replayed}
 
 
 @dataclass(frozen=True)
@@ -113,10 +109,11 @@ def request(
 ) -> RequestResult:
     """Step 1 (R3): validate, summarise what would be cleared, and issue a one-time token.
 
-    The token is returned once and stored only as a hash. The same idempotency
-    key with the same parameters returns the same request (with a fresh token
-    while it is unconfirmed, since the old one cannot be shown again); with
-    other parameters it is refused.
+    The token is stored only as a hash. The same idempotency key with the same
+    parameters gets the first answer again, the same token included while the
+    request awaits confirmation, marked ``replayed`` and changing nothing; with
+    other parameters it is refused (422), and while the first request is still
+    in progress too (409; :mod:`producer.idempotency`).
     """
     now = now or utcnow()
     reason = checked_reason(reason)
@@ -135,13 +132,12 @@ def request(
 
     params_hash = _params_hash(course_id, learner_id, reason)
     ttl = timedelta(seconds=get_settings().token_ttl_seconds)
-    if idempotency_key is not None:
-        existing = session.scalars(
-            select(ResetJob).where(ResetJob.actor_id == actor_id, ResetJob.idempotency_key == idempotency_key)
-            .with_for_update()
-        ).first()
+    digest = idempotency.key_digest(idempotency_key) if idempotency_key is not None else None
+    if digest is not None:
+        idempotency.hold_key(session, actor_id, digest)
+        existing = _keyed_request(session, actor_id, digest)
         if existing is not None:
-            return _replay(session, existing, params_hash, idempotency_key, now, ttl)
+            return _replay(session, existing, params_hash, idempotency_key, now)
 
     active = find_active_job(session, course_id, learner_id)
     if active is not None:
@@ -151,10 +147,12 @@ def request(
     if summary["learners"] == 0:
         raise nothing_to_reset(session, course, learner_id)
     token, token_hash = new_token()
+    job_id = uuid.uuid4()
     job = ResetJob(
-        id=uuid.uuid4(), organization_id=actor.organization_id, course_id=course.id, learner_id=learner_id,
+        id=job_id, organization_id=actor.organization_id, course_id=course.id, learner_id=learner_id,
         scope=JobScope.LEARNER if learner_id is not None else JobScope.COURSE, state=JobState.AWAITING_CONFIRMATION,
-        actor_id=actor_id, reason=reason, origin=origin, idempotency_key=idempotency_key,
+        actor_id=actor_id, reason=reason, origin=origin, idempotency_key_hash=digest,
+        sealed_token=idempotency.seal_token(token, idempotency_key, job_id) if digest is not None else None,
         params_hash=params_hash, token_hash=token_hash, token_expires_at=now + ttl, summary=summary,
         created_at=now, learners_total=summary["learners"], cleared={},
     )
@@ -163,13 +161,11 @@ def request(
             session.add(job)
             session.flush()
     except IntegrityError:
-        # A concurrent request with the same idempotency key won the race.
-        existing = session.scalars(
-            select(ResetJob).where(ResetJob.actor_id == actor_id, ResetJob.idempotency_key == idempotency_key)
-        ).first()
+        # A concurrent request with the same idempotency key won the race (SQLite: it waited for it).
+        existing = _keyed_request(session, actor_id, digest) if digest is not None else None
         if existing is None:
             raise
-        return _replay(session, existing, params_hash, idempotency_key, now, ttl)
+        return _replay(session, existing, params_hash, idempotency_key, now)
     record_audit(session, "reset.requested", actor.organization_id, actor_id=actor_id, course_id=course_id,
                  learner_id=learner_id, job_id=job.id, learner_count=summary["learners"], reason=reason,
                  origin=origin)
@@ -232,20 +228,30 @@ def present_summary(session: Session, job: ResetJob) -> dict:
     }
 
 
-def _replay(session: Session, existing: ResetJob, params_hash: str, key: str, now: datetime, ttl: timedelta
-            ) -> RequestResult:
+def _keyed_request(session: Session, actor_id: int, digest: str) -> ResetJob | None:
+    return session.scalars(select(ResetJob).where(ResetJob.actor_id == actor_id,
+                                                  ResetJob.idempotency_key_hash == digest)).first()
+
+
+def _replay(session: Session, existing: ResetJob, params_hash: str, key: str, now: datetime) -> RequestResult:
+    """The first answer to the request made with ``key``, marked as a replay; nothing is written.
+
+    Its token (opened from the seal and checked against the stored hash) while
+    the request awaits confirmation and the token is valid; once it is
+    confirmed, expired or cancelled, the request's state without a token.
+    """
     if existing.params_hash != params_hash:
-        raise Conflict(
+        raise IdempotencyKeyReused(
             f"idempotency key {key!r} was already used for request {existing.id} with other parameters; "
             "use a new key"
         )
+    token = None
     if existing.state == JobState.AWAITING_CONFIRMATION and as_utc(existing.token_expires_at) > now:
-        token, token_hash = new_token()
-        existing.token_hash = token_hash
-        existing.token_expires_at = now + ttl
-        return RequestResult(str(existing.id), token, existing.token_expires_at, present_summary(session, existing),
-                             existing.state)
-    return RequestResult(str(existing.id), None, None, present_summary(session, existing), existing.state)
+        token = idempotency.unseal_token(existing.sealed_token, key, existing.id)
+        if token is not None and not token_matches(token, existing.token_hash):
+            token = None
+    return RequestResult(str(existing.id), token, existing.token_expires_at if token else None,
+                         present_summary(session, existing), existing.state, replayed=True)
 
 
 def confirm(
@@ -270,7 +276,7 @@ def confirm(
     check_token(f"request {job.id}", token, job.token_hash, job.token_expires_at, now, "make a new request")
     _check_permission(actor, job.learner_id)
     activate_job(session, job, now)
-    job.token_hash = None
+    job.token_hash = job.sealed_token = None  # a token works once: nothing is kept to open it again
     record_audit(session, "reset.confirmed", job.organization_id, actor_id=actor_id, course_id=job.course_id,
                  learner_id=job.learner_id, job_id=job.id, learner_count=job.learners_total, reason=job.reason,
                  origin=job.origin)
@@ -339,11 +345,11 @@ def list_jobs(
     session: Session,
     organization_id: int,
     *,
-    course_id: int | None = None,
-    learner_id: int | None = None,
-    state: str | None = None,
-    origin: str | None = None,
-    campaign_id: int | None = None,
+    course_id: Filter[int] = None,
+    learner_id: Filter[int] = None,
+    state: Filter[str] = None,
+    origin: Filter[str] = None,
+    campaign_id: Filter[int] = None,
     created_after: str | datetime | None = None,
     created_before: str | datetime | None = None,
     limit: int | None = None,
@@ -356,34 +362,33 @@ def list_jobs(
     / per-state siblings), so a page costs the same however many jobs exist, and
     jobs created between pages never repeat or skip a job. ``created_after`` is
     inclusive, ``created_before`` exclusive. Requests never confirmed are jobs
-    too (state ``awaiting_confirmation`` or ``expired``).
+    too (state ``awaiting_confirmation`` or ``expired``). Each filter but the
+    two instants takes one value or a list of them (any of them matches); the
+    first indexed one with several values is read one range scan per value.
     """
-    limit = check_limit(limit)
-    if state is not None and state not in set(JobState):
-        raise ValidationFailed(f"state must be one of {', '.join(JobState)}, got {state[:40]!r}")
-    if origin is not None and not 0 < len(origin) <= 64:
+    states, origins = filter_values("state", state), filter_values("origin", origin)
+    for value in states:
+        if value not in set(JobState):
+            raise ValidationFailed(f"state must be one of {', '.join(JobState)}, got {str(value)[:40]!r}")
+    if any(not 0 < len(value) <= 64 for value in origins):
         raise ValidationFailed("origin must be 1 to 64 characters")
     after = parse_instant(created_after, "created_after")
     before = parse_instant(created_before, "created_before")
-    key = decode_cursor(cursor, 2)
     j = ResetJob.__table__.c
     query = select(ResetJob).where(j.organization_id == organization_id)
-    for column, value in ((j.course_id, course_id), (j.learner_id, learner_id), (j.state, state),
-                          (j.origin, origin), (j.campaign_id, campaign_id)):
-        if value is not None:
-            query = query.where(column == value)
+    any_of = None
+    for column, values in ((j.course_id, filter_values("course_id", course_id)),
+                           (j.learner_id, filter_values("learner_id", learner_id)),
+                           (j.campaign_id, filter_values("campaign_id", campaign_id)), (j.state, states),
+                           (j.origin, origins)):
+        if len(values) > 1 and any_of is None and column is not j.origin:
+            any_of = (column, values)
+        elif values:
+            query = query.where(column.in_(values))
     if after is not None:
         query = query.where(j.created_at >= after)
     if before is not None:
         query = query.where(j.created_at < before)
-    if key is not None:
-        try:
-            last_id = uuid.UUID(str(key[1]))
-        except ValueError:
-            raise ValidationFailed("cursor is not valid: pass back the next_cursor of the previous page "
-                                   "unchanged") from None
-        query = query.where(tuple_(j.created_at, j.id) < tuple_(cursor_datetime(key[0]), last_id))
-    rows = session.scalars(query.order_by(j.created_at.desc(), j.id.desc()).limit(limit + 1)).all()
-    page = rows[:limit]
-    next_cursor = encode_cursor(as_utc(page[-1].created_at), page[-1].id) if len(rows) > limit else None
+    page, next_cursor = fetch_page(session, query, NEWEST_JOBS_FIRST, lambda job: (job.created_at, job.id),
+                                   limit=limit, cursor=cursor, scalars=True, any_of=any_of)
     return {"items": [describe_job(job) for job in page], "next_cursor": next_cursor}

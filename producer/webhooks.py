@@ -9,36 +9,45 @@ as not found, exactly like an id that does not exist. Each function takes a
 
 from __future__ import annotations
 
+import base64
+import secrets
 from datetime import timedelta
 
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
+from models.audit import record_audit
+from models.dialect import LockSpace, hold_transaction_lock
 from models.errors import Conflict, NotFound, ValidationFailed
-from models.jobs import as_utc, record_audit, utcnow
+from models.job_events import DELIVER_TASK, EVENT_TYPES
 from models.messaging import publish_after_commit
+from models.receiver_urls import check_url
 from models.schema import Organization, WebhookDelivery, WebhookEndpoint, WebhookEvent
 from models.settings import get_settings
-from models.webhooks import DELIVER_TASK, EVENT_TYPES, check_url, new_secret
 from models.states import OPEN_DELIVERY_STATES, DeliveryStatus
-from producer.pages import check_limit, decode_cursor, encode_cursor
+from models.times import as_utc, iso, utcnow
+from producer.pages import Filter, KeysetOrder, fetch_page, filter_values, int_key
 
 MAX_ENDPOINTS_PER_ORGANIZATION = 20
 MAX_OVERLAP_SECONDS = 7 * 24 * 3600
 DEFAULT_OVERLAP_SECONDS = 24 * 3600
 DELIVERY_STATES = tuple(DeliveryStatus)
+SECRET_PREFIX = "whsec_"
+NEWEST_DELIVERIES_FIRST = KeysetOrder((WebhookDelivery.__table__.c.id,), (int_key,), descending=True)
 
 
-def _iso(value):
-    return as_utc(value).isoformat() if value is not None else None
+def new_secret() -> str:
+    """A fresh signing secret in the Standard Webhooks form: ``whsec_`` and the base64 of 32 random
+    bytes (any Standard Webhooks SDK takes it as is); shown to the caller once."""
+    return SECRET_PREFIX + base64.b64encode(secrets.token_bytes(32)).decode()
 
 
 def describe_endpoint(row: WebhookEndpoint) -> dict:
     """The endpoint without its secrets."""
     rotating = row.previous_secret is not None and as_utc(row.previous_secret_expires_at) > utcnow()
     return {"id": row.id, "organization_id": row.organization_id, "url": row.url, "events": list(row.events),
-            "created_at": _iso(row.created_at), "deleted_at": _iso(row.deleted_at),
-            "previous_secret_expires_at": _iso(row.previous_secret_expires_at) if rotating else None}
+            "created_at": iso(row.created_at), "deleted_at": iso(row.deleted_at),
+            "previous_secret_expires_at": iso(row.previous_secret_expires_at) if rotating else None}
 
 
 def _check_events(events) -> list[str]:
@@ -61,9 +70,11 @@ def _endpoint(session: Session, organization_id: int, endpoint_id: int, lock: bo
 def create_endpoint(session: Session, organization_id: int, url: str, events, origin: str = "cli") -> dict:
     """Register a receiver for the organization's job events; the result holds the secret, shown this once."""
     events = _check_events(events)
-    url = check_url(url, get_settings().webhooks_allow_http_loopback)
-    if session.get(Organization, organization_id, with_for_update=True) is None:
+    url = check_url(url, get_settings().webhooks_allow_http_loopback).url
+    if session.get(Organization, organization_id) is None:
         raise NotFound(f"organization {organization_id} not found")
+    # One count-then-add at a time per organization (not a row lock: the application only reads organizations).
+    hold_transaction_lock(session, LockSpace.WEBHOOK_ENDPOINTS, organization_id)
     count = session.scalar(select(func.count()).select_from(WebhookEndpoint).where(
         WebhookEndpoint.organization_id == organization_id, WebhookEndpoint.deleted_at.is_(None))) or 0
     if count >= MAX_ENDPOINTS_PER_ORGANIZATION:
@@ -125,9 +136,9 @@ def describe_delivery(row) -> dict:
     return {"delivery_id": row.id, "event_id": str(row.event_id), "event_type": row.type,
             "job_id": str(row.job_id) if row.job_id else None, "status": row.status, "attempts": row.attempts,
             "last_status_code": row.last_status_code, "last_error": row.last_error,
-            "next_attempt_at": _iso(row.next_attempt_at) if row.status in OPEN_DELIVERY_STATES else None,
-            "last_attempt_at": _iso(row.last_attempt_at), "delivered_at": _iso(row.delivered_at),
-            "created_at": _iso(row.created_at)}
+            "next_attempt_at": iso(row.next_attempt_at) if row.status in OPEN_DELIVERY_STATES else None,
+            "last_attempt_at": iso(row.last_attempt_at), "delivered_at": iso(row.delivered_at),
+            "created_at": iso(row.created_at)}
 
 
 def _delivery_query(endpoint_id: int):
@@ -137,26 +148,20 @@ def _delivery_query(endpoint_id: int):
             .join(WebhookEvent.__table__, ev.id == d.event_id).where(d.endpoint_id == endpoint_id))
 
 
-def list_deliveries(session: Session, organization_id: int, endpoint_id: int, *, status: str | None = None,
+def list_deliveries(session: Session, organization_id: int, endpoint_id: int, *, status: Filter[str] = None,
                     limit: int | None = None, cursor: str | None = None) -> dict:
-    """The endpoint's delivery log, newest first: ``{"items", "next_cursor"}``."""
-    limit = check_limit(limit)
-    if status is not None and status not in DELIVERY_STATES:
+    """The endpoint's delivery log, newest first: ``{"items", "next_cursor"}``; ``status``: one or a list."""
+    statuses = filter_values("status", status)
+    if any(value not in DELIVERY_STATES for value in statuses):
         raise ValidationFailed(f"status must be one of {', '.join(DELIVERY_STATES)}")
     _endpoint(session, organization_id, endpoint_id)
     d = WebhookDelivery.__table__.c
     query = _delivery_query(endpoint_id)
-    if status is not None:
-        query = query.where(d.status == status)
-    key = decode_cursor(cursor, 1)
-    if key is not None:
-        if not isinstance(key[0], int):
-            raise ValidationFailed("cursor is not valid: pass back the next_cursor of the previous page unchanged")
-        query = query.where(d.id < key[0])
-    rows = session.execute(query.order_by(d.id.desc()).limit(limit + 1)).all()
-    page = rows[:limit]
-    return {"items": [describe_delivery(r) for r in page],
-            "next_cursor": encode_cursor(page[-1].id) if len(rows) > limit else None}
+    if statuses:
+        query = query.where(d.status.in_(statuses))
+    page, next_cursor = fetch_page(session, query, NEWEST_DELIVERIES_FIRST, lambda row: (row.id,),
+                                   limit=limit, cursor=cursor)
+    return {"items": [describe_delivery(r) for r in page], "next_cursor": next_cursor}
 
 
 def redeliver(session: Session, organization_id: int, endpoint_id: int, delivery_id: int,

@@ -4,13 +4,13 @@ A task that cannot reach the database (PostgreSQL refused, terminated or restart
 work: Celery retries it with exponential backoff and jitter (``autoretry_for``) under the same
 message id, instead of failing it, since a failed task's message is acknowledged and only the
 maintenance sweep, minutes later, would bring the work back. Publishing lives in
-:mod:`models.messaging`, shared with the producer.
+:mod:`models.messaging`, shared with the producer; the backoff of the project's own retries
+(rows, units, deliveries) is :mod:`tasks.backoff`.
 """
 
 from __future__ import annotations
 
 import logging
-import random
 from collections.abc import Callable
 
 from celery import Task, shared_task
@@ -24,14 +24,6 @@ DATABASE_UNAVAILABLE = (OperationalError, InterfaceError)
 
 RETRY_BACKOFF_SECONDS = 1
 RETRY_BACKOFF_MAX_SECONDS = 60
-
-
-def backoff_seconds(attempt: int, base: float, cap: float, rng: random.Random | None = None) -> float:
-    """The one backoff of the project's own retries (rows, units, deliveries):
-    ``min(cap, base * 2**(attempt-1))``, of which the upper half is random (equal jitter), so
-    workers retrying after one outage do not come back in step."""
-    ceiling = min(cap, base * 2 ** max(0, attempt - 1))
-    return ceiling / 2 + (rng or random).uniform(0, ceiling / 2)
 
 
 class ProjectTask(Task):

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from models.campaign_dispatch import dispatch_due
 from models.db import session_scope
-from models.jobs import utcnow
 from models.logs import log_event
 from models.states import OccurrenceState
+from models.times import utcnow
 from tasks.base import project_task
 
 

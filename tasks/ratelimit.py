@@ -3,17 +3,20 @@
 Hand-written because no maintained library (limits, throttled-py, pyrate-limiter) reserves future
 slots to sleep to, nor keeps one GCRA bucket in Redis with a ``flock``-ed file as the embedded fallback.
 
-The limiter hands out *send slots* spaced ``1 / rate`` seconds apart. A caller
-reserves the next free slot and sleeps until it; with ``burst`` above 1, up to
-``burst`` slots may fall at once after an idle spell. This is GCRA (the
-generic cell rate algorithm) keeping a single number per bucket, the
-theoretical arrival time (TAT) of the next slot:
+The limiter hands out *send slots* spaced ``1 / rate`` seconds apart; with ``burst`` above 1, up
+to ``burst`` of them may fall at once. This is GCRA (the generic cell rate algorithm) keeping a
+single number per bucket, the theoretical arrival time (TAT) of the next slot. A caller
+reserves ``count`` (at most ``burst``) slots at once and learns when it may send all of them
+together:
 
-    slot     = max(TAT, now) - (burst - 1) * interval      # when this caller may send
-    new TAT  = max(TAT, now) + interval
+    send at  = max(TAT, now) + (count - burst) * interval   # (or now, if that is earlier)
+    new TAT  = max(TAT, now) + count * interval
 
-so over any window of ``T`` seconds at most ``burst + T * rate`` sends start,
-however many processes or hosts share the bucket.
+so over any window of ``T`` seconds at most ``burst + T * rate`` sends start, however many
+processes or hosts share the bucket. A reservation is a promise about the future: the caller
+does not wait for it in a worker slot, it schedules its sends for then (see
+:mod:`tasks.notifications.sending`), so many callers line up their groups one after another
+instead of waking together.
 
 Where the bucket lives:
 
@@ -25,10 +28,6 @@ Where the bucket lives:
   is where the embedded filesystem broker's workers all run. Without ``fcntl``
   (Windows) the bucket is per process, and N worker processes may together
   send N times the rate; docs/notifications.md gives the arithmetic.
-
-A caller may reserve ``count`` consecutive slots at once (one Redis round trip
-for a group of messages instead of one per message); it then sends the k-th
-message ``(k - 1) * interval`` after the first slot.
 
 A slot that is reserved and then not used (the worker dies while waiting, or a
 run stops before the end of its group) is simply lost: the limiter may run
@@ -48,26 +47,28 @@ try:  # POSIX only
 except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
 
+from models.lag_metrics import RATE_LIMIT_WAIT, observe
 from models.settings import Settings
 
 KEY_PREFIX = "progress_reset:ratelimit"
 
 # KEYS[1]: bucket; ARGV: interval (us), burst, max wait (us), slots. Returns {granted, wait_us}
-# (the wait for the first of the slots).
+# (the wait until every one of the slots may be used at once).
 # Uses the server's clock (TIME), so hosts with skewed clocks still share one rate;
 # Redis 5+ replicates the script's effects, so TIME before a write is allowed.
 _GCRA_LUA = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local interval = tonumber(ARGV[1])
-local tolerance = interval * (tonumber(ARGV[2]) - 1)
+local burst = tonumber(ARGV[2])
 local max_wait = tonumber(ARGV[3])
+local slots = tonumber(ARGV[4])
 local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
 if tat < now then tat = now end
-local wait = tat - tolerance - now
+local wait = tat + (slots - burst) * interval - now
 if wait < 0 then wait = 0 end
 if wait > max_wait then return {0, wait} end
-local new_tat = tat + interval * tonumber(ARGV[4])
+local new_tat = tat + interval * slots
 redis.call('SET', KEYS[1], string.format('%d', new_tat), 'PX', math.ceil((new_tat - now) / 1000) + 1000)
 return {1, wait}
 """
@@ -87,7 +88,8 @@ class Reservation:
 
 
 class RateLimiter:
-    """Base: ``reserve`` is the one primitive; ``acquire`` reserves and sleeps."""
+    """Base: subclasses implement ``_reserve``; ``reserve`` calls it and observes the wait for
+    ``/metrics`` (models/lag_metrics.py); ``acquire`` reserves and sleeps."""
 
     rate_per_second: float
     burst: int
@@ -96,8 +98,17 @@ class RateLimiter:
     def interval(self) -> float:
         return 1.0 / self.rate_per_second
 
-    def reserve(self, max_wait: float, count: int = 1) -> Reservation:  # pragma: no cover - abstract
-        """Reserve ``count`` consecutive slots if the first is at most ``max_wait`` away."""
+    def reserve(self, max_wait: float, count: int = 1) -> Reservation:
+        """Reserve ``count`` (at most ``burst``) slots if they may all be used within ``max_wait``.
+
+        The wait (granted or not) is observed for ``/metrics``: how long the group waits for its
+        slots, in the future, never in a worker slot.
+        """
+        reservation = self._reserve(max_wait, count)
+        observe(RATE_LIMIT_WAIT, [(None, reservation.wait)])
+        return reservation
+
+    def _reserve(self, max_wait: float, count: int) -> Reservation:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def acquire(self, max_wait: float = 30.0) -> Reservation:
@@ -115,7 +126,7 @@ def _gcra_step(tat: float, now: float, interval: float, burst: int, max_wait: fl
                count: int = 1) -> tuple[float, Reservation]:
     """The arithmetic shared by the local limiters (the Lua script is the same in microseconds)."""
     tat = max(tat, now)
-    wait = max(0.0, tat - (burst - 1) * interval - now)
+    wait = max(0.0, tat + (count - burst) * interval - now)
     if wait > max_wait:
         return tat, Reservation(False, wait)
     return tat + interval * count, Reservation(True, wait)
@@ -133,7 +144,7 @@ class RedisRateLimiter(RateLimiter):
         self._client = redis.Redis.from_url(redis_url, socket_timeout=5, socket_connect_timeout=5)
         self._script = self._client.register_script(_GCRA_LUA)
 
-    def reserve(self, max_wait: float, count: int = 1) -> Reservation:
+    def _reserve(self, max_wait: float, count: int = 1) -> Reservation:
         import redis
 
         try:
@@ -167,7 +178,7 @@ class FileRateLimiter(RateLimiter):
             self._pid = os.getpid()
         return self._fd
 
-    def reserve(self, max_wait: float, count: int = 1) -> Reservation:
+    def _reserve(self, max_wait: float, count: int = 1) -> Reservation:
         with self._lock:
             try:
                 fd = self._open()
@@ -199,7 +210,7 @@ class ProcessRateLimiter(RateLimiter):
         self._tat = 0.0
         self._lock = threading.Lock()
 
-    def reserve(self, max_wait: float, count: int = 1) -> Reservation:
+    def _reserve(self, max_wait: float, count: int = 1) -> Reservation:
         with self._lock:
             self._tat, reservation = _gcra_step(self._tat, time.monotonic(), self.interval, self.burst, max_wait,
                                                 max(1, int(count)))
@@ -210,24 +221,34 @@ _limiters: dict[tuple, RateLimiter] = {}
 _limiters_lock = threading.Lock()
 
 
+# A group of notifications is the rate of this many seconds: one reservation, one courier batch.
+GROUP_SECONDS = 0.2
+
+
+def notification_group_size(settings: Settings) -> int:
+    """Notifications sent together under one reservation: the rate of ``GROUP_SECONDS``, at least
+    one, at most ``NOTIFY_CHUNK_SIZE``. It is also the bucket's burst, so a group may go at once."""
+    return max(1, min(settings.notify_chunk_size, round(settings.notify_rate_per_second * GROUP_SECONDS)))
+
+
 def notification_rate_limiter(settings: Settings) -> RateLimiter:
     """The process's limiter for the configured notification backend (one bucket per backend)."""
     name = f"notify.{settings.notify_backend}"
+    rate, burst = settings.notify_rate_per_second, notification_group_size(settings)
     if settings.redis_url:
-        cache_key: tuple = ("redis", settings.redis_url, name, settings.notify_rate_per_second)
+        cache_key: tuple = ("redis", settings.redis_url, name, rate, burst)
     elif fcntl is not None:
-        cache_key = ("file", str(settings.data_dir), name, settings.notify_rate_per_second)
+        cache_key = ("file", str(settings.data_dir), name, rate, burst)
     else:  # pragma: no cover - Windows
-        cache_key = ("process", name, settings.notify_rate_per_second)
+        cache_key = ("process", name, rate, burst)
     with _limiters_lock:
         limiter = _limiters.get(cache_key)
         if limiter is None:
             if cache_key[0] == "redis":
-                limiter = RedisRateLimiter(settings.redis_url, f"{KEY_PREFIX}:{name}", settings.notify_rate_per_second)
+                limiter = RedisRateLimiter(settings.redis_url, f"{KEY_PREFIX}:{name}", rate, burst)
             elif cache_key[0] == "file":
-                limiter = FileRateLimiter(settings.data_dir / "ratelimit" / f"{name}.tat",
-                                          settings.notify_rate_per_second)
+                limiter = FileRateLimiter(settings.data_dir / "ratelimit" / f"{name}.tat", rate, burst)
             else:  # pragma: no cover - Windows
-                limiter = ProcessRateLimiter(settings.notify_rate_per_second)
+                limiter = ProcessRateLimiter(rate, burst)
             _limiters[cache_key] = limiter
         return limiter

@@ -1,4 +1,4 @@
-"""Retention, worker side: the ``maintenance.retention`` task beat runs every minute (decision record 0009).
+"""Retention, worker side: the ``maintenance.retention`` task beat runs every minute (decision record 0012).
 
 Its own beat entry rather than a part of ``maintenance.sweep``: a long backlog (the first run
 after an upgrade, a year of rows) never makes the sweep's re-publishing wait. A run removes
@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 
 from models.db import session_scope
-from models.jobs import utcnow
+from models.times import utcnow
 from models.logs import log_event
 from models.retention import remove_chunk, start_sweep
 from models.settings import get_settings

@@ -318,6 +318,48 @@ def redis_url(admin_db_url: str) -> Iterator[str]:
             _release_redis_db(base, number)
 
 
+# -- RabbitMQ -----------------------------------------------------------------------------------
+
+_vhost_counter = itertools.count(1)
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_server(admin_db_url: str) -> str:
+    """The RabbitMQ server URL (``TEST_RABBITMQ_URL``), once it answers; stale test vhosts deleted."""
+    from tests import rabbitmq_support as rmq
+    from tests.services import ensure_rabbitmq
+
+    try:
+        url = ensure_rabbitmq()
+    except ServicesUnavailable as exc:
+        pytest.exit(f"the tests need RabbitMQ: {exc}", returncode=2)
+    if rmq.local_url(url):
+        rmq.delete_stale_vhosts(_pid_alive)
+    return url
+
+
+@pytest.fixture
+def rabbitmq_vhost(rabbitmq_server: str) -> Iterator[Callable[[], str]]:
+    """Factory: ``rabbitmq_vhost()`` -> ``amqp://.../pr_t<pid>_v<n>``, a virtual host of its own on the
+    shared server (queues, exchanges and messages of nobody else), deleted at teardown."""
+    from tests import rabbitmq_support as rmq
+
+    made: list[str] = []
+
+    def make() -> str:
+        if not rmq.local_url(rabbitmq_server):
+            pytest.skip("RabbitMQ is not local: its virtual hosts cannot be made here")
+        name = f"{rmq.VHOST_PREFIX}_v{next(_vhost_counter)}"
+        rmq.delete_vhost(name)
+        rmq.create_vhost(name, user=urlsplit(rabbitmq_server).username or "guest")
+        made.append(name)
+        return rmq.with_vhost(rabbitmq_server, name)
+
+    yield make
+    for name in made:
+        rmq.delete_vhost(name)
+
+
 # -- Environment --------------------------------------------------------------------------------
 
 @pytest.fixture

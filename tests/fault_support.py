@@ -2,7 +2,8 @@
 
 - :class:`RedisServer` / :class:`PostgresCluster`: servers of the test's own, on free
   loopback ports, from the installed binaries, that a test may stop, kill, wipe and
-  restart. The machine's shared PostgreSQL and Redis are never restarted.
+  restart (RabbitMQ's: ``tests.rabbitmq_support``). The machine's shared PostgreSQL, Redis
+  and RabbitMQ are never restarted.
 - :class:`CeleryProcess`: ``celery worker`` / ``celery beat`` in a process group of its
   own, so a test can SIGKILL one pool process, the whole worker, or SIGTERM it.
 - :func:`install_batch_slowdown` / :func:`pids_inside_batch`: a statement trigger makes
@@ -34,6 +35,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -53,7 +55,28 @@ def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
-# --- Redis -------------------------------------------------------------------------------------
+# --- Brokers -----------------------------------------------------------------------------------
+
+class Broker(Protocol):
+    """What a scenario does to its broker: :class:`RedisServer`, or on RabbitMQ
+    ``tests.rabbitmq_support.RabbitMQNode`` (a node of the test's own) and ``SharedVhost``
+    (a virtual host on the shared server, never restarted)."""
+
+    kind: str
+
+    def url(self) -> str: ...
+
+    def start(self): ...
+
+    def stop(self) -> None: ...
+
+    def kill(self) -> None: ...
+
+    def wipe(self) -> None: ...
+
+    def messages(self) -> int:
+        """Messages waiting in the project's queues."""
+
 
 class RedisServer:
     """``redis-server`` on a free loopback port, in a directory of its own.
@@ -62,6 +85,8 @@ class RedisServer:
     keeps its queues across a restart, as in docker-compose.yml); otherwise nothing
     is ever written to disk and a restart starts empty.
     """
+
+    kind = "redis"
 
     def __init__(self, workdir: Path, persistent: bool = False, port: int | None = None):
         self.dir = Path(workdir)
@@ -114,12 +139,14 @@ class RedisServer:
             if path.name != "redis.log":
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
 
-    def keys(self) -> int:
+    def messages(self) -> int:
         import redis
+
+        from models.queues import QUEUES
 
         client = redis.Redis.from_url(self.url())
         try:
-            return int(client.dbsize())
+            return sum(int(client.llen(queue)) for queue in QUEUES)
         finally:
             client.close()
 

@@ -8,8 +8,8 @@ from datetime import datetime, timedelta
 from sqlalchemy import insert
 from sqlalchemy.orm import Session
 
-from models.jobs import utcnow
 from models.schema import ResetJob
+from models.times import utcnow
 
 STATES = ("succeeded", "failed", "cancelled", "expired")
 

@@ -33,10 +33,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from sqlalchemy import insert, select
 from sqlalchemy.orm import Session
+from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from models.jobs import target_filter
-from models.schema import CourseAssignment, Notification, User
-from models.states import NotificationStatus
+from models.schema import Course, CourseAssignment, Notification, ResetJob, User
+from models.states import JobScope, JobState, NotificationStatus
+from models.times import utcnow
 
 HOLD_SECONDS = 60.0
 
@@ -67,8 +69,15 @@ def measured_rate(times: list[float]) -> float:
 
 def insert_outbox(session: Session, course_id: int, job_id: uuid.UUID | None = None) -> tuple[uuid.UUID, set[int]]:
     """Write the outbox rows a course-wide reset would (one per learner with progress whose
-    setting allows it), for tests of the sender alone. Returns (job id, notified user ids)."""
+    setting allows it), and its (finished) job if there is none, for tests of the sender alone.
+    Returns (job id, notified user ids)."""
     job_id = job_id or uuid.uuid4()
+    if session.get(ResetJob, job_id) is None:
+        course = session.get(Course, course_id)
+        session.add(ResetJob(id=job_id, organization_id=course.organization_id, course_id=course_id,
+                             scope=JobScope.COURSE, state=JobState.SUCCEEDED, actor_id=0, created_at=utcnow(),
+                             summary={}, cleared={}))
+        session.flush()
     a, u = CourseAssignment.__table__.c, User.__table__.c
     users = session.scalars(
         select(a.user_id).join(User.__table__, u.id == a.user_id)
@@ -250,6 +259,11 @@ class _WebhookHandler(BaseHTTPRequestHandler):
         key = self.headers.get("Idempotency-Key") or ""
         expected = "sha256=" + hmac.new(state.secret.encode(), body, hashlib.sha256).hexdigest()
         signature_ok = hmac.compare_digest(expected, self.headers.get("X-Signature") or "")
+        try:  # and the Standard Webhooks form, keyed with the secret's bytes, naming the same key
+            Webhook(state.secret.encode()).verify(body, dict(self.headers.items()), json_parse=False)
+            signature_ok = signature_ok and self.headers.get("webhook-id") == key
+        except WebhookVerificationError:
+            signature_ok = False
         try:
             payload = json.loads(body)
         except ValueError:
@@ -309,7 +323,7 @@ class WebhookSink:
         return f"http://127.0.0.1:{self.port}/hooks/course-assigned"
 
     def env(self) -> dict[str, str]:
-        return {"NOTIFY_BACKEND": "webhook", "WEBHOOK_URL": self.url, "WEBHOOK_SECRET": self.state.secret}
+        return {"NOTIFY_BACKEND": "webhook", "NOTIFY_WEBHOOK_URL": self.url, "NOTIFY_WEBHOOK_SECRET": self.state.secret}
 
     def start(self) -> "WebhookSink":
         handler = type("Handler", (_WebhookHandler,), {"state": self.state})

@@ -16,6 +16,10 @@ from sqlalchemy.orm import Session
 from models import analytics
 from models.components import RESET_COMPONENTS
 from models.schema import Base, CourseAssignment, Notification, User
+from tasks.resets.finalize import finalize_job
+from tasks.resets.learner_batch import claim_batch, reset_batch
+from tasks.resets.purge import purge_step
+from tasks.resets.start import start_job
 
 
 @dataclass(frozen=True)
@@ -102,13 +106,11 @@ def fingerprint(session: Session) -> dict[str, object]:
 
 
 def drain_purge(session: Session, job_id: str, purge: list[tuple[int, int]], chunk_rows: int = 500) -> bool:
-    """Run released purge batches step by step in-process, as the ``resets.purge`` tasks would."""
-    from tasks import reset_steps
-
+    """Run released purge batches step by step in-process, as ``resets.work`` wake-ups would."""
     complete = False
     for batch_no, cursor in purge:
         while True:
-            step = reset_steps.purge_step(session, job_id, batch_no, cursor, chunk_rows, lease_seconds=60)
+            step = purge_step(session, job_id, batch_no, chunk_rows, cursor=cursor)
             complete = complete or step.job_complete
             if step.status != "progressed":
                 break
@@ -118,13 +120,11 @@ def drain_purge(session: Session, job_id: str, purge: list[tuple[int, int]], chu
 
 def run_job_in_process(session: Session, job_id: str, batch_size: int = 40, chunk_rows: int = 500):
     """Drive a queued job through every step with the plain functions; returns the finalize result."""
-    from tasks import reset_steps
-
-    start = reset_steps.start_job(session, job_id, batch_size, purge_partitions=3)
+    start = start_job(session, job_id, batch_size, purge_partitions=3)
     for no in start.batch_nos:
-        claim = reset_steps.claim_batch(session, job_id, no, max_attempts=5, lease_seconds=60)
+        claim = claim_batch(session, job_id, no, max_attempts=5, lease_seconds=60)
         assert claim.runnable
-        result = reset_steps.run_batch(session, job_id, no)
+        result = reset_batch(session, job_id, no)
         if result.purge:
             drain_purge(session, job_id, result.purge, chunk_rows)
-    return reset_steps.finalize_job(session, job_id)
+    return finalize_job(session, job_id)

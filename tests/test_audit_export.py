@@ -13,10 +13,11 @@ import pytest
 from sqlalchemy import func, select, text
 from sqlalchemy.exc import DBAPIError
 
+from models.audit import record_audit
 from models.db import session_scope
 from models.errors import NotFound, ValidationFailed
-from models.jobs import record_audit, utcnow
 from models.schema import AuditEvent
+from models.times import utcnow
 from models.training import create_organization
 from producer import audit
 from tests.test_http_api import (  # noqa: F401 - fixtures

@@ -13,11 +13,11 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 import models.messaging
-from models.db import make_engine
-from models.jobs import utcnow
-from models.schema import CampaignOccurrence, ResetJob
 from models import campaign_dispatch as dispatcher
 from models.campaign_dispatch import dispatch_due
+from models.db import make_engine
+from models.schema import CampaignOccurrence, ResetJob
+from models.times import utcnow
 from tests.test_campaigns_support import confirmed_campaign, finish_active_jobs, make_org
 
 UTC = timezone.utc
@@ -156,10 +156,10 @@ def test_a_dispatcher_dying_half_way_leaves_nothing_and_the_next_tick_does_every
 
 
 def test_the_beat_task_dispatches_and_publishes_after_commit(fresh_db, use_env, published):
-    from workers.app import app
     import tasks.campaigns  # registers the beat task on the app
-    from workers.config import celery_config
     from models.settings import get_settings
+    from workers.app import app
+    from workers.config import celery_config
 
     url = fresh_db()
     use_env(DATABASE_URL=url, CAMPAIGN_MIN_INTERVAL_SECONDS="600")  # occurrences every 10 minutes

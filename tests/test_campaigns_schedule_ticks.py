@@ -16,10 +16,10 @@ import pytest
 from freezegun import freeze_time
 from sqlalchemy import select
 
-from models.jobs import utcnow
-from models.schema import AuditEvent, RetrainingCampaign
 from models import campaign_dispatch as dispatcher
 from models.campaign_dispatch import dispatch_due
+from models.schema import AuditEvent, RetrainingCampaign
+from models.times import utcnow
 from tests.test_campaigns_support import (
     add_learner,
     campaign_jobs,

@@ -16,12 +16,16 @@ from sqlalchemy import func, select
 
 from models.components import RESET_COMPONENTS
 from models.db import dispose_engine, session_scope
-from models.jobs import utcnow
 from models.schema import AuditEvent, CourseAssignment, ResetBatch
 from models.seed import seed
 from models.states import JobState
+from models.times import utcnow
 from producer import resets
-from tasks import maintenance, reset_steps
+from tasks import maintenance
+from tasks.resets.finalize import finalize_job
+from tasks.resets.learner_batch import claim_batch, reset_batch
+from tasks.resets.purge import purge_step
+from tasks.resets.start import start_job
 from tests import fault_support as fs
 from tests.db_backends import pipeline_db  # noqa: F401 - the fixture
 
@@ -57,23 +61,23 @@ def test_item11_a_cancelled_job_whose_worker_died_holding_a_batch_is_cleaned_up(
     org = seed(pipeline_db, learners=120, lessons=4, courses=1, random_seed=21)
     course = org.course_ids[0]
     job_id = _confirm(pipeline_db, org, course)
-    start = reset_steps.start_job(pipeline_db, job_id, batch_size=20)
+    start = start_job(pipeline_db, job_id, batch_size=20)
     held, done = start.batch_nos[0], start.batch_nos[1]
     # A worker claimed `held` and died (its work rolled back with it); `done` finished.
-    assert reset_steps.claim_batch(pipeline_db, job_id, held, 5, lease_seconds=30).runnable
-    reset_steps.claim_batch(pipeline_db, job_id, done, 5, 30)
-    learners = reset_steps.run_batch(pipeline_db, job_id, done).learners
+    assert claim_batch(pipeline_db, job_id, held, 5, lease_seconds=30).runnable
+    claim_batch(pipeline_db, job_id, done, 5, 30)
+    learners = reset_batch(pipeline_db, job_id, done).learners
     assert resets.cancel(pipeline_db, job_id, org.admin_id)["state"] == "cancelling"
     # A batch that finds its job cancelling hands on to the clean-up.
     third = start.batch_nos[2]
-    reset_steps.claim_batch(pipeline_db, job_id, third, 5, 30)
-    assert reset_steps.run_batch(pipeline_db, job_id, third).job_state == JobState.CANCELLING
+    claim_batch(pipeline_db, job_id, third, 5, 30)
+    assert reset_batch(pipeline_db, job_id, third).job_state == JobState.CANCELLING
     # While the dead worker's lease lasts, the clean-up waits for it ...
-    assert not reset_steps.finalize_job(pipeline_db, job_id).finished
+    assert not finalize_job(pipeline_db, job_id).finished
     # ... and once it ran out, the sweep sends the finalize again and the clean-up completes.
     later = utcnow() + timedelta(seconds=61)  # past the lease and PUBLISH_STALE_SECONDS
     assert maintenance.sweep(pipeline_db, now=later).finalizes_published >= 1
-    assert reset_steps.finalize_job(pipeline_db, job_id, now=later).finished
+    assert finalize_job(pipeline_db, job_id, now=later).finished
     st = resets.status(pipeline_db, job_id)
     assert (st["state"], st["learners_done"]) == ("cancelled", learners)
     assert pipeline_db.get(ResetBatch, (uuid.UUID(job_id), held)).state == "cancelled"
@@ -88,7 +92,7 @@ def test_a_queued_job_is_cancelled_at_once(pipeline_db):
     job_id = _confirm(pipeline_db, org, org.course_ids[0])
     st = resets.cancel(pipeline_db, job_id, org.admin_id)
     assert st["state"] == "cancelled" and st["finished_at"] is not None
-    assert not reset_steps.start_job(pipeline_db, job_id, batch_size=10).started
+    assert not start_job(pipeline_db, job_id, batch_size=10).started
     assert _final_audit(pipeline_db, job_id).action == "reset.cancelled"
 
 
@@ -150,11 +154,11 @@ def test_item12_cancel_during_the_purge_never_deadlocks(env):
         with session_scope() as session:
             job_id = _confirm(session, org, course)
         with session_scope() as session:
-            start = reset_steps.start_job(session, job_id, batch_size=1000, purge_partitions=2)
+            start = start_job(session, job_id, batch_size=1000, purge_partitions=2)
         with session_scope() as session:
-            reset_steps.claim_batch(session, job_id, start.batch_nos[0], 5, 60)
+            claim_batch(session, job_id, start.batch_nos[0], 5, 60)
         with session_scope() as session:
-            purge = reset_steps.run_batch(session, job_id, start.batch_nos[0]).purge
+            purge = reset_batch(session, job_id, start.batch_nos[0]).purge
         assert purge
         errors: list[BaseException] = []
 
@@ -162,7 +166,7 @@ def test_item12_cancel_during_the_purge_never_deadlocks(env):
             try:
                 while True:
                     with session_scope() as session:
-                        step = reset_steps.purge_step(session, job_id, batch_no, None, 5, 60)
+                        step = purge_step(session, job_id, batch_no, 5)
                     if step.status != "progressed":
                         return
             except BaseException as exc:  # noqa: BLE001 - reported below
@@ -175,12 +179,12 @@ def test_item12_cancel_during_the_purge_never_deadlocks(env):
         with session_scope() as session:
             resets.cancel(session, job_id, org.admin_id)
         with session_scope() as session:
-            reset_steps.finalize_job(session, job_id)
+            finalize_job(session, job_id)
         for thread in threads:
             thread.join(30)
         assert not errors, errors
         with session_scope() as session:
-            reset_steps.finalize_job(session, job_id)  # a purge step may have handed it on after
+            finalize_job(session, job_id)  # a purge step may have handed it on after
             st = resets.status(session, job_id)
             assert st["state"] == "cancelled", st
             assert _earlier_attempt_rows(session, course, _reset_learners(session, job_id, course)) == 0

@@ -23,7 +23,8 @@ from sqlalchemy.pool import NullPool
 
 from models.logs import logger
 from models.schema import Base, Course, CourseAssignment, User
-from producer.cli import MAX_ID, cli, main, parse
+from producer.cli import cli, main, parse
+from producer.cli_parameters import MAX_ID
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = Path(sys.executable).parent / "progress-reset"
@@ -145,7 +146,8 @@ def test_embedded_default_needs_nothing_set(cli_env):
 
 @pytest.mark.parametrize(
     "variable, value",
-    [("DATABASE_URL", "mysql://root@127.0.0.1/training"), ("RESET_BATCH_SIZE", "lots"), ("NOTIFY_BACKEND", "pigeon")],
+    [("DATABASE_URL", "mysql://root@127.0.0.1/training"), ("RESET_BATCH_SIZE", "lots"), ("NOTIFY_BACKEND", "pigeon"),
+     ("RABBITMQ_QUEUE_TYPE", "mirrored")],
 )
 def test_bad_configuration_is_one_line_naming_the_variable(cli_env, variable, value):
     result = run_cli("seed", "--learners", "5", env={**cli_env, variable: value})

@@ -7,6 +7,7 @@ exists in the project, and the start-up order is right.
 from __future__ import annotations
 
 import importlib
+import json
 import re
 import shlex
 from pathlib import Path
@@ -22,6 +23,8 @@ APP_SERVICES = ["migrate", "api", "worker-resets", "worker-batches", "worker-not
 WORKERS = {"worker-resets": "resets", "worker-batches": "reset_batches",
            "worker-notifications": "notifications", "worker-webhooks": "webhooks",
            "worker-maintenance": "maintenance"}
+# Profile `rabbitmq`: the same services on RabbitMQ (`docker compose --profile rabbitmq up`).
+RABBITMQ_SERVICES = {f"{name}-rabbitmq": name for name in APP_SERVICES if name != "migrate"}
 
 
 def argv_of(command) -> list[str]:
@@ -90,24 +93,40 @@ def test_redis_keeps_messages():
     assert option(command, "--maxmemory-policy") == "noeviction"
 
 
+OWNER_URL = "postgresql://postgres:postgres@postgres:5432/progress_reset"
+APP_URL = "postgresql://progress_reset_app:${DATABASE_APP_PASSWORD:-progress_reset_app}@postgres:5432/progress_reset"
+
+
 @pytest.mark.parametrize("name", APP_SERVICES)
 def test_every_app_service_runs_the_project_image_with_its_configuration(name):
     service = SERVICES[name]
     assert service["build"] == "." and (REPO_ROOT / "Dockerfile").exists()
     env = service["environment"]
-    assert env["DATABASE_URL"] == "postgresql://postgres:postgres@postgres:5432/progress_reset"
+    assert env["DATABASE_URL"] == (OWNER_URL if name == "migrate" else APP_URL)
     assert env["CELERY_BROKER_URL"] == "redis://redis:6379/0"
 
 
-@pytest.mark.parametrize("name", APP_SERVICES)
+def test_migrations_run_as_the_owner_and_grant_the_role_every_other_service_connects_as():
+    from models.settings import Settings
+
+    migrate = SERVICES["migrate"]["environment"]
+    role = Settings.from_env({"DATABASE_APP_ROLE": migrate["DATABASE_APP_ROLE"]}).database_app_role
+    assert APP_URL.startswith(f"postgresql://{role}:${{DATABASE_APP_PASSWORD")
+    assert migrate["DATABASE_APP_PASSWORD"] == "${DATABASE_APP_PASSWORD:-progress_reset_app}"
+    assert APP_URL.split("@")[0].endswith(":" + migrate["DATABASE_APP_PASSWORD"]), "one password for both"
+    others = [name for name in [*APP_SERVICES, *RABBITMQ_SERVICES] if name != "migrate"]
+    assert all("DATABASE_APP_ROLE" not in SERVICES[name]["environment"] for name in others)
+
+
+@pytest.mark.parametrize("name", [*APP_SERVICES, *RABBITMQ_SERVICES])
 def test_every_command_refers_to_an_existing_entry_point(name):
     check_entry_point(argv_of(SERVICES[name]["command"]))
 
 
-@pytest.mark.parametrize("name", sorted(WORKERS))
+@pytest.mark.parametrize("name", sorted(WORKERS) + sorted(f"{w}-rabbitmq" for w in WORKERS))
 def test_each_worker_consumes_its_queue_and_is_health_checked(name):
     argv = argv_of(SERVICES[name]["command"])
-    assert option(argv, "-Q") == WORKERS[name]
+    assert option(argv, "-Q") == WORKERS[name.removesuffix("-rabbitmq")]
     node = option(argv, "-n")
     health = SERVICES[name]["healthcheck"]["test"]
     check = health[1] if health[0] == "CMD-SHELL" else " ".join(health[1:])
@@ -161,3 +180,116 @@ def test_dockerfile_installs_the_locked_dependencies():
     assert "requirements.lock" in dockerfile and re.search(r"pip install .*-c requirements\.lock \.", dockerfile)
     for package in ("models", "tasks", "workers", "producer"):
         assert f"COPY {package} " in dockerfile, f"the image lacks the {package} package"
+
+
+# --- profile "observability": Prometheus, Grafana with the dashboard, Jaeger ------------------------
+
+OBSERVABILITY = ("prometheus", "grafana", "jaeger")
+DASHBOARD = REPO_ROOT / "docs" / "observability" / "progress-reset-dashboard.json"
+
+
+def mounts(service: str) -> dict[str, str]:
+    """``{path in the container: path in the repository}`` of a service's bind mounts."""
+    out = {}
+    for volume in SERVICES[service].get("volumes", []):
+        source, target = volume.split(":")[:2]
+        if source.startswith("./"):
+            out[target] = source[2:]
+    return out
+
+
+def test_the_observability_services_run_only_in_their_profile_with_pinned_images():
+    for name in OBSERVABILITY:
+        service = SERVICES[name]
+        assert service.get("profiles") == ["observability"], name
+        image, _, tag = service["image"].partition(":")
+        assert tag and tag != "latest", f"{name}: pin the image version"
+        assert all(str(port).startswith("127.0.0.1:") for port in service.get("ports", [])), name
+    for name in APP_SERVICES:
+        assert "profiles" not in SERVICES[name], f"{name} must run without any profile"
+
+
+def test_app_services_send_traces_where_the_profile_receives_them():
+    for name in APP_SERVICES:
+        assert SERVICES[name]["environment"]["OTEL_EXPORTER_OTLP_ENDPOINT"] == "${OTEL_EXPORTER_OTLP_ENDPOINT:-}"
+    header = (REPO_ROOT / "docker-compose.yml").read_text()
+    assert "OTEL_EXPORTER_OTLP_ENDPOINT=http://jaeger:4318 docker compose --profile observability up" in header
+    assert SERVICES["jaeger"]["environment"]["COLLECTOR_OTLP_ENABLED"] == "true"
+
+
+def test_prometheus_scrapes_the_api_metrics():
+    config_path = mounts("prometheus")["/etc/prometheus/prometheus.yml"]
+    config = yaml.safe_load((REPO_ROOT / config_path).read_text())
+    (job,) = config["scrape_configs"]
+    assert job["metrics_path"] == "/metrics"
+    assert job["static_configs"][0]["targets"] == [f"api:{SERVICES['api']['environment']['HTTP_PORT']}"]
+    assert option(argv_of(SERVICES["prometheus"]["command"]), "--config.file") == "/etc/prometheus/prometheus.yml"
+
+
+def test_grafana_provisions_the_prometheus_source_and_the_dashboard():
+    grafana = mounts("grafana")
+    provisioning = REPO_ROOT / grafana["/etc/grafana/provisioning"]
+    sources = yaml.safe_load((provisioning / "datasources" / "datasources.yml").read_text())["datasources"]
+    prometheus = next(s for s in sources if s["type"] == "prometheus")
+    assert prometheus["url"] == "http://prometheus:9090"
+    (provider,) = yaml.safe_load((provisioning / "dashboards" / "dashboards.yml").read_text())["providers"]
+    folder = provider["options"]["path"]
+    dashboards = {target: source for target, source in grafana.items() if target.startswith(folder + "/")}
+    assert list(dashboards.values()) == ["docs/observability/progress-reset-dashboard.json"]
+    dashboard = json.loads(DASHBOARD.read_text())
+    panels = [p for p in dashboard["panels"] if p["type"] != "row"]
+    assert panels and all(p["datasource"]["uid"] == prometheus["uid"] for p in panels)
+    titles = " ".join(p["title"] for p in panels)
+    for shown in ("Queue depth", "throughput", "Unit wait p95", "Notification lag", "Webhook delivery lag",
+                  "Dead-lettered"):
+        assert shown in titles, shown
+
+
+# --- profile rabbitmq ------------------------------------------------------------------------------
+
+def test_the_rabbitmq_profile_runs_rabbitmq_with_its_own_credentials_and_a_health_check():
+    rabbitmq = SERVICES["rabbitmq"]
+    assert rabbitmq["profiles"] == ["rabbitmq"]
+    assert rabbitmq["image"].startswith("rabbitmq:3.13-management")
+    env = rabbitmq["environment"]
+    assert env["RABBITMQ_DEFAULT_VHOST"] == "progress_reset"
+    assert env["RABBITMQ_DEFAULT_USER"].startswith("${RABBITMQ_USER") and env["RABBITMQ_DEFAULT_PASS"].startswith(
+        "${RABBITMQ_PASSWORD")
+    assert "rabbitmq-diagnostics" in rabbitmq["healthcheck"]["test"]
+    assert any(str(v).endswith(":/var/lib/rabbitmq") for v in rabbitmq["volumes"]), "messages survive a restart"
+    assert all(str(port).startswith("127.0.0.1:") for port in rabbitmq["ports"])
+
+
+@pytest.mark.parametrize("name", sorted(RABBITMQ_SERVICES))
+def test_the_rabbitmq_profile_runs_the_same_services_on_rabbitmq(name):
+    """Each `<service>-rabbitmq` is its Redis twin (command, image, database) with RabbitMQ as the
+    broker, Redis for the rate limit and health replies, and only in the profile."""
+    service, twin = SERVICES[name], SERVICES[RABBITMQ_SERVICES[name]]
+    assert service["profiles"] == ["rabbitmq"] and "profiles" not in twin
+    assert service["build"] == twin["build"] and service["image"] == twin["image"]
+    assert argv_of(service["command"]) == argv_of(twin["command"])
+    env = service["environment"]
+    assert env["DATABASE_URL"] == twin["environment"]["DATABASE_URL"]
+    assert re.fullmatch(r"amqp://\$\{RABBITMQ_USER:-\w+\}:\$\{RABBITMQ_PASSWORD:-\w+\}@rabbitmq:5672/progress_reset",
+                        env["CELERY_BROKER_URL"]), env["CELERY_BROKER_URL"]
+    assert env["REDIS_URL"] == "redis://redis:6379/0"
+    assert service["depends_on"]["rabbitmq"]["condition"] == "service_healthy"
+    if "migrate" in twin.get("depends_on", {}):
+        assert service["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+        assert service["depends_on"]["postgres"]["condition"] == "service_healthy"
+    twin_ports = {str(p).split(":", 2)[2] for p in twin.get("ports", [])}
+    ports = {str(p).split(":", 2)[2] for p in service.get("ports", [])}
+    assert ports == twin_ports, "the same container ports"
+    assert all(str(p).startswith("127.0.0.1:") for p in service.get("ports", []))
+
+
+def test_both_stacks_can_run_at_once():
+    """`--profile rabbitmq up` starts both stacks: no host port may be used twice."""
+    published = [str(p).rsplit(":", 1)[0] for s in SERVICES.values() for p in s.get("ports", [])]
+    assert len(published) == len(set(published)), published
+
+
+def test_flower_on_rabbitmq_reads_queue_lengths_from_the_management_api():
+    env = SERVICES["flower-rabbitmq"]["environment"]
+    assert env["FLOWER_BROKER_API"].endswith("@rabbitmq:15672/api/")
+    assert re.fullmatch(r"\$\{FLOWER_PASSWORD(:-)?\}", env["FLOWER_PASSWORD"])

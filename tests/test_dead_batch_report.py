@@ -13,7 +13,10 @@ from models.components import RESET_COMPONENTS
 from models.schema import CourseAssignment, ResetBatch, ResetJob
 from models.seed import seed
 from producer import resets
-from tasks import reset_steps
+from tasks.resets.failures import fail_purge_step, record_batch_error
+from tasks.resets.learner_batch import claim_batch, reset_batch
+from tasks.resets.purge import purge_step
+from tasks.resets.start import start_job
 from tests.db_backends import pipeline_db  # noqa: F401 - the fixture
 
 
@@ -22,19 +25,19 @@ def _job_with_a_dead_learner_batch_and_a_dead_purge_batch(session):
     course = org.course_ids[0]
     req = resets.request(session, org.admin_id, course, reason="dead batches")
     job_id = resets.confirm(session, req.request_id, org.admin_id, req.token).job_id
-    poison, *healthy = reset_steps.start_job(session, job_id, batch_size=40, purge_partitions=1).batch_nos
-    assert reset_steps.claim_batch(session, job_id, poison, max_attempts=1, lease_seconds=60).runnable
-    reset_steps.record_batch_error(session, job_id, poison, "IntegrityError: learner is broken")
-    assert reset_steps.claim_batch(session, job_id, poison, max_attempts=1, lease_seconds=60).dead
+    poison, *healthy = start_job(session, job_id, batch_size=40, purge_partitions=1).batch_nos
+    assert claim_batch(session, job_id, poison, max_attempts=1, lease_seconds=60).runnable
+    record_batch_error(session, job_id, poison, "IntegrityError: learner is broken")
+    assert claim_batch(session, job_id, poison, max_attempts=1, lease_seconds=60).dead
     released = []
     for no in healthy:
-        reset_steps.claim_batch(session, job_id, no, 5, 60)
-        released += reset_steps.run_batch(session, job_id, no).purge
+        claim_batch(session, job_id, no, 5, 60)
+        released += reset_batch(session, job_id, no).purge
     purge_no = session.scalar(select(ResetBatch.batch_no).where(
         ResetBatch.job_id == uuid.UUID(job_id), ResetBatch.component == "lesson_progress"))
-    step = reset_steps.purge_step(session, job_id, purge_no, dict(released)[purge_no], 50, 60)
+    step = purge_step(session, job_id, purge_no, 50, cursor=dict(released)[purge_no])
     assert step.status == "progressed"
-    assert reset_steps.fail_purge_step(session, job_id, purge_no, "OperationalError: lock timeout", 1).dead
+    assert fail_purge_step(session, job_id, purge_no, "OperationalError: lock timeout", 1).dead
     return org, course, job_id, poison, purge_no
 
 

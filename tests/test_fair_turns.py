@@ -13,11 +13,14 @@ import pytest
 from sqlalchemy import func, select
 
 from models.db import dispose_engine, session_scope
-from models.jobs import utcnow
+from models.job_ids import job_uuid
 from models.schema import LessonProgress, ResetJob
 from models.seed import seed
+from models.times import utcnow
 from producer import resets
-from tasks import reset_steps
+from tasks.resets.failures import defer_unit
+from tasks.resets.start import start_job
+from tasks.resets.turns import claim_next_unit, next_queued_job, runnable_units
 from tests.db_backends import pipeline_db  # noqa: F401 - the fixture
 
 
@@ -30,7 +33,7 @@ def _confirm_all(session, org, course_ids):
 
 
 def _org_of(session, job_id) -> int:
-    return session.scalar(select(ResetJob.organization_id).where(ResetJob.id == reset_steps.job_uuid(job_id)))
+    return session.scalar(select(ResetJob.organization_id).where(ResetJob.id == job_uuid(job_id)))
 
 
 def test_units_alternate_between_organizations_and_round_robin_over_a_backlog(pipeline_db):
@@ -38,17 +41,17 @@ def test_units_alternate_between_organizations_and_round_robin_over_a_backlog(pi
     b = seed(pipeline_db, learners=60, lessons=3, courses=1, random_seed=2)
     a_jobs = _confirm_all(pipeline_db, a, a.course_ids)
     for job_id in a_jobs:  # organization A's backlog is planned first: several batches per job
-        assert reset_steps.start_job(pipeline_db, job_id, batch_size=10).started
+        assert start_job(pipeline_db, job_id, batch_size=10).started
     # Organization A has been served for a while before B's job arrives.
     for _ in range(4):
-        unit = reset_steps.claim_next_unit(pipeline_db, max_attempts=5, lease_seconds=60)
+        unit = claim_next_unit(pipeline_db, max_attempts=5, lease_seconds=60)
         assert _org_of(pipeline_db, unit.job_id) == a.organization_id
     (b_job,) = _confirm_all(pipeline_db, b, b.course_ids)
-    b_batches = len(reset_steps.start_job(pipeline_db, b_job, batch_size=10).batch_nos)
+    b_batches = len(start_job(pipeline_db, b_job, batch_size=10).batch_nos)
     assert b_batches >= 3
 
     order = []
-    while (unit := reset_steps.claim_next_unit(pipeline_db, max_attempts=5, lease_seconds=60)) is not None:
+    while (unit := claim_next_unit(pipeline_db, max_attempts=5, lease_seconds=60)) is not None:
         order.append(unit.job_id)
     orgs = [_org_of(pipeline_db, job_id) for job_id in order]
     # B waits for about one unit per other active organization: its units alternate with A's.
@@ -67,25 +70,25 @@ def test_the_queued_job_of_the_least_recently_served_organization_starts_first(p
     a = seed(pipeline_db, learners=20, lessons=2, courses=3, random_seed=3)
     b = seed(pipeline_db, learners=20, lessons=2, courses=1, random_seed=4)
     a_jobs = _confirm_all(pipeline_db, a, a.course_ids)
-    first = reset_steps.next_queued_job(pipeline_db)
+    first = next_queued_job(pipeline_db)
     assert str(first) == a_jobs[0]
-    reset_steps.start_job(pipeline_db, first, batch_size=10)
+    start_job(pipeline_db, first, batch_size=10)
     (b_job,) = _confirm_all(pipeline_db, b, b.course_ids)  # confirmed after all of A's
-    assert str(reset_steps.next_queued_job(pipeline_db)) == b_job
+    assert str(next_queued_job(pipeline_db)) == b_job
 
 
 def test_a_unit_whose_lease_ran_out_is_claimed_again_and_a_deferred_one_waits(pipeline_db):
     org = seed(pipeline_db, learners=30, lessons=2, courses=1, random_seed=5)
     (job_id,) = _confirm_all(pipeline_db, org, org.course_ids)
-    reset_steps.start_job(pipeline_db, job_id, batch_size=10)
-    first = reset_steps.claim_next_unit(pipeline_db, max_attempts=5, lease_seconds=60)
-    reset_steps.defer_unit(pipeline_db, job_id, first.batch_no, seconds=30)
+    start_job(pipeline_db, job_id, batch_size=10)
+    first = claim_next_unit(pipeline_db, max_attempts=5, lease_seconds=60)
+    defer_unit(pipeline_db, job_id, first.batch_no, seconds=30)
     claimed = {first.batch_no}
-    while (unit := reset_steps.claim_next_unit(pipeline_db, max_attempts=5, lease_seconds=60)) is not None:
+    while (unit := claim_next_unit(pipeline_db, max_attempts=5, lease_seconds=60)) is not None:
         claimed.add(unit.batch_no)
-    assert len(claimed) == 3 and reset_steps.runnable_units(pipeline_db, job_id) == 0
+    assert len(claimed) == 3 and runnable_units(pipeline_db, job_id) == 0
     later = utcnow() + timedelta(seconds=61)
-    again = reset_steps.claim_next_unit(pipeline_db, max_attempts=5, lease_seconds=60, now=later)
+    again = claim_next_unit(pipeline_db, max_attempts=5, lease_seconds=60, now=later)
     assert again is not None and again.claim.attempts == 2
 
 
@@ -95,9 +98,9 @@ def test_small_components_are_cleared_by_the_learner_batches_and_large_ones_purg
     lessons = pipeline_db.scalar(select(func.count()).select_from(LessonProgress)
                                 .where(LessonProgress.course_id == org.course_ids[0]))
     assert 1000 < lessons <= 2000  # and a few hundred rows of each other component
-    start = reset_steps.start_job(pipeline_db, job_id, batch_size=100, purge_partitions=4, purge_chunk_rows=500,
+    start = start_job(pipeline_db, job_id, batch_size=100, purge_partitions=4, purge_chunk_rows=500,
                                   purge_min_rows=1000)
-    job = pipeline_db.get(ResetJob, reset_steps.job_uuid(job_id))
+    job = pipeline_db.get(ResetJob, job_uuid(job_id))
     assert set(job.watermarks) == {"lesson_progress"}
     # One partition per chunk of rows, rounded up (and never more than the partitions).
     assert start.purge_total == job.purge_total == -(-lessons // 500)
@@ -128,7 +131,7 @@ def test_another_organizations_job_finishes_before_a_backlog_drains(env, celery_
     while True:
         with session_scope() as session:
             rows = session.execute(select(ResetJob.id, ResetJob.state, ResetJob.finished_at)
-                                   .where(ResetJob.id.in_([reset_steps.job_uuid(j) for j in a_jobs + [b_job]]))).all()
+                                   .where(ResetJob.id.in_([job_uuid(j) for j in a_jobs + [b_job]]))).all()
         if all(state == "succeeded" for _, state, _ in rows):
             break
         assert time.monotonic() < deadline, rows
@@ -142,12 +145,12 @@ def test_another_organizations_job_finishes_before_a_backlog_drains(env, celery_
 def test_a_redelivered_wake_up_takes_back_the_unit_its_dead_worker_held(pipeline_db):
     org = seed(pipeline_db, learners=30, lessons=2, courses=1, random_seed=9)
     (job_id,) = _confirm_all(pipeline_db, org, org.course_ids)
-    reset_steps.start_job(pipeline_db, job_id, batch_size=10)
-    held = reset_steps.claim_next_unit(pipeline_db, max_attempts=5, lease_seconds=60, owner="message-1")
-    other = reset_steps.claim_next_unit(pipeline_db, max_attempts=5, lease_seconds=60, owner="message-2")
+    start_job(pipeline_db, job_id, batch_size=10)
+    held = claim_next_unit(pipeline_db, max_attempts=5, lease_seconds=60, owner="message-1")
+    other = claim_next_unit(pipeline_db, max_attempts=5, lease_seconds=60, owner="message-2")
     assert other.batch_no != held.batch_no
     # message-1 comes back (its worker was killed): same batch, lease or not, one more attempt.
-    again = reset_steps.claim_next_unit(pipeline_db, max_attempts=5, lease_seconds=60, owner="message-1")
+    again = claim_next_unit(pipeline_db, max_attempts=5, lease_seconds=60, owner="message-1")
     assert (again.batch_no, again.claim.attempts) == (held.batch_no, 2)
 
 
@@ -160,9 +163,9 @@ def test_a_wake_up_that_finds_only_locked_units_comes_back_instead_of_ending(fre
     with session_scope() as session:
         org = seed(session, learners=12, lessons=2, courses=1, random_seed=4)
         (job_id,) = _confirm_all(session, org, org.course_ids)
-        (batch_no,) = reset_steps.start_job(session, job_id, batch_size=50).batch_nos
+        (batch_no,) = start_job(session, job_id, batch_size=50).batch_nos
     with session_scope() as session:
-        held = reset_steps.claim_next_unit(session, max_attempts=5, lease_seconds=60, owner="message-1")
+        held = claim_next_unit(session, max_attempts=5, lease_seconds=60, owner="message-1")
     assert held.batch_no == batch_no
     from models.db import get_engine
     from models.schema import ResetBatch
@@ -171,10 +174,10 @@ def test_a_wake_up_that_finds_only_locked_units_comes_back_instead_of_ending(fre
         dead_worker.execute(select(ResetBatch.batch_no).where(ResetBatch.batch_no == batch_no)
                             .with_for_update())
         with session_scope() as session:
-            assert reset_steps.claim_next_unit(session, 5, 60, owner="message-1") is None
-            assert reset_steps.runnable_units(session, owner="message-1") == 1
-            assert reset_steps.runnable_units(session, owner="message-2") == 0  # another's lease is live
+            assert claim_next_unit(session, 5, 60, owner="message-1") is None
+            assert runnable_units(session, owner="message-1") == 1
+            assert runnable_units(session, owner="message-2") == 0  # another's lease is live
         dead_worker.rollback()
     with session_scope() as session:
-        again = reset_steps.claim_next_unit(session, 5, 60, owner="message-1")
+        again = claim_next_unit(session, 5, 60, owner="message-1")
     assert (again.batch_no, again.claim.attempts) == (batch_no, 2)

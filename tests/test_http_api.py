@@ -25,9 +25,9 @@ import redis
 from sqlalchemy import func, select, update
 
 from models.db import dispose_engine, session_scope
-from models.jobs import utcnow
 from models.schema import AuditEvent, CourseAssignment, ResetJob, User
 from models.seed import seed
+from models.times import utcnow
 from producer import apikeys
 
 pytestmark = pytest.mark.e2e
@@ -263,10 +263,11 @@ def test_request_confirm_status_flow_ends_succeeded_with_a_real_worker(api_env, 
         assert set(req["summary"]) >= {"learners", "completions", "certificates", "learners_to_notify"}
         assert req["state"] == "awaiting_confirmation" and req["summary"]["learners"] > 0
 
-        # Same key, same parameters: the same request (with a fresh token; the old one can't be shown again).
+        # Same key, same parameters: the same answer, token included, marked as a replay.
         again = api.post("/v1/resets", json=body, headers={"Idempotency-Key": "lms-a-42"})
-        assert again.status_code == 201 and again.json()["request_id"] == req["request_id"]
-        token = again.json()["token"]
+        assert again.status_code == 201 and again.headers["idempotent-replayed"] == "true"
+        assert again.json() == {**req, "replayed": True} and req["replayed"] is False
+        token = req["token"]
 
         confirmed = api.post(f"/v1/resets/{req['request_id']}/confirm",
                              json={"actor_id": a.admin_id, "token": token})
@@ -383,11 +384,11 @@ def test_every_error_code_is_produced_by_a_real_bad_request(api_env, tenants, st
         assert_problem(api.get("/v1/nothing-here"), 404, "not_found")
         assert job_count() == jobs_before  # no refusal wrote anything
 
-        # 409: idempotency key reused with other parameters.
+        # 422: idempotency key reused with other parameters.
         first = api.post("/v1/resets", json=body, headers={"Idempotency-Key": "k-1"})
         assert first.status_code == 201, first.text
         assert_problem(api.post("/v1/resets", json={**body, "reason": "other"}, headers={"Idempotency-Key": "k-1"}),
-                       409, "conflict")
+                       422, "idempotency_key_reused")
 
         # 409: wrong token (and nothing changes), then the right one; a reused token.
         req = first.json()

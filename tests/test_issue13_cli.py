@@ -16,9 +16,9 @@ import sys
 import pytest
 
 from models.db import dispose_engine, session_scope
-from models.jobs import hash_token, new_token
 from models.schema import ResetJob
 from models.seed import seed
+from models.tokens import hash_token, new_token
 from tests.reset_checks import fingerprint
 from tests.test_cli_foundation import invoke
 from tests.test_producer_errors import refused

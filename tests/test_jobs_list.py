@@ -13,8 +13,8 @@ from sqlalchemy import func, select
 
 from models.db import session_scope
 from models.errors import ValidationFailed
-from models.jobs import utcnow
 from models.schema import ResetJob
+from models.times import utcnow
 from models.training import create_course, create_organization, create_user
 from producer import resets
 from producer.pages import encode_cursor

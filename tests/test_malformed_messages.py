@@ -116,13 +116,18 @@ def test_item2_malformed_message_on_every_queue_is_set_aside_and_the_worker_keep
     assert len(logged) == pushed, logged
     assert {entry["queue"] for entry in logged} == set(MALFORMED)
     assert not any("this is not json" in json.dumps(entry) for entry in logged)
+    assert_malformed_metrics({queue: len(messages) for queue, messages in MALFORMED.items()})
+    client.close()
+
+
+def assert_malformed_metrics(expected: dict[str, int]) -> None:
+    """``/metrics`` counts ``expected[queue]`` messages set aside from each queue, all still kept."""
     registry = CollectorRegistry()
     registry.register(ResetSystemCollector())
     text = generate_latest(registry).decode()
-    for queue, messages in MALFORMED.items():
-        assert f'progress_reset_broker_malformed_messages_total{{queue="{queue}"}} {float(len(messages))}' in text
-        assert f'progress_reset_broker_malformed_kept{{queue="{queue}"}} {float(len(messages))}' in text
-    client.close()
+    for queue, count in expected.items():
+        assert f'progress_reset_broker_malformed_messages_total{{queue="{queue}"}} {float(count)}' in text
+        assert f'progress_reset_broker_malformed_kept{{queue="{queue}"}} {float(count)}' in text
 
 
 def test_item2_a_worker_started_after_the_poison_was_pushed_starts_and_serves(env, redis_url, celery_worker_proc):

@@ -1,7 +1,8 @@
 """``/metrics``: Prometheus text that parses, with values read from the ledger tables and the broker.
 
-Tier (a): the snapshot against rows in a rolled-back transaction. Tier (c): a
-real server and a real worker, scraped before, during and after a reset.
+Tier (a): the snapshot against rows in a rolled-back transaction; the wait and lag histograms
+against the test Redis. Tier (c): a real server and a real worker, scraped before, during and
+after a reset.
 """
 
 from __future__ import annotations
@@ -15,11 +16,16 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from models.jobs import utcnow
+import redis
+
+from models import lag_metrics
+from models.lag_metrics import RATE_LIMIT_WAIT, UNIT_WAIT, observe, observe_webhook_attempt, read_all
 from models.schema import Notification, ResetBatch, ResetJob
-from models.training import create_organization
+from models.settings import get_settings
 from models.states import BatchState
-from producer.metrics import Snapshot, read_snapshot, snapshot_metrics
+from models.times import iso, utcnow
+from models.training import create_organization
+from producer.metrics import Snapshot, lag_metrics as lag_families, read_snapshot, snapshot_metrics
 from tests.test_http_api import api_env, start_api, tenants, wait_for_state  # noqa: F401 - fixtures
 
 QUEUES = ("resets", "reset_batches", "notifications", "maintenance")
@@ -158,17 +164,81 @@ def test_metrics_parse_and_counters_move_during_a_reset(api_env, tenants, start_
     assert value(after, "progress_reset_notifications_pending") == 0
     assert value(after, "progress_reset_oldest_queued_job_age_seconds") == 0
     assert value(after, "progress_reset_http_requests_total", method="POST", route="/v1/resets", status="201") == 1
-    # No label carries an id: only states, statuses, queues and routes.
+    # Per-organization waits and lags, measured by the worker: one observation per unit, per job
+    # start and per notification sent.
+    org = str(a.organization_id)
+    assert value(after, "progress_reset_unit_wait_seconds_count", organization=org) == st["batches_total"] >= 2
+    assert value(after, "progress_reset_job_start_wait_seconds_count", organization=org) == 1
+    assert value(after, "progress_reset_notification_lag_seconds_count", organization=org) == to_notify
+    assert value(after, "progress_reset_notification_lag_seconds_sum", organization=org) > 0
+    assert value(after, "progress_reset_notification_rate_limit_wait_seconds_count") >= 1
+    # No label carries a course or learner id, nor an unbounded organization id (models.lag_metrics).
     label_names = {name for (_sample, labels) in after for name, _ in labels}
-    assert label_names <= {"state", "status", "queue", "method", "route", "le"}
+    assert label_names <= {"state", "status", "queue", "method", "route", "le", "organization", "outcome"}
+
+
+def test_waits_add_up_in_redis_and_the_organization_label_stays_bounded(use_env, redis_url):
+    use_env(REDIS_URL=redis_url, METRICS_ORGANIZATION_LABELS="2")
+    client = redis.Redis.from_url(redis_url)
+    client.flushdb()
+    lag_metrics._recorders.clear()
+    observe(UNIT_WAIT, [(101, 0.03), (102, 0.7), (103, 4000.0), (101, 0.3)])
+    observe(UNIT_WAIT, [(104, 1.0), (101, 0.04)])
+    observe(RATE_LIMIT_WAIT, [(None, 0.02)])
+    assert client.smembers(lag_metrics.ORGANIZATIONS_KEY) == {b"101", b"102"}  # the first two, for good
+    ten_seconds_ago = iso(utcnow() - timedelta(seconds=10))
+    observe_webhook_attempt({"organization_id": 102, "created_at": ten_seconds_ago}, "delivered")
+    observe_webhook_attempt({"organization_id": 105, "created_at": ten_seconds_ago}, "pending")
+    assert observe_webhook_attempt({"organization_id": 102, "created_at": ten_seconds_ago}, "stale") == "stale"
+
+    registry = CollectorRegistry()
+    registry.register(_Fixed(lag_families(*read_all(get_settings()))))
+    samples = parse(generate_latest(registry).decode())
+    bucket = "progress_reset_unit_wait_seconds_bucket"
+    assert value(samples, bucket, organization="101", le="0.05") == 2
+    assert value(samples, bucket, organization="101", le="0.5") == 3
+    assert value(samples, "progress_reset_unit_wait_seconds_count", organization="101") == 3
+    assert value(samples, "progress_reset_unit_wait_seconds_sum", organization="101") == pytest.approx(0.37)
+    assert value(samples, bucket, organization="other", le="900.0") == 1  # 104's second
+    assert value(samples, bucket, organization="other", le="+Inf") == 2  # and 103's hour
+    assert not [key for key in samples if ("organization", "103") in key[1] or ("organization", "104") in key[1]]
+    assert value(samples, "progress_reset_notification_rate_limit_wait_seconds_count") == 1
+    assert value(samples, "progress_reset_webhook_delivery_lag_seconds_count", organization="102") == 1
+    assert 10 <= value(samples, "progress_reset_webhook_delivery_lag_seconds_sum", organization="102") < 20
+    assert value(samples, "progress_reset_webhook_delivery_attempts_total", organization="102",
+                 outcome="delivered") == 1
+    assert value(samples, "progress_reset_webhook_delivery_attempts_total", organization="other",
+                 outcome="pending") == 1
+
+
+def test_every_metric_on_the_dashboard_is_served(fresh_db, use_env, redis_url):
+    """docs/observability/progress-reset-dashboard.json is built on what /metrics serves."""
+    import json
+    import re
+    from pathlib import Path
+
+    from fastapi.testclient import TestClient
+
+    from producer.http.app import create_app
+
+    use_env(DATABASE_URL=fresh_db(), CELERY_BROKER_URL=redis_url, REDIS_URL=redis_url)
+    with TestClient(create_app()) as client:
+        client.get("/healthz")
+        text = client.get("/metrics").text
+    served = {family.name for family in text_string_to_metric_families(text)}
+    dashboard = Path(__file__).resolve().parent.parent / "docs" / "observability" / "progress-reset-dashboard.json"
+    exprs = [t["expr"] for p in json.loads(dashboard.read_text())["panels"] for t in p.get("targets", [])]
+    names = [name for expr in exprs for name in re.findall(r"progress_reset_\w+", expr)]
+    used = {re.sub(r"_(bucket|count|sum|total)$", "", name) for name in names}
+    assert len(used) >= 15 and not used - served, sorted(used - served)
 
 
 def test_dead_batches_lists_what_each_dead_letter_left_undone(db_session):
     from sqlalchemy import select, update
 
+    from models.batches import dead_batch_report
     from models.schema import CourseAssignment
     from models.seed import seed
-    from models.batches import dead_batch_report
 
     org = seed(db_session, learners=30, lessons=3, courses=1, completed_ratio=0.5, random_seed=2)
     course = org.course_ids[0]

@@ -21,13 +21,17 @@ import redis
 from sqlalchemy import func, select
 
 from models.db import dispose_engine, session_scope
-from models.jobs import as_utc, target_filter
+from models.jobs import target_filter
+from models.messaging import send_now
 from models.schema import Course, CourseAssignment, Notification, User
 from models.seed import seed
+from models.settings import get_settings
 from models.states import NotificationStatus
+from models.times import as_utc
 from producer import resets
-from tasks import notifications as n
-from models.messaging import send_now
+from tasks.notifications import outbox
+from tasks.notifications.sending import claim_lease_seconds
+from tasks.ratelimit import notification_group_size
 from tests.notify_support import SmtpSink, WebhookSink, insert_outbox, measured_rate, wait_until
 
 pytestmark = pytest.mark.e2e
@@ -84,7 +88,7 @@ def settled(job_id: str, timeout: float, sweep_every: float | None = None) -> di
         nonlocal last_sweep
         if sweep_every is not None and time.monotonic() - last_sweep >= sweep_every:
             with session_scope() as session:
-                n.sweep_notifications(session)
+                outbox.sweep_notifications(session, claim_lease_seconds(get_settings()))
             last_sweep = time.monotonic()
         st = job_status(job_id)
         return st if st["state"] == "succeeded" and st["notifications"]["pending"] == 0 else None
@@ -172,7 +176,9 @@ def test_duplicated_sends_and_a_worker_killed_between_send_and_mark(
         backend, setup_env, celery_worker_proc, redis_url):
     sink = (WebhookSink() if backend == "webhook" else SmtpSink()).start()
     try:
-        env = setup_env(NOTIFY_STALE_SECONDS="3", NOTIFY_CHUNK_SIZE="25", **sink.env())
+        # Short send deadlines: a lost claim's lease (deadline + 5 s) ends soon after the kill.
+        env = setup_env(NOTIFY_WEBHOOK_TIMEOUT_SECONDS="2", SMTP_TIMEOUT_SECONDS="2", NOTIFY_CHUNK_SIZE="25",
+                        **sink.env())
         with session_scope() as session:
             org = seed(session, learners=1000, lessons=2, courses=1, completed_ratio=0.4, random_seed=22)
         course = org.course_ids[0]
@@ -225,7 +231,7 @@ def test_duplicated_sends_and_a_worker_killed_between_send_and_mark(
 def test_provider_outage_does_not_slow_resets_and_notifications_catch_up(setup_env, celery_worker_proc):
     sink = WebhookSink().start()
     try:
-        env = setup_env(WEBHOOK_TIMEOUT_SECONDS="0.5", **sink.env())
+        env = setup_env(NOTIFY_WEBHOOK_TIMEOUT_SECONDS="0.5", **sink.env())
         with session_scope() as session:
             org = seed(session, learners=2000, lessons=2, courses=2, completed_ratio=0.35, random_seed=23)
         healthy_course, outage_course = org.course_ids
@@ -299,10 +305,11 @@ def test_rate_limit_holds_across_worker_processes(setup_env, celery_worker_proc)
     print(f"\nrate limit {rate:.0f}/s over {len(stamps)} notifications, 2 worker processes x 2: "
           f"measured {measured:.1f}/s at the receiver")
     assert measured == pytest.approx(rate, rel=0.10), measured
-    # No burst above the rate in any one-second window either.
+    # No more in any one-second window than the limiter allows: one group (its burst) plus the rate.
     busiest = max(sum(1 for t in stamps[i:i + int(rate * 2)] if t < start + 1.0) for i, start in enumerate(stamps))
-    print(f"busiest one-second window: {busiest} sends")
-    assert busiest <= rate * 1.10 + 1
+    group = notification_group_size(get_settings())
+    print(f"busiest one-second window: {busiest} sends (at most {group} + {rate:.0f})")
+    assert busiest <= group + rate + 1
 
 
 # --- throughput figure ------------------------------------------------------------------------

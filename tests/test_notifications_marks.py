@@ -1,8 +1,7 @@
 """Notifications: the one backoff, and sent marks that wait out a database outage.
 
-Recording rows the provider already accepted is the one database-down path the sender handles
-itself instead of leaving it to the task's autoretry: a retried task would take those rows back
-under the same message id and send them again.
+Recording rows the provider already accepted is the one database-down path the courier's sender
+waits out itself: the messages were sent, and only that write says so.
 """
 
 from __future__ import annotations
@@ -13,9 +12,10 @@ from contextlib import contextmanager
 import pytest
 from sqlalchemy.exc import OperationalError
 
-from tasks import notifications as n
-from tasks.base import DATABASE_UNAVAILABLE, backoff_seconds
-from tasks.notifications import sender
+from tasks.backoff import backoff_seconds
+from tasks.base import DATABASE_UNAVAILABLE
+from tasks.notifications import outbox, sending
+from tasks.notifications import tasks as notification_tasks
 from tasks.notifications.outbox import ClaimedNotification
 
 
@@ -26,18 +26,18 @@ def test_one_backoff_formula_with_equal_jitter():
         delays = [backoff_seconds(attempt, 0.2, 5.0, rng) for _ in range(50)]
         assert all(ceiling / 2 <= d <= ceiling for d in delays)
     # A row's retry delay is the same formula with its own base and cap.
-    assert n.retry_delay(4, rng=random.Random(9)) == backoff_seconds(4, n.RETRY_BASE_SECONDS,
-                                                                       n.RETRY_MAX_SECONDS, random.Random(9))
+    assert outbox.retry_delay(4, rng=random.Random(9)) == backoff_seconds(4, outbox.RETRY_BASE_SECONDS,
+                                                                       outbox.RETRY_MAX_SECONDS, random.Random(9))
 
 
-def test_importing_the_package_registers_the_task_under_its_name():
-    assert n.send_notifications.name == n.TASK_NAME == "notifications.send"
-    assert n.send_notifications.autoretry_for == DATABASE_UNAVAILABLE
+def test_the_task_module_registers_the_task_under_its_name():
+    assert notification_tasks.send_notifications.name == outbox.TASK_NAME == "notifications.send"
+    assert notification_tasks.send_notifications.autoretry_for == DATABASE_UNAVAILABLE
 
 
 def _claim(nid: int) -> ClaimedNotification:
     return ClaimedNotification(id=nid, user_id=nid, course_id=1, reset_job_id=None, kind="course_assigned",
-                               attempts=1)
+                               attempts=1, token="t")
 
 
 @pytest.fixture
@@ -56,30 +56,30 @@ def database(monkeypatch):
         state["marked"].extend(marks)
         return len(marks)
 
-    monkeypatch.setattr(sender, "_transaction", transaction)
-    monkeypatch.setattr(sender, "mark_sent_many", mark_sent_many)
-    monkeypatch.setattr(sender.time, "sleep", state["slept"].append)
+    monkeypatch.setattr(sending, "_transaction", transaction)
+    monkeypatch.setattr(sending, "mark_sent_many", mark_sent_many)
+    monkeypatch.setattr(sending.time, "sleep", state["slept"].append)
     return state
 
 
 def test_sent_marks_wait_out_a_database_outage_with_the_backoff(database):
     database["down"] = 3
-    result = sender.SendRunResult(job_id=None)
-    marks = sender._SentMarks(result)
+    result = sending.GroupResult(job_id=None)
+    marks = sending._SentMarks(result)
     marks.items = [(_claim(1), "p1"), (_claim(2), "p2")]
     marks.flush()
     assert database["marked"] == [(1, "p1"), (2, "p2")] and result.sent == 2
     assert len(database["slept"]) == 3
     for attempt, slept in enumerate(database["slept"], start=1):
-        ceiling = min(sender.MARK_RETRY_MAX_SECONDS, sender.MARK_RETRY_BASE_SECONDS * 2 ** (attempt - 1))
+        ceiling = min(sending.MARK_RETRY_MAX_SECONDS, sending.MARK_RETRY_BASE_SECONDS * 2 ** (attempt - 1))
         assert ceiling / 2 <= slept <= ceiling
 
 
 def test_sent_marks_give_up_after_the_deadline(database, monkeypatch):
-    monkeypatch.setattr(sender, "MARK_RETRY_SECONDS", 0.0)
+    monkeypatch.setattr(sending, "MARK_RETRY_SECONDS", 0.0)
     database["down"] = 1
-    result = sender.SendRunResult(job_id=None)
-    marks = sender._SentMarks(result)
+    result = sending.GroupResult(job_id=None)
+    marks = sending._SentMarks(result)
     marks.items = [(_claim(1), "p1")]
     with pytest.raises(OperationalError):
         marks.flush()

@@ -14,8 +14,8 @@ from models.db import session_scope
 from models.schema import Course
 from models.seed import seed
 from models.settings import Settings
-from tasks.notify_backends import SmtpBackend
-from tasks.notify_message import OutgoingMessage, header_safe
+from tasks.notifications.backends import SmtpBackend
+from tasks.notifications.message import OutgoingMessage, header_safe
 from tests.notify_support import SmtpSink
 from tests.test_notifications_e2e import (  # noqa: F401 - setup_env is a fixture
     RESET_QUEUES,

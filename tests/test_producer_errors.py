@@ -14,18 +14,23 @@ from freezegun import freeze_time
 from models.db import dispose_engine, session_scope
 from models.errors import (
     Conflict,
+    IdempotencyKeyReused,
     NotFound,
     PermissionDenied,
-    ProgressResetError,
     TokenExpired,
     TokenInvalid,
     ValidationFailed,
 )
-from models.jobs import utcnow
+from models.job_ids import job_uuid
+from models.jobs import expire_requests
+from models.schema import ResetJob
 from models.seed import seed
+from models.times import utcnow
 from models.training import create_user
 from producer import resets
-from tasks import reset_steps
+from tasks.resets.finalize import finalize_job
+from tasks.resets.learner_batch import claim_batch, reset_batch
+from tasks.resets.start import start_job
 from tests.reset_checks import fingerprint
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -103,11 +108,11 @@ def test_idempotency_key(db_session, two_orgs):
     course = a.course_ids[0]
     first = resets.request(db_session, a.admin_id, course, reason="x", idempotency_key="k-1")
     again = resets.request(db_session, a.admin_id, course, reason="x", idempotency_key="k-1")
-    assert again.request_id == first.request_id and again.token  # a fresh token, same request
-    # The old token was replaced: only the newest one confirms.
-    refused(db_session, TokenInvalid, resets.confirm, first.request_id, a.admin_id, first.token)
-    refused(db_session, Conflict, resets.request, a.admin_id, course, reason="other", idempotency_key="k-1",
-            match="other parameters")
+    # The same answer, token included, marked as a replay.
+    assert (again.request_id, again.token, again.expires_at) == (first.request_id, first.token, first.expires_at)
+    assert again.replayed and not first.replayed
+    refused(db_session, IdempotencyKeyReused, resets.request, a.admin_id, course, reason="other",
+            idempotency_key="k-1", match="other parameters")
     refused(db_session, ValidationFailed, resets.request, a.admin_id, course, idempotency_key="k" * 201)
     refused(db_session, ValidationFailed, resets.request, a.admin_id, course, reason="r" * 2001)
 
@@ -116,10 +121,10 @@ def test_cancel_of_a_finished_job_is_refused(db_session, two_orgs):
     a, _ = two_orgs
     req = resets.request(db_session, a.admin_id, a.course_ids[0], learner_id=a.learner_id)
     job_id = resets.confirm(db_session, req.request_id, a.admin_id, req.token).job_id
-    start = reset_steps.start_job(db_session, job_id, 100)
-    reset_steps.claim_batch(db_session, job_id, start.batch_nos[0], 5, 60)
-    reset_steps.run_batch(db_session, job_id, start.batch_nos[0])
-    reset_steps.finalize_job(db_session, job_id)
+    start = start_job(db_session, job_id, 100)
+    claim_batch(db_session, job_id, start.batch_nos[0], 5, 60)
+    reset_batch(db_session, job_id, start.batch_nos[0])
+    finalize_job(db_session, job_id)
     refused(db_session, Conflict, resets.cancel, job_id, a.admin_id, match="succeeded")
     refused(db_session, PermissionDenied, resets.cancel, job_id, a.learner_id)
 
@@ -178,3 +183,14 @@ def test_cli_refusals_are_one_line_and_change_nothing(fresh_db, use_env, redis_u
     bad_db = {**env, "DATABASE_URL": "postgresql://postgres@127.0.0.1:1/nowhere"}
     assert_refused(cli(bad_db, "status", json.loads(ok.stdout)["job_id"]), "database unavailable")
     dispose_engine()
+
+
+def test_an_expired_request_keeps_nothing_that_opens_its_token(db_session, two_orgs):
+    a, _b = two_orgs
+    req = resets.request(db_session, a.admin_id, a.course_ids[0], idempotency_key="retry-7f3c2a")
+    job = db_session.get(ResetJob, job_uuid(req.request_id))
+    assert job.sealed_token is not None and job.token_hash is not None
+    assert expire_requests(db_session, utcnow()) == 0  # still within its lifetime
+    assert expire_requests(db_session, utcnow() + timedelta(hours=1)) == 1
+    db_session.refresh(job)
+    assert (job.state, job.token_hash, job.sealed_token) == ("expired", None, None)

@@ -15,7 +15,9 @@ from models.schema import CourseAssignment, CourseItem, LessonProgress
 from models.seed import seed
 from models.training import record_activity
 from producer import resets
-from tasks import reset_steps
+from tasks.resets.finalize import finalize_job
+from tasks.resets.learner_batch import claim_batch, reset_batch
+from tasks.resets.start import start_job
 from tests.reset_checks import drain_purge
 
 
@@ -33,9 +35,9 @@ def _start_course_job(org, course):
         req = resets.request(session, org.admin_id, course, reason="r10")
         job_id = resets.confirm(session, req.request_id, org.admin_id, req.token).job_id
     with session_scope() as session:
-        start = reset_steps.start_job(session, job_id, batch_size=1000)
+        start = start_job(session, job_id, batch_size=1000)
     with session_scope() as session:
-        assert reset_steps.claim_batch(session, job_id, start.batch_nos[0], 5, 60).runnable
+        assert claim_batch(session, job_id, start.batch_nos[0], 5, 60).runnable
     return job_id, start.batch_nos[0]
 
 
@@ -44,7 +46,7 @@ def _finish(job_id, released):
     with session_scope() as session:
         drain_purge(session, job_id, released)
     with session_scope() as session:
-        assert reset_steps.finalize_job(session, job_id).state == "succeeded"
+        assert finalize_job(session, job_id).state == "succeeded"
 
 
 def _lesson(course):
@@ -90,7 +92,7 @@ def test_activity_committed_while_the_batch_waits_is_cleared(committed_org):
 
     def batch():
         with session_scope() as session:
-            released.extend(reset_steps.run_batch(session, job_id, batch_no).purge)
+            released.extend(reset_batch(session, job_id, batch_no).purge)
         batch_done.set()
 
     b = threading.Thread(target=batch)
@@ -118,7 +120,7 @@ def test_activity_after_the_learners_reset_commits_survives(committed_org):
 
     def batch():
         with session_scope() as session:
-            released.extend(reset_steps.run_batch(session, job_id, batch_no).purge)
+            released.extend(reset_batch(session, job_id, batch_no).purge)
             batch_locked.set()
             release.wait(10)
 
@@ -193,3 +195,42 @@ def test_concurrent_confirms_of_one_course_admit_exactly_one(committed_org):
     for t in threads:
         t.join(20)
     assert sorted(outcomes) == ["conflict"] * 5 + ["queued"]
+
+
+def test_a_learner_confirm_waits_for_a_course_wide_confirm_in_flight_and_is_refused(committed_org):
+    # Different scopes are different unique indexes: only the lock on the course orders them.
+    org = committed_org
+    course = org.course_ids[0]
+    with session_scope() as session:
+        whole = resets.request(session, org.admin_id, course, reason="course")
+        one = resets.request(session, org.admin_id, course, learner_id=org.learner_id, reason="learner")
+    course_confirmed, release = threading.Event(), threading.Event()
+
+    def confirm_course_and_hold():
+        with session_scope() as session:
+            resets.confirm(session, whole.request_id, org.admin_id, whole.token)
+            course_confirmed.set()
+            release.wait(20)
+
+    holder = threading.Thread(target=confirm_course_and_hold)
+    holder.start()
+    assert course_confirmed.wait(10)
+    outcome: list[BaseException | str] = []
+
+    def confirm_learner():
+        try:
+            with session_scope() as session:
+                resets.confirm(session, one.request_id, org.admin_id, one.token)
+            outcome.append("queued")
+        except Exception as exc:
+            outcome.append(exc)
+
+    learner = threading.Thread(target=confirm_learner)
+    learner.start()
+    time.sleep(0.5)
+    assert not outcome, "the learner confirm must wait while the course-wide confirm is uncommitted"
+    release.set()
+    holder.join(20)
+    learner.join(20)
+    assert len(outcome) == 1 and isinstance(outcome[0], Conflict), outcome
+    assert "already being reset" in str(outcome[0])

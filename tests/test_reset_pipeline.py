@@ -14,13 +14,26 @@ from sqlalchemy import func, select, text
 
 from models import analytics
 from models.dialect import is_postgres
-from models.jobs import utcnow
-from models.schema import (AssessmentResult, AuditEvent, Certificate, CourseAssignment, CourseCompletion, CourseItem,
-                           LessonProgress, ResetBatch, ResetJob)
+from models.schema import (
+    AssessmentResult,
+    AuditEvent,
+    Certificate,
+    CourseAssignment,
+    CourseCompletion,
+    CourseItem,
+    LessonProgress,
+    ResetBatch,
+    ResetJob,
+)
 from models.seed import seed
+from models.times import utcnow
 from models.training import record_activity
 from producer import resets
-from tasks import reset_steps
+from tasks.resets.failures import fail_purge_step, record_batch_error
+from tasks.resets.finalize import finalize_job
+from tasks.resets.learner_batch import claim_batch, reset_batch
+from tasks.resets.purge import purge_step
+from tasks.resets.start import start_job
 from tests.db_backends import pipeline_db  # noqa: F401 - the fixture
 from tests.reset_checks import assert_reset_exact, drain_purge, run_job_in_process, snapshot, targeted
 
@@ -37,11 +50,11 @@ def confirmed_job(session, actor, course, learner=None, **kw):
 
 def run_learner_phase(session, job_id, batch_size=1000):
     """Start the job and run every learner batch; returns the purge batches released (one chain each)."""
-    start = reset_steps.start_job(session, job_id, batch_size, purge_partitions=1)
+    start = start_job(session, job_id, batch_size, purge_partitions=1)
     released = []
     for no in start.batch_nos:
-        reset_steps.claim_batch(session, job_id, no, 5, 60)
-        released += reset_steps.run_batch(session, job_id, no).purge
+        claim_batch(session, job_id, no, 5, 60)
+        released += reset_batch(session, job_id, no).purge
     return released
 
 
@@ -87,29 +100,29 @@ def test_every_step_delivered_twice_changes_nothing_more(pipeline_db, org):
     course = org.course_ids[0]
     before = snapshot(pipeline_db, org.course_ids)
     job_id = confirmed_job(pipeline_db, org.admin_id, course)
-    start = reset_steps.start_job(pipeline_db, job_id, 40)
-    assert not reset_steps.start_job(pipeline_db, job_id, 40).started  # second start: nothing
+    start = start_job(pipeline_db, job_id, 40)
+    assert not start_job(pipeline_db, job_id, 40).started  # second start: nothing
     released = []
     for no in start.batch_nos:
         for _ in range(2):
-            claim = reset_steps.claim_batch(pipeline_db, job_id, no, 5, 60)
+            claim = claim_batch(pipeline_db, job_id, no, 5, 60)
             if claim.runnable:
-                released += reset_steps.run_batch(pipeline_db, job_id, no).purge
+                released += reset_batch(pipeline_db, job_id, no).purge
         # A redelivery after the batch committed finds it done.
-        assert not reset_steps.claim_batch(pipeline_db, job_id, no, 5, 60).runnable
-        assert reset_steps.run_batch(pipeline_db, job_id, no).status == "skipped"
+        assert not claim_batch(pipeline_db, job_id, no, 5, 60).runnable
+        assert reset_batch(pipeline_db, job_id, no).status == "skipped"
     assert released, "the last learner batch releases the purge"
-    assert not reset_steps.finalize_job(pipeline_db, job_id).finished  # purge still to run
+    assert not finalize_job(pipeline_db, job_id).finished  # purge still to run
     for batch_no, cursor in released:
         while True:
-            step = reset_steps.purge_step(pipeline_db, job_id, batch_no, cursor, 300, 60)
+            step = purge_step(pipeline_db, job_id, batch_no, 300, cursor=cursor)
             # The same message delivered again (same cursor) is refused.
-            assert reset_steps.purge_step(pipeline_db, job_id, batch_no, cursor, 300, 60).status == "skipped"
+            assert purge_step(pipeline_db, job_id, batch_no, 300, cursor=cursor).status == "skipped"
             if step.status != "progressed":
                 break
             cursor = step.cursor
-    assert reset_steps.finalize_job(pipeline_db, job_id).finished
-    assert not reset_steps.finalize_job(pipeline_db, job_id).finished
+    assert finalize_job(pipeline_db, job_id).finished
+    assert not finalize_job(pipeline_db, job_id).finished
     assert_reset_exact(pipeline_db, before, job_id, course, targeted(before, course))
     audits = pipeline_db.scalars(select(AuditEvent.action).where(AuditEvent.job_id == ResetJob.id)
                                 .where(ResetJob.id == AuditEvent.job_id)).all()
@@ -166,16 +179,16 @@ def test_audit_keeps_the_fact_not_the_data(pipeline_db, org):
 def test_cancel_stops_remaining_batches_and_counts_the_done(pipeline_db, org):
     course = org.course_ids[0]
     job_id = confirmed_job(pipeline_db, org.admin_id, course)
-    start = reset_steps.start_job(pipeline_db, job_id, 40)
+    start = start_job(pipeline_db, job_id, 40)
     first = start.batch_nos[0]
-    reset_steps.claim_batch(pipeline_db, job_id, first, 5, 60)
-    done = reset_steps.run_batch(pipeline_db, job_id, first).learners
+    claim_batch(pipeline_db, job_id, first, 5, 60)
+    done = reset_batch(pipeline_db, job_id, first).learners
     st = resets.cancel(pipeline_db, job_id, org.admin_id)
     assert st["state"] == "cancelling" and st["learners_done"] == done and st["finished_at"] is None
     reset_ids = set(pipeline_db.scalars(select(CourseAssignment.user_id).where(
         CourseAssignment.course_id == course, CourseAssignment.last_reset_job_id == uuid.UUID(job_id))).all())
     assert len(reset_ids) == done
-    assert reset_steps.finalize_job(pipeline_db, job_id).finished  # the clean-up of a cancelled job
+    assert finalize_job(pipeline_db, job_id).finished  # the clean-up of a cancelled job
     st = resets.status(pipeline_db, job_id)
     assert st["state"] == "cancelled" and st["finished_at"] is not None
     # Learners already reset lost everything of the course (R5); the others kept theirs.
@@ -184,7 +197,7 @@ def test_cancel_stops_remaining_batches_and_counts_the_done(pipeline_db, org):
     assert not reset_ids & set(left) and left
     # A batch message arriving after the cancel does nothing.
     second = start.batch_nos[1]
-    assert not reset_steps.claim_batch(pipeline_db, job_id, second, 5, 60).runnable
+    assert not claim_batch(pipeline_db, job_id, second, 5, 60).runnable
     assert analytics.read_analytics(pipeline_db, course) == analytics.count_from_rows(pipeline_db, course)
     states = pipeline_db.scalars(select(ResetBatch.state).where(ResetBatch.job_id == ResetJob.id)
                                 .where(ResetJob.id == uuid.UUID(st["job_id"]))).all()
@@ -195,19 +208,19 @@ def test_cancel_stops_remaining_batches_and_counts_the_done(pipeline_db, org):
 def test_a_batch_that_keeps_failing_is_dead_lettered_and_the_job_fails_naming_it(pipeline_db, org):
     course = org.course_ids[0]
     job_id = confirmed_job(pipeline_db, org.admin_id, course)
-    start = reset_steps.start_job(pipeline_db, job_id, 100)
+    start = start_job(pipeline_db, job_id, 100)
     poison, *healthy = start.batch_nos
     for attempt in range(1, 3):
-        claim = reset_steps.claim_batch(pipeline_db, job_id, poison, max_attempts=2, lease_seconds=60)
+        claim = claim_batch(pipeline_db, job_id, poison, max_attempts=2, lease_seconds=60)
         assert claim.runnable and claim.attempts == attempt
-        reset_steps.record_batch_error(pipeline_db, job_id, poison, "IntegrityError: learner 42 is broken")
-    dead = reset_steps.claim_batch(pipeline_db, job_id, poison, max_attempts=2, lease_seconds=60)
+        record_batch_error(pipeline_db, job_id, poison, "IntegrityError: learner 42 is broken")
+    dead = claim_batch(pipeline_db, job_id, poison, max_attempts=2, lease_seconds=60)
     assert dead.dead and not dead.runnable and not dead.job_complete
     for no in healthy:
-        reset_steps.claim_batch(pipeline_db, job_id, no, 2, 60)
-        last = reset_steps.run_batch(pipeline_db, job_id, no)
+        claim_batch(pipeline_db, job_id, no, 2, 60)
+        last = reset_batch(pipeline_db, job_id, no)
     assert drain_purge(pipeline_db, job_id, last.purge, 300)
-    result = reset_steps.finalize_job(pipeline_db, job_id)
+    result = finalize_job(pipeline_db, job_id)
     assert result.state == "failed"
     st = resets.status(pipeline_db, job_id)
     assert f"batch {poison}" in st["error"] and "learner 42 is broken" in st["error"]
@@ -273,16 +286,16 @@ def test_a_row_the_purge_cannot_delete_holds_back_only_itself(pipeline_db, org):
         ResetBatch.job_id == uuid.UUID(job_id), ResetBatch.component == "assessment_results"))
     cursor = dict(released)[purge_no]
     with pytest.raises(Exception, match="legal hold"), pipeline_db.begin_nested():
-        reset_steps.purge_step(pipeline_db, job_id, purge_no, cursor, 100_000, 60)
-    failure = reset_steps.fail_purge_step(pipeline_db, job_id, purge_no, "legal hold", max_attempts=5)
+        purge_step(pipeline_db, job_id, purge_no, 100_000, cursor=cursor)
+    failure = fail_purge_step(pipeline_db, job_id, purge_no, "legal hold", max_attempts=5)
     assert (failure.dead, failure.job_complete, failure.attempts) == (False, False, 1)
-    step = reset_steps.purge_step(pipeline_db, job_id, purge_no, cursor, 100_000, 60)
+    step = purge_step(pipeline_db, job_id, purge_no, 100_000, cursor=cursor)
     while step.status == "progressed":
-        step = reset_steps.purge_step(pipeline_db, job_id, purge_no, step.cursor, 100_000, 60)
+        step = purge_step(pipeline_db, job_id, purge_no, 100_000, cursor=step.cursor)
     assert step.status == "done"
     others = [(n, c) for n, c in released if n != purge_no]
     drain_purge(pipeline_db, job_id, others, 100_000)
-    result = reset_steps.finalize_job(pipeline_db, job_id)
+    result = finalize_job(pipeline_db, job_id)
     assert result.state == "failed"
     error = resets.status(pipeline_db, job_id)["error"]
     assert f"batch {purge_no}" in error and str(stuck_id) in error and "legal hold" in error
@@ -291,17 +304,17 @@ def test_a_row_the_purge_cannot_delete_holds_back_only_itself(pipeline_db, org):
 
 
 def test_a_purge_message_behind_the_cursor_does_nothing_and_the_next_claim_goes_on(pipeline_db, org):
-    """A ``resets.purge`` message is a duplicate once its chunk ran; the rest is taken by whichever
-    claim comes next (``resets.work`` runs a purge step without a cursor)."""
+    """A purge step that names a cursor the batch has moved past is a stale duplicate and does
+    nothing; the rest is taken by whichever claim comes next (``resets.work`` runs it without a cursor)."""
     course = org.course_ids[0]
     job_id = confirmed_job(pipeline_db, org.admin_id, course)
     released = run_learner_phase(pipeline_db, job_id)
     batch_no = pipeline_db.scalar(select(ResetBatch.batch_no).where(
         ResetBatch.job_id == uuid.UUID(job_id), ResetBatch.component == "lesson_progress"))
     first = dict(released)[batch_no]
-    step = reset_steps.purge_step(pipeline_db, job_id, batch_no, first, 200, 60)
+    step = purge_step(pipeline_db, job_id, batch_no, 200, cursor=first)
     assert step.status == "progressed" and step.cursor > first
     assert pipeline_db.get(ResetBatch, (uuid.UUID(job_id), batch_no)).state == "pending"
-    assert reset_steps.purge_step(pipeline_db, job_id, batch_no, first, 200, 60).status == "skipped"
-    following = reset_steps.purge_step(pipeline_db, job_id, batch_no, None, 200, 60)
+    assert purge_step(pipeline_db, job_id, batch_no, 200, cursor=first).status == "skipped"
+    following = purge_step(pipeline_db, job_id, batch_no, 200)
     assert following.status in ("progressed", "done") and following.cursor > step.cursor

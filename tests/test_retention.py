@@ -17,15 +17,17 @@ from freezegun import freeze_time
 from sqlalchemy import func, select, update
 
 from models.errors import NotFound
-from models.jobs import describe_status, get_job
+from models.job_status import describe_status
+from models.jobs import get_job
 from models.retention import Policy, Sweep, remove_chunk, removable_counts, retention_totals
 from models.schema import AuditEvent, Notification, ResetBatch, WebhookDelivery, WebhookEvent
 from models.seed import seed
 from models.settings import get_settings
 from producer import resets, webhooks
 from producer.metrics import read_snapshot, snapshot_metrics
-from tasks import reset_steps
 from tasks.notifications import outbox
+from tasks.resets.learner_batch import claim_batch, reset_batch
+from tasks.resets.start import start_job
 from tests.db_backends import pipeline_db  # noqa: F401 - the fixture
 from tests.reset_checks import fingerprint, run_job_in_process
 from tests.test_cli_foundation import invoke, run_cli
@@ -50,7 +52,7 @@ def confirmed(session, org, course):
 def send_all(session, job_id, at: datetime, fail: int = 1, keep_pending: int = 0) -> list[int]:
     """Claim the job's notifications; the first ``keep_pending`` go back unsent, ``fail`` fail, the rest
     are sent. Returns the ids left pending."""
-    claims = outbox.claim_notifications(session, job_id, limit=10_000)
+    claims = outbox.claim_notifications(session, job_id, 10_000, lease_seconds=30.0, max_attempts=5)
     kept, failed, sent = claims[:keep_pending], claims[keep_pending:keep_pending + fail], claims[keep_pending + fail:]
     outbox.release_notifications(session, kept, at)
     for claim in failed:
@@ -74,10 +76,10 @@ def make_history(session, loopback_hook: bool = True, at: datetime = T0) -> Hist
         assert run_job_in_process(session, finished, batch_size=10).state == "succeeded"
         pending = send_all(session, finished, at, fail=2, keep_pending=1)
         running = confirmed(session, org, org.course_ids[1])
-        start = reset_steps.start_job(session, running, 10, purge_partitions=1)
+        start = start_job(session, running, 10, purge_partitions=1)
         assert len(start.batch_nos) > 1
-        reset_steps.claim_batch(session, running, start.batch_nos[0], 5, 60)
-        reset_steps.run_batch(session, running, start.batch_nos[0])
+        claim_batch(session, running, start.batch_nos[0], 5, 60)
+        reset_batch(session, running, start.batch_nos[0])
         send_all(session, running, at, fail=0)
         deliver_everything(session, at)
         session.flush()

@@ -6,27 +6,35 @@ from pathlib import Path
 
 import pytest
 
-from models.settings import Settings, SettingsError, get_settings, reset_settings_cache
+from pydantic import AliasChoices
 
-# Every environment variable Settings reads, by attribute.
-VARIABLES = {field.validation_alias: name for name, field in Settings.model_fields.items()}
+from models.settings import RENAMED, Settings, SettingsError, get_settings, reset_settings_cache
+
+
+def _current_name(alias) -> str:
+    return alias.choices[0] if isinstance(alias, AliasChoices) else alias
+
+
+# Every environment variable Settings reads (under its current name), by attribute.
+VARIABLES = {_current_name(field.validation_alias): name for name, field in Settings.model_fields.items()}
 
 # The smallest value each numeric variable accepts.
 MINIMUMS = {
-    "RESET_BATCH_SIZE": 1, "RESET_PURGE_CHUNK_ROWS": 1, "RESET_PURGE_PARTITIONS": 1, "RESET_PURGE_MIN_ROWS": 0,
+    "RESET_BATCH_SIZE": 1, "METRICS_ORGANIZATION_LABELS": 0, "RESET_PURGE_CHUNK_ROWS": 1, "RESET_PURGE_PARTITIONS": 1, "RESET_PURGE_MIN_ROWS": 0,
     "RESET_WORK_TOKENS": 1, "TASK_SLICE_SECONDS": 0.05, "RESET_BATCH_MAX_ATTEMPTS": 1,
     "RESET_BATCH_LEASE_SECONDS": 1, "RESET_TOKEN_TTL_SECONDS": 1, "CAMPAIGN_MIN_INTERVAL_SECONDS": 60,
     "RESET_JOB_STALE_SECONDS": 1, "PUBLISH_STALE_SECONDS": 1, "SWEEP_INTERVAL_SECONDS": 0.1,
     "BROKER_VISIBILITY_TIMEOUT_SECONDS": 10, "TASK_TIME_LIMIT_SECONDS": 1, "NOTIFY_RATE_PER_SECOND": 0.01,
-    "NOTIFY_MAX_ATTEMPTS": 1, "NOTIFY_CHUNK_SIZE": 1, "NOTIFY_STALE_SECONDS": 1, "SMTP_PORT": 1,
-    "SMTP_TIMEOUT_SECONDS": 0.1, "WEBHOOK_TIMEOUT_SECONDS": 0.1, "WEBHOOKS_TIMEOUT_SECONDS": 0.1,
+    "NOTIFY_MAX_ATTEMPTS": 1, "NOTIFY_CHUNK_SIZE": 1, "SMTP_PORT": 1, "OUTBOUND_CONCURRENCY": 1,
+    "WEBHOOKS_PER_ORGANIZATION": 1,
+    "SMTP_TIMEOUT_SECONDS": 0.1, "NOTIFY_WEBHOOK_TIMEOUT_SECONDS": 0.1, "WEBHOOKS_TIMEOUT_SECONDS": 0.1,
     "WEBHOOKS_MAX_ATTEMPTS": 1, "WEBHOOKS_RETRY_BASE_SECONDS": 0.01, "WEBHOOKS_RETRY_MAX_SECONDS": 1.0,
-    "HTTP_PORT": 1, "RETENTION_NOTIFICATIONS_DAYS": 1, "RETENTION_WEBHOOKS_DAYS": 1, "RETENTION_BATCHES_DAYS": 1,
-    "RETENTION_JOBS_DAYS": 1, "RETENTION_CHUNK_ROWS": 1,
+    "HTTP_PORT": 1, "DATABASE_POOL_SIZE": 1, "DATABASE_MAX_OVERFLOW": 0, "RETENTION_NOTIFICATIONS_DAYS": 1,
+    "RETENTION_WEBHOOKS_DAYS": 1, "RETENTION_BATCHES_DAYS": 1, "RETENTION_JOBS_DAYS": 1, "RETENTION_CHUNK_ROWS": 1,
 }
 WHOLE_NUMBERS = sorted(v for v, m in MINIMUMS.items() if isinstance(m, int))
 NUMBERS = sorted(v for v, m in MINIMUMS.items() if isinstance(m, float))
-SWITCHES = ["SMTP_STARTTLS", "WEBHOOKS_ALLOW_HTTP_LOOPBACK"]
+SWITCHES = ["SMTP_STARTTLS", "WEBHOOKS_ALLOW_HTTP_LOOPBACK", "DATABASE_PREPARED_STATEMENTS"]
 
 
 def test_nothing_set_is_the_embedded_default(tmp_path, monkeypatch):
@@ -156,6 +164,7 @@ def test_switches_read_true_and_false_and_refuse_anything_else(variable):
     [
         ("NOTIFY_BACKEND", "Pigeon", "NOTIFY_BACKEND must be console, smtp or webhook, got 'pigeon'"),
         ("LOG_FORMAT", "xml", "LOG_FORMAT must be json or text, got 'xml'"),
+        ("RABBITMQ_QUEUE_TYPE", "stream", "RABBITMQ_QUEUE_TYPE must be quorum or classic, got 'stream'"),
         ("DATABASE_URL", "mysql://root@127.0.0.1/training",
          "DATABASE_URL must be a postgresql:// or sqlite:/// URL, got 'mysql'"),
     ],
@@ -199,7 +208,7 @@ def test_overrides_make_a_copy_of_known_attributes_only():
 
 
 def test_secrets_stay_out_of_the_printed_settings():
-    shown = repr(Settings.from_env({"SMTP_PASSWORD": "pw-1", "WEBHOOK_SECRET": "sec-2", "FLOWER_PASSWORD": "fl-3"}))
+    shown = repr(Settings.from_env({"SMTP_PASSWORD": "pw-1", "NOTIFY_WEBHOOK_SECRET": "sec-2", "FLOWER_PASSWORD": "fl-3"}))
     assert "pw-1" not in shown and "sec-2" not in shown and "fl-3" not in shown
 
 
@@ -228,6 +237,32 @@ def test_use_env_reconfigures_settings_and_the_celery_app(use_env, tmp_path):
     assert app.conf.broker_transport_options == {"visibility_timeout": get_settings().visibility_timeout_seconds}
     use_env(CELERY_BROKER_URL=None)
     assert app.conf.broker_url == "filesystem://"
+
+
+@pytest.mark.parametrize(("env", "exporters"), [
+    ({}, ()),
+    ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318"}, ("otlp",)),
+    ({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://collector:4318/v1/traces"}, ("otlp",)),
+    ({"OTEL_TRACES_EXPORTER": "Console"}, ("console",)),
+    ({"OTEL_TRACES_EXPORTER": "otlp, console"}, ("otlp", "console")),
+    ({"OTEL_TRACES_EXPORTER": "none", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318"}, ()),
+    ({"OTEL_TRACES_EXPORTER": "console", "OTEL_SDK_DISABLED": "true"}, ()),
+])
+def test_tracing_is_on_only_when_the_otel_variables_ask_for_it(env, exporters):
+    assert Settings.from_env(env).tracing_exporters == exporters
+
+
+@pytest.mark.parametrize(("variable", "value", "message"), [
+    ("OTEL_TRACES_EXPORTER", "jaeger", "OTEL_TRACES_EXPORTER must be otlp, console, both separated by a comma, "
+                                       "or none; got 'jaeger'"),
+    ("OTEL_TRACES_EXPORTER", "none,console", "OTEL_TRACES_EXPORTER must be otlp, console"),
+    ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc", "OTEL_EXPORTER_OTLP_PROTOCOL must be http/protobuf, got 'grpc'"),
+    ("OTEL_SDK_DISABLED", "maybe", "OTEL_SDK_DISABLED must be true or false"),
+])
+def test_malformed_tracing_variables_name_themselves(variable, value, message):
+    with pytest.raises(SettingsError) as refused:
+        Settings.from_env({variable: value})
+    assert str(refused.value).startswith(message)
 
 
 def test_tests_run_with_a_private_data_dir():
@@ -259,3 +294,18 @@ def test_use_env_can_switch_the_broker_away_and_back(use_env, redis_url):
     finally:
         client.delete("maintenance")
         client.close()
+
+
+@pytest.mark.parametrize("old, new", sorted(RENAMED.items()))
+def test_a_renamed_variable_is_still_read_under_its_old_name_with_a_warning(old, new):
+    value = "2.5" if "TIMEOUT" in new else "https://hooks.example.com/notify"
+    attribute = VARIABLES[new]
+    with pytest.warns(FutureWarning, match=f"{old} is deprecated.*set {new} instead"):
+        settings = Settings.from_env({old: value})
+    assert str(getattr(settings, attribute)) == value
+    with pytest.warns(FutureWarning):
+        both = Settings.from_env({old: "0.5" if "TIMEOUT" in new else "http://old", new: value})
+    assert str(getattr(both, attribute)) == value, "the current name wins"
+    if "TIMEOUT" in new:
+        with pytest.raises(SettingsError, match=f"^{old} must be a number"):
+            Settings.from_env({old: "soon"})

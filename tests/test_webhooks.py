@@ -8,16 +8,17 @@ import uuid
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from models.errors import Conflict, NotFound, ValidationFailed
-from models.jobs import utcnow
+from models.receiver_urls import check_url
 from models.schema import CourseAssignment, WebhookDelivery, WebhookEndpoint, WebhookEvent
 from models.seed import seed
 from models.settings import get_settings
-from models.webhooks import body_bytes, check_url, signature_header, verify_signature
+from models.times import utcnow
 from producer import resets, webhooks
-from tasks import webhooks as delivery
+from tasks.webhooks import deliveries, sending, sweep, wakeups
+from tasks.webhooks.signing import body_bytes, signature_header, verify_signature
 from tests.webhook_support import Receiver
 
 EVERYTHING = ["reset.confirmed", "reset.succeeded", "reset.failed", "reset.cancelled"]
@@ -67,6 +68,59 @@ def test_receiver_urls_that_are_refused(url, fragment):
     with pytest.raises(ValidationFailed) as refused:
         check_url(url, allow_http_loopback=False)
     assert fragment in str(refused.value) and "\n" not in str(refused.value)
+
+
+@pytest.mark.parametrize("address", [
+    "64:ff9b::a9fe:a9fe",  # NAT64 of 169.254.169.254, the cloud metadata service
+    "64:ff9b::7f00:1",  # NAT64 of 127.0.0.1
+    "64:ff9b:1::a00:1",  # local-use NAT64 of 10.0.0.1
+    "2002:7f00:1::1",  # 6to4 of 127.0.0.1
+    "2002:a9fe:a9fe::1",  # 6to4 of 169.254.169.254
+    "::127.0.0.1",  # IPv4-compatible
+    "::ffff:10.0.0.1",  # IPv4-mapped
+    "2001:0:4136:e378:8000:63bf:f5ff:fffe",  # Teredo, client 10.0.0.1
+    "100.64.0.1",  # carrier-grade NAT
+    "198.18.0.1",  # benchmarking
+    "240.0.0.1",  # reserved
+    "224.0.0.1",  # multicast
+])
+def test_item7_addresses_that_carry_a_private_ipv4_are_refused(address):
+    with pytest.raises(ValidationFailed, match="not a public address") as refused:
+        check_url(f"https://[{address}]/hook" if ":" in address else f"https://{address}/hook",
+                  allow_http_loopback=False)
+    assert "\n" not in str(refused.value)
+
+
+def test_item7_a_public_ipv6_address_and_its_nat64_of_a_public_ipv4_are_accepted():
+    assert check_url("https://[2606:4700::1111]/hook", allow_http_loopback=False).addresses == ("2606:4700::1111",)
+    assert check_url("https://[64:ff9b::5db8:d822]/hook", allow_http_loopback=False)  # 93.184.216.34
+
+
+def test_item7_the_delivery_connects_to_the_address_that_was_checked(loopback, monkeypatch):
+    """A name that answers 127.0.0.1 to the check and somewhere else afterwards (DNS rebinding)
+    is still reached at the checked address: the delivery never resolves the name again."""
+    import socket as socket_module
+
+    receiver = Receiver(secrets=["s3cret"]).start()
+    answers = {"rebind.example": "127.0.0.1"}
+    real_getaddrinfo = socket_module.getaddrinfo
+
+    def getaddrinfo(host, port, *args, **kwargs):
+        if host in answers:
+            address = answers[host]
+            answers[host] = "192.0.2.1"  # the next answer: a documentation address nobody serves
+            return [(socket_module.AF_INET, socket_module.SOCK_STREAM, 6, "", (address, port))]
+        return real_getaddrinfo(host, port, *args, **kwargs)
+
+    monkeypatch.setattr(socket_module, "getaddrinfo", getaddrinfo)
+    try:
+        url = receiver.url.replace("127.0.0.1", "rebind.example")
+        outcome = sending.send_delivery(_claimed(url), loopback)
+        assert outcome.delivered, outcome
+        assert answers["rebind.example"] == "192.0.2.1", "resolved once, for the check"
+        assert len(receiver.got()) == 1 and receiver.got()[0].signature_ok
+    finally:
+        receiver.stop()
 
 
 def test_receiver_urls_that_are_accepted():
@@ -181,24 +235,24 @@ def test_deliveries_of_one_job_are_claimed_in_order_and_outcomes_follow_the_rule
     endpoint_id, _job = _two_events_one_job(db_session, org)
     settings = get_settings()
     now = utcnow()
-    first = delivery.claim_next_delivery(db_session, endpoint_id, now, settings)
+    first = deliveries.claim_next_delivery(db_session, endpoint_id, now, settings)
     assert first.event_type == "reset.confirmed" and first.attempt == 1
     # The cancelled event waits while the confirmed one is being sent, or waits for its retry.
-    assert delivery.claim_next_delivery(db_session, endpoint_id, now, settings) is None
-    assert delivery.record_outcome(db_session, first, delivery.Outcome(False, True, 503, "HTTP 503",
+    assert deliveries.claim_next_delivery(db_session, endpoint_id, now, settings) is None
+    assert deliveries.record_outcome(db_session, first, deliveries.AttemptOutcome(False, True, 503, "HTTP 503",
                                                                        retry_after=30), now, settings) == "pending"
-    assert delivery.claim_next_delivery(db_session, endpoint_id, now + timedelta(seconds=5), settings) is None
-    assert delivery.next_wake(db_session, endpoint_id, now) >= now + timedelta(seconds=29), "Retry-After honoured"
-    again = delivery.claim_next_delivery(db_session, endpoint_id, now + timedelta(seconds=31), settings)
+    assert deliveries.claim_next_delivery(db_session, endpoint_id, now + timedelta(seconds=5), settings) is None
+    assert wakeups.next_wake(db_session, endpoint_id, now) >= now + timedelta(seconds=29), "Retry-After honoured"
+    again = deliveries.claim_next_delivery(db_session, endpoint_id, now + timedelta(seconds=31), settings)
     assert again.delivery_id == first.delivery_id and again.attempt == 2
     # A late answer to an attempt that was taken over changes nothing.
-    assert delivery.record_outcome(db_session, first, delivery.Outcome(True, False, 200), now, settings) == "stale"
-    assert delivery.record_outcome(db_session, again, delivery.Outcome(True, False, 200), now, settings) == \
+    assert deliveries.record_outcome(db_session, first, deliveries.AttemptOutcome(True, False, 200), now, settings) == "stale"
+    assert deliveries.record_outcome(db_session, again, deliveries.AttemptOutcome(True, False, 200), now, settings) == \
         "delivered"
-    second = delivery.claim_next_delivery(db_session, endpoint_id, now + timedelta(seconds=31), settings)
+    second = deliveries.claim_next_delivery(db_session, endpoint_id, now + timedelta(seconds=31), settings)
     assert second.event_type == "reset.cancelled"
     # 410 fails at once; a lease that ran out makes the delivery claimable again (same event id).
-    assert delivery.record_outcome(db_session, second, delivery.Outcome(False, False, 410, "HTTP 410"), now,
+    assert deliveries.record_outcome(db_session, second, deliveries.AttemptOutcome(False, False, 410, "HTTP 410"), now,
                                    settings) == "failed"
     log = webhooks.list_deliveries(db_session, org.organization_id, endpoint_id)["items"]
     assert [(x["event_type"], x["status"], x["attempts"], x["last_status_code"]) for x in log] == [
@@ -207,33 +261,33 @@ def test_deliveries_of_one_job_are_claimed_in_order_and_outcomes_follow_the_rule
     assert redone["status"] == "pending" and redone["attempts"] == 0
     with pytest.raises(Conflict):
         webhooks.redeliver(db_session, org.organization_id, endpoint_id, log[0]["delivery_id"])
-    claimed = delivery.claim_next_delivery(db_session, endpoint_id, utcnow(), settings)
+    claimed = deliveries.claim_next_delivery(db_session, endpoint_id, utcnow(), settings)
     assert claimed.event_id == second.event_id
-    later = utcnow() + timedelta(seconds=delivery._lease_seconds(settings) + 1)
-    taken_over = delivery.claim_next_delivery(db_session, endpoint_id, later, settings)
+    later = utcnow() + timedelta(seconds=deliveries.lease_seconds(settings) + 1)
+    taken_over = deliveries.claim_next_delivery(db_session, endpoint_id, later, settings)
     assert taken_over.event_id == second.event_id and taken_over.attempt == 2
     # Retryable failures stop at WEBHOOKS_MAX_ATTEMPTS (3 here).
-    assert delivery.record_outcome(db_session, taken_over, delivery.Outcome(False, True, 500), later,
+    assert deliveries.record_outcome(db_session, taken_over, deliveries.AttemptOutcome(False, True, 500), later,
                                    settings) == "pending"
-    last = delivery.claim_next_delivery(db_session, endpoint_id, later + timedelta(hours=1), settings)
+    last = deliveries.claim_next_delivery(db_session, endpoint_id, later + timedelta(hours=1), settings)
     assert last.attempt == 3
-    assert delivery.record_outcome(db_session, last, delivery.Outcome(False, True, 500), later, settings) == "failed"
+    assert deliveries.record_outcome(db_session, last, deliveries.AttemptOutcome(False, True, 500), later, settings) == "failed"
 
 
 def test_deleting_an_endpoint_cancels_its_open_deliveries(db_session, loopback):
     org = seed(db_session, learners=10, lessons=2, courses=1, random_seed=9)
     endpoint_id, _job = _two_events_one_job(db_session, org)
     webhooks.delete_endpoint(db_session, org.organization_id, endpoint_id)
-    assert delivery.claim_next_delivery(db_session, endpoint_id, utcnow() + timedelta(hours=1)) is None
+    assert deliveries.claim_next_delivery(db_session, endpoint_id, utcnow() + timedelta(hours=1)) is None
     statuses = db_session.scalars(select(WebhookDelivery.status).where(WebhookDelivery.endpoint_id == endpoint_id))
     assert set(statuses) == {"cancelled"}
 
 
 # --- the HTTP call, against a real receiver -------------------------------------------------------------
 
-def _claimed(url: str, secrets=("s3cret",)) -> delivery.ClaimedDelivery:
+def _claimed(url: str, secrets=("s3cret",)) -> deliveries.ClaimedDelivery:
     event_id = uuid.uuid4()
-    return delivery.ClaimedDelivery(1, 1, 1, url, list(secrets), event_id, "reset.succeeded",
+    return deliveries.ClaimedDelivery(1, 1, 1, url, list(secrets), event_id, "reset.succeeded",
                                     {"id": str(event_id), "type": "reset.succeeded", "data": {"job_id": "j"}})
 
 
@@ -251,7 +305,7 @@ def _claimed(url: str, secrets=("s3cret",)) -> delivery.ClaimedDelivery:
 def test_answers_are_classified(loopback, script, delivered, retryable, retry_after):
     receiver = Receiver(script=list(script), secrets=["s3cret"]).start()
     try:
-        outcome = delivery.send_delivery(_claimed(receiver.url), loopback)
+        outcome = sending.send_delivery(_claimed(receiver.url), loopback)
         assert (outcome.delivered, outcome.retryable, outcome.retry_after) == (delivered, retryable, retry_after)
         got = receiver.got()
         assert len(got) == 1 and got[0].signature_ok and got[0].event_type == "reset.succeeded"
@@ -263,14 +317,14 @@ def test_a_hanging_or_absent_receiver_is_a_retryable_failure_within_the_timeout(
     receiver = Receiver(hang=True, hang_seconds=10).start()
     try:
         started = time.monotonic()
-        outcome = delivery.send_delivery(_claimed(receiver.url), loopback)
-        assert outcome.retryable and "timed out" in outcome.error
+        outcome = sending.send_delivery(_claimed(receiver.url), loopback)
+        assert outcome.retryable and outcome.error == "no complete answer within 0.5s"
         assert time.monotonic() - started < 2.0, "WEBHOOKS_TIMEOUT_SECONDS=0.5 bounds the attempt"
     finally:
         receiver.stop()
-    outcome = delivery.send_delivery(_claimed(receiver.url), loopback)  # nobody listens any more
+    outcome = sending.send_delivery(_claimed(receiver.url), loopback)  # nobody listens any more
     assert outcome.retryable and not outcome.delivered
-    refused = delivery.send_delivery(_claimed("http://127.0.0.1:1/x"), get_settings().with_overrides(
+    refused = sending.send_delivery(_claimed("http://127.0.0.1:1/x"), get_settings().with_overrides(
         webhooks_allow_http_loopback=False))
     assert not refused.retryable and refused.error.startswith("refused:")
 
@@ -281,26 +335,26 @@ def test_sweep_republishes_due_deliveries_once_and_wake_ups_do_not_multiply(db_s
     endpoint_id, _job = _two_events_one_job(db_session, org)
     settings = get_settings()
     now = utcnow()
-    assert delivery.sweep_webhooks(db_session, now, settings) == 0, "just published after the commit"
+    assert sweep.sweep_webhooks(db_session, now, settings) == 0, "just published after the commit"
     later = now + timedelta(seconds=settings.publish_stale_seconds + 1)
-    assert delivery.sweep_webhooks(db_session, later, settings) == 1
-    assert delivery.sweep_webhooks(db_session, later, settings) == 0, "not twice in a row"
+    assert sweep.sweep_webhooks(db_session, later, settings) == 1
+    assert sweep.sweep_webhooks(db_session, later, settings) == 0, "not twice in a row"
 
-    claimed = delivery.claim_next_delivery(db_session, endpoint_id, later, settings)
-    lease_end = later + timedelta(seconds=delivery._lease_seconds(settings))
+    claimed = deliveries.claim_next_delivery(db_session, endpoint_id, later, settings)
+    lease_end = later + timedelta(seconds=deliveries.lease_seconds(settings))
     # A killed sender's lease: one wake-up for its end, not one per run that finds it.
-    countdown = delivery.schedule_wake(db_session, endpoint_id, later)
+    countdown = wakeups.schedule_wake(db_session, endpoint_id, later)
     assert countdown == pytest.approx((lease_end - later).total_seconds(), abs=0.01)
-    assert delivery.schedule_wake(db_session, endpoint_id, later) is None
+    assert wakeups.schedule_wake(db_session, endpoint_id, later) is None
     after_lease = lease_end + timedelta(seconds=settings.publish_stale_seconds + 1)
-    assert delivery.sweep_webhooks(db_session, after_lease, settings) == 1, "an ended lease is re-published"
-    assert delivery.claim_next_delivery(db_session, endpoint_id, after_lease, settings).event_id == claimed.event_id
+    assert sweep.sweep_webhooks(db_session, after_lease, settings) == 1, "an ended lease is re-published"
+    assert deliveries.claim_next_delivery(db_session, endpoint_id, after_lease, settings).event_id == claimed.event_id
 
     # A retry hours away is bridged by wake-ups of at most a minute.
-    retry = delivery.claim_next_delivery(db_session, endpoint_id, after_lease + timedelta(hours=1), settings)
-    db_session.execute(delivery.update(delivery.d).where(delivery.d.c.id == retry.delivery_id).values(
+    retry = deliveries.claim_next_delivery(db_session, endpoint_id, after_lease + timedelta(hours=1), settings)
+    db_session.execute(update(deliveries.d).where(deliveries.d.c.id == retry.delivery_id).values(
         status="pending", next_attempt_at=after_lease + timedelta(hours=3)))
-    assert delivery.schedule_wake(db_session, endpoint_id, after_lease) == delivery.MAX_WAKE_SECONDS
+    assert wakeups.schedule_wake(db_session, endpoint_id, after_lease) == wakeups.MAX_WAKE_SECONDS
 
 
 def test_a_campaign_occurrence_is_the_reset_confirmed_event_of_its_job(db_session, loopback):

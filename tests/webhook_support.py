@@ -1,8 +1,8 @@
 """A real webhook receiver on loopback for the webhook tests.
 
 :class:`Receiver` is a threaded HTTP server on 127.0.0.1 that records every
-request (event id, type, body, signature check against the secrets it was
-given, receive time), answers from a script (``script=[500, (503, {"Retry-After":
+request (event id, type, body, both signature forms checked against the secrets it
+was given, receive time), answers from a script (``script=[500, (503, {"Retry-After":
 "2"})]`` then ``default``), and can hang: with ``hang`` set it holds each
 request until :meth:`release` (or ``hang_seconds``) before answering.
 """
@@ -13,9 +13,22 @@ import json
 import threading
 import time
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from models.webhooks import verify_signature
+from standardwebhooks.webhooks import Webhook, WebhookVerificationError
+
+from tasks.webhooks.signing import verify_signature
+from tests.loopback_support import LoopbackServer, QuietHandler
+
+
+def _standard_ok(secret: str, body: bytes, headers) -> bool:
+    """The Standard Webhooks signature verifies with ``secret``, and names the same event id (a
+    secret made up by a test, not ``whsec_``, is the key's bytes, as the sender reads it)."""
+    try:
+        Webhook(secret if secret.startswith("whsec_") else secret.encode()).verify(
+            body, dict(headers.items()), json_parse=False)
+    except WebhookVerificationError:
+        return False
+    return headers.get("webhook-id") == headers.get("X-Event-Id")
 
 
 @dataclass
@@ -27,6 +40,7 @@ class Received:
     signature_ok: bool
     at: float
     status: int | None = None
+    headers: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -44,22 +58,21 @@ class Receiver:
         self._release = threading.Event()
         receiver = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):  # quiet
-                pass
-
+        class Handler(QuietHandler):
             def do_POST(self):
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                body = self.body()
                 with receiver.lock:
                     secrets = list(receiver.secrets)
                 ok = bool(secrets) and all(
-                    verify_signature(s, self.headers.get("X-Signature", ""), body, time.time()) for s in secrets)
+                    verify_signature(s, self.headers.get("X-Signature", ""), body, time.time())
+                    and _standard_ok(s, body, self.headers) for s in secrets)
                 try:
                     payload = json.loads(body)
                 except ValueError:
                     payload = {}
                 record = Received(self.headers.get("X-Event-Id", ""), self.headers.get("X-Event-Type", ""),
-                                  int(self.headers.get("X-Delivery-Attempt") or 0), payload, ok, time.monotonic())
+                                  int(self.headers.get("X-Delivery-Attempt") or 0), payload, ok, time.monotonic(),
+                                  headers={k.lower(): v for k, v in self.headers.items()})
                 with receiver.lock:
                     receiver.requests.append(record)
                     step = receiver.script.pop(0) if receiver.script else receiver.default
@@ -79,22 +92,19 @@ class Receiver:
                 except OSError:
                     pass  # the sender is gone (killed, or gave up after its timeout)
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.http = LoopbackServer(Handler)
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}/hooks"
+        return f"{self.http.base_url}/hooks"
 
     def start(self) -> "Receiver":
-        self.thread.start()
+        self.http.start()
         return self
 
     def stop(self) -> None:
         self._release.set()
-        self.server.shutdown()
-        self.server.server_close()
+        self.http.stop()
 
     def release(self) -> None:
         with self.lock:

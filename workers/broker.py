@@ -16,31 +16,41 @@ hash ``progress_reset.malformed_total`` (field: the queue) that ``/metrics`` rea
 as ``broker.message.malformed`` (queue, reason, size; never the content); the
 worker goes on serving. Well-formed messages take kombu's own path unchanged.
 
-Selected with ``broker_transport`` (:func:`transport_config`) whenever the
-broker URL is Redis; the URL itself stays ``redis://...``.
+:func:`register` makes it the transport kombu picks for ``redis://`` and
+``rediss://`` URLs (kombu's documented alias table), so the URL keeps its
+scheme wherever it is shown or read back: the worker banner, ``celery
+inspect``, and Flower, whose Broker page picks its queue reader from that
+scheme (decision record 0006).
 """
 
 from __future__ import annotations
 
 import logging
 
+from kombu.transport import TRANSPORT_ALIASES, get_transport_cls
 from kombu.transport import redis as kombu_redis
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import loads
 
 from models.logs import log_event
-from models.settings import Settings
 from models.queues import MALFORMED_COUNTS_KEY, malformed_key
 
 TRANSPORT = "workers.broker:Transport"
 KEEP_PER_QUEUE = 1000
-_REDIS_SCHEMES = ("redis://", "rediss://")
+SCHEMES = ("redis", "rediss")
 
 
-def transport_config(settings: Settings) -> dict:
-    """Celery settings that select this transport for a Redis broker (and kombu's default otherwise)."""
-    url = settings.broker_url.split(";")[0].strip()
-    return {"broker_transport": TRANSPORT if url.startswith(_REDIS_SCHEMES) else None}
+def register() -> None:
+    """Make :class:`Transport` the one kombu picks for ``redis://`` and ``rediss://`` URLs in this process.
+
+    Safe to call twice. Must run before the first connection to Redis (``workers.app`` calls it
+    on import); it fails loudly if kombu had already resolved one of these schemes to its own class.
+    """
+    for scheme in SCHEMES:
+        TRANSPORT_ALIASES[scheme] = TRANSPORT
+        if get_transport_cls(scheme) is not Transport:  # kombu caches a scheme's class once resolved
+            raise RuntimeError(f"{scheme}:// was resolved before workers.broker.register() ran; "
+                               "import workers.app before connecting to Redis")
 
 
 class Channel(kombu_redis.Channel):

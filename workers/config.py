@@ -10,18 +10,17 @@ from kombu import Queue
 
 from models import queues
 from models.settings import Settings
+from workers.rabbitmq import rabbitmq_config
 
-TASK_MODULES = ("tasks.resets", "tasks.notifications", "tasks.maintenance", "tasks.campaigns", "tasks.health",
-                "tasks.webhooks", "tasks.retention")
+TASK_MODULES = ("tasks.resets.tasks", "tasks.notifications.tasks", "tasks.maintenance", "tasks.campaigns",
+                "tasks.health", "tasks.webhooks.tasks", "tasks.retention")
 
-# Routing by configuration, never at call sites (STYLE: route by task_routes + worker -Q).
+# Routing by configuration (task_routes + worker -Q), never at call sites.
 TASK_ROUTES = {
     "resets.start": {"queue": queues.RESETS},
     "resets.finalize": {"queue": queues.RESETS},
     "resets.run_single": {"queue": queues.RESETS},
     "resets.work": {"queue": queues.RESET_BATCHES},
-    "resets.run_batch": {"queue": queues.RESET_BATCHES},
-    "resets.purge": {"queue": queues.RESET_BATCHES},
     "notifications.send": {"queue": queues.NOTIFICATIONS},
     "webhooks.deliver": {"queue": queues.WEBHOOKS},
     "maintenance.sweep": {"queue": queues.MAINTENANCE},
@@ -45,7 +44,7 @@ def broker_transport_options(settings: Settings) -> dict:
             # often, not once a second (an empty poll is one directory listing).
             "polling_interval": 0.02,
         }
-    if settings.broker_url.startswith("redis"):
+    if settings.broker_is_redis:
         # A message unacked this long is delivered again: longer than any task's
         # time limit and retry countdown, so only a lost worker triggers it.
         return {"visibility_timeout": settings.visibility_timeout_seconds}
@@ -53,6 +52,11 @@ def broker_transport_options(settings: Settings) -> dict:
 
 
 def celery_config(settings: Settings) -> dict:
+    """Celery's settings for this broker (RabbitMQ's own on top: :mod:`workers.rabbitmq`)."""
+    return _common_config(settings) | rabbitmq_config(settings)
+
+
+def _common_config(settings: Settings) -> dict:
     return {
         "broker_url": settings.broker_url,
         "broker_transport_options": broker_transport_options(settings),

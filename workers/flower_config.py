@@ -16,20 +16,33 @@ to the host's loopback).
   chunks, so 20 000 covers several big resets) and forgets workers offline for
   an hour. No persistent state file: the ledger tables are the record of
   every job, so Flower's view is disposable and restarts clean.
+- **Broker page**: on Redis, Flower counts each queue's messages itself: the
+  URL keeps its ``redis://`` scheme, which is how Flower picks its queue
+  reader, because the hardened transport is registered under that scheme
+  (``workers/broker.py``). On RabbitMQ (``amqp://``) Flower reads the
+  management HTTP API: ``RABBITMQ_MANAGEMENT_URL``, or by default
+  ``http://<broker host>:15672/api/`` with the broker's user and password
+  (Flower's own guess would use the AMQP port), passed as ``broker_api``.
 
 Task arguments are ids only (job UUIDs, batch numbers, canary nonces), so the
 task list shows no names or e-mails.
 """
 
 import secrets as _secrets
+from urllib.parse import urlsplit as _urlsplit
 
 from tornado.options import options as _cli
 
+from models.settings import SettingsError as _SettingsError
 from models.settings import get_settings as _get_settings
 from workers.app import app as _app
 
-_settings = _get_settings()
+try:
+    _settings = _get_settings()
+except _SettingsError as _exc:
+    raise SystemExit(f"error: configuration: {_exc}") from None
 _LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+_AMQP_SCHEMES = ("amqp", "pyamqp")
 
 
 def _default(name: str, ours):
@@ -45,6 +58,20 @@ max_workers = _default("max_workers", 200)
 purge_offline_workers = _default("purge_offline_workers", 3600)
 inspect_timeout = _default("inspect_timeout", 2000.0)
 tasks_columns = _default("tasks_columns", "name,uuid,state,args,received,started,runtime,worker,retries")
+
+
+def _management_api(settings) -> str | None:
+    """RabbitMQ's management HTTP API for the Broker page, or None when the broker is not RabbitMQ."""
+    broker = _urlsplit(settings.broker_url.split(";")[0].strip())
+    if broker.scheme not in _AMQP_SCHEMES:
+        return None
+    if settings.rabbitmq_management_url:
+        return settings.rabbitmq_management_url
+    host = broker.hostname or "localhost"
+    return f"http://{f'[{host}]' if ':' in host else host}:15672/api/"
+
+
+broker_api = _default("broker_api", _management_api(_settings))
 
 # Flower inspects the workers with eight broadcasts at once from a thread pool;
 # with the workers' small broker connection pool (broker_pool_limit) they wait

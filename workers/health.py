@@ -6,8 +6,10 @@ behind real work. So while waiting, health samples the queue's length; if the ca
 consumed but the length went down, the queue is ``backlogged`` (being consumed, healthy, reported
 as a warning) rather than ``not_consumed``. Queue lengths come from kombu's public
 ``queue_declare`` (the message count of each queue, priority lists included, on Redis and on the
-embedded filesystem broker alike). The canary itself is hand-made on purpose: ``celery inspect``
-proves a worker answers its control queue, not that it consumes a given task queue.
+embedded filesystem broker alike; passive declares on RabbitMQ). On RabbitMQ the broker check
+also declares the queues as configured, so a queue left with another type fails it by name.
+The canary itself is hand-made on purpose: ``celery inspect`` proves a worker answers its
+control queue, not that it consumes a given task queue.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from sqlalchemy import text
 from models.canary import reply_store
 from models.messaging import send_now
 from models.queues import MALFORMED_COUNTS_KEY, QUEUES, canary_task_name, malformed_key
-from models.settings import Settings, get_settings
+from models.settings import Settings, get_settings, is_redis_url
+from workers import rabbitmq
 from workers.app import app
 from workers.config import broker_transport_options
 
@@ -31,16 +34,14 @@ def _first_url(url: str) -> str:
     return url.split(";")[0].strip()
 
 
-def _is_redis(url: str) -> bool:
-    return url.startswith(("redis://", "rediss://", "unix://"))
-
-
 def queue_lengths(settings: Settings | None = None, queues: tuple[str, ...] | list[str] = QUEUES
                   ) -> dict[str, int] | None:
     """Messages waiting in each queue (not yet delivered to a worker), or None when the broker can't say."""
     settings = settings or get_settings()
     url = _first_url(settings.broker_url)
-    if not (_is_redis(url) or url.startswith("filesystem")):
+    if settings.is_rabbitmq:
+        return rabbitmq.queue_lengths(url, queues)
+    if not (is_redis_url(url) or url.startswith("filesystem")):
         return None
     with Connection(url, transport_options=broker_transport_options(settings), connect_timeout=3) as conn:
         channel = conn.default_channel
@@ -52,7 +53,7 @@ def _redis_broker_read(settings: Settings | None, read):
     """``read(client)`` on the Redis broker, or None when the broker is not Redis."""
     settings = settings or get_settings()
     url = _first_url(settings.broker_url)
-    if not url.startswith(("redis://", "rediss://", "unix://")):
+    if not is_redis_url(url):
         return None
     import redis
 
@@ -63,21 +64,43 @@ def _redis_broker_read(settings: Settings | None, read):
         client.close()
 
 
-def redis_malformed(settings: Settings | None = None, queues: tuple[str, ...] | list[str] = QUEUES
-                    ) -> tuple[dict[str, int], dict[str, int]] | None:
-    """Messages the workers could not decode, per queue: ``(set aside so far, still kept)``; Redis only."""
+def malformed_messages(settings: Settings | None = None, queues: tuple[str, ...] | list[str] = QUEUES
+                       ) -> tuple[dict[str, int] | None, dict[str, int]] | None:
+    """Messages the workers could not decode, per queue: ``(set aside so far, still kept)``.
+
+    Redis broker: the count hash and the ``<queue>.malformed`` lists. RabbitMQ: the ``<queue>.malformed``
+    queues, and the count from ``REDIS_URL`` (None without one). None on the embedded broker.
+    """
+    settings = settings or get_settings()
+    if settings.is_rabbitmq:
+        kept = rabbitmq.queue_lengths(_first_url(settings.broker_url), [malformed_key(q) for q in queues])
+        counted = _malformed_counts(settings.redis_url, queues) if settings.redis_url else None
+        return counted, {queue: kept[malformed_key(queue)] for queue in queues}
+
     def read(client) -> tuple[dict[str, int], dict[str, int]]:
         pipe = client.pipeline(transaction=False)
         pipe.hgetall(MALFORMED_COUNTS_KEY)
         for queue in queues:
             pipe.llen(malformed_key(queue))
         values = pipe.execute()
-        counts = {k.decode() if isinstance(k, bytes) else str(k): int(v) for k, v in (values[0] or {}).items()}
-        total = {queue: counts.get(queue, 0) for queue in queues}
-        kept = {queue: int(n) for queue, n in zip(queues, values[1:])}
-        return total, kept
+        return _per_queue(values[0], queues), {queue: int(n) for queue, n in zip(queues, values[1:])}
 
     return _redis_broker_read(settings, read)
+
+
+def _malformed_counts(redis_url: str, queues) -> dict[str, int]:
+    import redis
+
+    client = redis.Redis.from_url(redis_url, socket_connect_timeout=3, socket_timeout=3)
+    try:
+        return _per_queue(client.hgetall(MALFORMED_COUNTS_KEY), queues)
+    finally:
+        client.close()
+
+
+def _per_queue(counts: dict | None, queues) -> dict[str, int]:
+    named = {k.decode() if isinstance(k, bytes) else str(k): int(v) for k, v in (counts or {}).items()}
+    return {queue: named.get(queue, 0) for queue in queues}
 
 
 def redis_unacked(settings: Settings | None = None) -> int | None:
@@ -172,6 +195,14 @@ def check_broker(settings: Settings | None = None, timeout: float = 5.0) -> Chec
             conn.ensure_connection(max_retries=1, interval_start=0.2, interval_step=0.2, timeout=timeout)
     except Exception as exc:
         return Check("broker", False, f"{shown} unreachable: {_one_line(exc)}", time.perf_counter() - started)
+    if settings.is_rabbitmq:
+        try:
+            problem = rabbitmq.declaration_problem(settings)
+        except Exception as exc:  # noqa: BLE001 - the broker went away between the two steps
+            problem = f"unreachable: {_one_line(exc)}"
+        if problem is not None:
+            return Check("broker", False, f"{shown}: {problem}", time.perf_counter() - started)
+        shown = f"{shown} ({settings.rabbitmq_queue_type} queues)"
     return Check("broker", True, shown, time.perf_counter() - started)
 
 

@@ -15,13 +15,18 @@ from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from models.errors import ProgressResetError
+from models.tracing import provider, setup_tracing
 from producer.http import problems
 from producer.http.middleware import RequestContextMiddleware
 from producer.http.openapi import custom_openapi
+from producer.http.query import CheckedQuery
 from producer.http.routes import audit, campaigns, ops, resets, webhooks
 from producer.metrics import ResetSystemCollector
 
 API_VERSION = "1.0.0"
+API_SERVICE_NAME = "progress-reset-api"
+# Probes and scrapes are not traced: they would bury the requests worth following.
+UNTRACED_PATHS = "healthz,readyz,metrics"
 
 # ``*_created`` series only double the size of every scrape; nothing here reads them.
 disable_created_metrics()
@@ -39,7 +44,9 @@ def create_app() -> FastAPI:
             "Two steps, like the CLI: `POST /v1/resets` validates and returns a summary and a one-time "
             "token; `POST /v1/resets/{request_id}/confirm` with that token queues the job. Authenticate with "
             "an API key (`progress-reset api-key create`), scoped to one organization. Errors are RFC 7807 "
-            "problem details with a stable `code`."
+            "problem details with a stable `code`. Query strings are checked like bodies: a parameter the "
+            "operation does not take, or a single-valued one given twice, is a 422; list filters (arrays) "
+            "take the parameter repeated."
         ),
     )
     app.add_middleware(RequestContextMiddleware, registry=registry)
@@ -49,11 +56,18 @@ def create_app() -> FastAPI:
     app.add_exception_handler(OperationalError, problems.on_database_down)
     app.add_exception_handler(SQLAlchemyError, problems.on_database_error)
     app.state.metrics_registry = registry
+    if setup_tracing(API_SERVICE_NAME):  # per process: uvicorn calls this factory in each one
+        from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+
+        # A caller's traceparent is honoured: its request's span is the parent of the one here.
+        FastAPIInstrumentor.instrument_app(app, tracer_provider=provider(), excluded_urls=UNTRACED_PATHS)
     app.openapi = lambda: custom_openapi(app)
 
-    # The order of the routers is the order of the paths in the OpenAPI document.
-    for routes in (resets, campaigns, webhooks, audit, ops):
-        app.include_router(routes.router)
+    # The order of the routers is the order of the paths in the OpenAPI document. The /v1/ query
+    # strings are checked like bodies; /healthz, /readyz and /metrics are left to probes and scrapers.
+    for routes in (resets, campaigns, webhooks, audit):
+        app.include_router(routes.router, dependencies=[CheckedQuery])
+    app.include_router(ops.router)
     app.webhooks.include_router(webhooks.event_docs())
     return app
 

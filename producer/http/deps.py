@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, Query, Request, Security
 from fastapi.security import APIKeyHeader, HTTPBearer
@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session
 from models.db import session_scope
 from models.errors import Unauthenticated, UnsupportedMediaType
 from producer.apikeys import ApiIdentity, verify_api_key
+from producer.pages import MAX_FILTER_VALUES, MAX_LIMIT
 
 # --- the API key ---------------------------------------------------------------------------------
 
@@ -84,5 +85,16 @@ JsonBody = Depends(require_json_body)
 
 # --- pages of a listing ------------------------------------------------------------------------------
 
-PageLimit = Annotated[int, Query(ge=1, le=200)]
+PageLimit = Annotated[int, Query(ge=1, le=MAX_LIMIT)]
 PageCursor = Annotated[str | None, Query(max_length=400, description="`next_cursor` of the previous page")]
+
+
+def several(item: Any, description: str) -> Any:
+    """A list filter of a listing: the parameter repeated matches any of its values (``state=queued&state=running``).
+
+    ``item`` constrains each value; at most ``MAX_FILTER_VALUES`` values. Every
+    other query parameter takes one value (:mod:`producer.http.query`).
+    """
+    return Annotated[list[item] | None, Query(max_length=MAX_FILTER_VALUES, description=(
+        f"{description} Repeat the parameter for several values (at most {MAX_FILTER_VALUES}): any of them "
+        "matches.").strip())]

@@ -61,6 +61,7 @@ def _note_integer(schema: dict, described: dict) -> None:
     the description.
     """
     variants = schema.get("anyOf", [schema])
+    variants = [v.get("items", {}) if v.get("type") == "array" else v for v in variants]  # list filters
     integers = [v for v in variants if v.get("type") == "integer"]
     if not integers:
         return

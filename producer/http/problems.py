@@ -41,7 +41,7 @@ PROBLEM_CODES = {
     409: ("conflict", "token_invalid"),
     410: ("token_expired",),
     415: ("unsupported_media_type",),
-    422: ("validation_failed", "nothing_to_reset"),
+    422: ("validation_failed", "nothing_to_reset", "idempotency_key_reused"),
     500: ("internal_error",),
     503: ("unavailable",),
 }

@@ -14,7 +14,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from models.webhooks import EVENT_TYPES
+from models.job_events import EVENT_TYPES
 from producer import campaigns, webhooks
 from producer.access import MAX_REASON
 
@@ -84,11 +84,15 @@ class ResetSummary(Summary):
 
 class ResetRequestOut(_Out):
     request_id: str
-    token: str | None = Field(description="One-time confirmation token; null when an idempotent replay finds "
-                                          "the request already confirmed.")
+    token: str | None = Field(description="One-time confirmation token; a replay (same Idempotency-Key and body) "
+                                          "returns the same one, or null once the request is no longer awaiting "
+                                          "confirmation.")
     expires_at: datetime | None
     summary: ResetSummary
     state: str
+    replayed: bool = Field(description="True when this is the answer to an earlier request with the same "
+                                       "Idempotency-Key (also the header `Idempotent-Replayed: true`); nothing "
+                                       "was changed.")
 
 
 class ConfirmOut(_Out):
@@ -118,6 +122,8 @@ class StatusOut(_Out):
     started_at: str | None
     finished_at: str | None
     error: str | None
+    trace_id: str | None = Field(description="The job's OpenTelemetry trace id (32 hex digits): the trace of the "
+                                             "request that confirmed it; null when tracing was off.")
 
 
 class JobOut(_Out):

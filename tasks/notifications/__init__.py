@@ -1,33 +1,19 @@
-"""Course-assigned notifications: the outbox sender ``notifications.send`` and its sweep hook.
+"""Course-assigned notifications: exactly one message per learner per reset in effect (R9).
 
-The reset batch writes one ``notifications`` row (``pending``) per notifiable learner in its
-own transaction and publishes ``notifications.send [job_id]`` after commit. This package turns
-those rows into messages, exactly one per learner per reset in effect:
+The reset batch writes one ``notifications`` row (``pending``) per notifiable learner in its own
+transaction and publishes ``notifications.send [job_id]`` after commit. Then:
 
-- the outbox row is unique per (job, learner, kind), so there is one row to send;
-- a claim is a conditional UPDATE (``FOR UPDATE SKIP LOCKED`` on PostgreSQL), so duplicate
-  ``notifications.send`` deliveries claim disjoint rows and never send one row twice at once;
-- a worker that dies after the provider accepted a message but before the row was marked
-  leaves it ``sending``; the sweep makes it ``pending`` again and it is resent with the same
-  SMTP Message-ID / webhook Idempotency-Key (and the same webhook body), by which the provider
-  recognises and drops the duplicate.
+- :mod:`~tasks.notifications.tasks`: the ``notifications.send`` task (queue ``notifications``);
+- :mod:`~tasks.notifications.sending`: one run: claim a chunk, send it through the shared rate
+  limit (:mod:`tasks.ratelimit`), record the outcomes, hand the rest back after a short slice;
+- :mod:`~tasks.notifications.outbox`: the rows and every change of their state (plain
+  functions on a Session, no Celery), and the sweep's part;
+- :mod:`~tasks.notifications.message`: what a message says, and the identifiers by which a
+  provider recognises a resend (SMTP ``Message-ID``, webhook ``Idempotency-Key``);
+- :mod:`~tasks.notifications.backends`: where it goes (console, SMTP, webhook).
 
-Split in two so the row logic can be used and tested without Celery:
-
-- :mod:`tasks.notifications.outbox`: the rows (claim, marks, release, the sweep), each
-  function taking a Session and never committing;
-- :mod:`tasks.notifications.sender`: the task and its loop, which own the short transactions,
-  the rate limit and the follow-ups.
-
-The message is rendered in :mod:`tasks.notify_message` and delivered by :mod:`tasks.notify_backends`.
-Importing this package registers the task (``workers.config`` lists ``tasks.notifications``).
+Exactly once in effect: the outbox row is unique per (job, learner, kind); a claim is a
+conditional UPDATE, so concurrent runs claim disjoint rows; a worker that dies after the
+provider accepted a message but before the row was marked leaves it ``sending``, and the resend
+carries the same identifiers, by which the provider drops the duplicate.
 """
-
-from __future__ import annotations
-
-from tasks.notifications import outbox, sender
-from tasks.notifications.outbox import *  # noqa: F403 - the public names, listed in outbox.__all__
-from tasks.notifications.sender import *  # noqa: F403 - the task and its loop, listed in sender.__all__
-from tasks.notify_message import render_notification, render_notifications
-
-__all__ = [*outbox.__all__, *sender.__all__, "render_notification", "render_notifications"]

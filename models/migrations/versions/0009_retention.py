@@ -10,14 +10,14 @@ with a year of notification rows a plain ``CREATE INDEX`` would hold off every w
 (new notifications, sends) while it is built.
 
 Revision ID: 0009
-Revises: 0007
+Revises: 0008
 Create Date: 2026-12-03 09:00:00
 """
 from alembic import op
 import sqlalchemy as sa
 
 revision = '0009'
-down_revision = '0007'
+down_revision = '0008'
 branch_labels = None
 depends_on = None
 

@@ -9,12 +9,17 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Query
+from pydantic import Field
 
 from models.db import session_scope
 from producer import audit
-from producer.http.deps import Caller, PageCursor, PageLimit
+from producer.http.deps import Caller, PageCursor, PageLimit, several
 from producer.http.problems import COMMON_ERRORS, problem_responses
-from producer.http.schemas import MAX_ID, AuditPage
+from producer.http.schemas import AuditPage, Id
+
+# The list filters of GET /v1/audit: each takes several values (any of them matches).
+Actions = several(Annotated[str, Field(min_length=1, max_length=64)], "Events of this action, e.g. reset.confirmed.")
+CourseIds = several(Id, "Events of this course.")
 
 router = APIRouter(tags=["audit"])
 
@@ -27,8 +32,8 @@ def list_audit(
     date_from: Annotated[str | None, Query(alias="from", max_length=64, description="ISO-8601, inclusive")
                          ] = None,
     date_to: Annotated[str | None, Query(alias="to", max_length=64, description="ISO-8601, exclusive")] = None,
-    action: Annotated[str | None, Query(min_length=1, max_length=64)] = None,
-    course_id: Annotated[int | None, Query(ge=1, le=MAX_ID)] = None,
+    action: Actions = None,
+    course_id: CourseIds = None,
     limit: PageLimit = 50,
     cursor: PageCursor = None,
 ) -> dict:

@@ -9,39 +9,61 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Query
+from fastapi import APIRouter, Header, Query, Response
+from pydantic import Field
 
 from models.db import session_scope
 from producer import resets
-from producer.http.deps import Caller, JsonBody, PageCursor, PageLimit, session_as
+from models.states import JobState
+from producer.http.deps import Caller, JsonBody, PageCursor, PageLimit, session_as, several
 from producer.http.problems import COMMON_ERRORS, problem_responses
 from producer.http.schemas import (
-    MAX_ID,
     ActorIn,
     ConfirmIn,
     ConfirmOut,
+    Id,
     JobPage,
     ResetRequestIn,
     ResetRequestOut,
     StatusOut,
 )
 
+# The list filters of GET /v1/resets: each takes several values (any of them matches).
+CourseIds = several(Id, "Jobs of this course.")
+LearnerIds = several(Id, "One-learner jobs of this learner.")
+States = several(Annotated[str, Field(max_length=32)], f"Jobs in this state: {', '.join(JobState)}.")
+Origins = several(Annotated[str, Field(min_length=1, max_length=64)],
+                  "Jobs started from here: cli, campaign, http:<key name>, ...")
+CampaignIds = several(Id, "Jobs of this campaign.")
+
+# Marks the answer to a repeated Idempotency-Key (the name Stripe and others use).
+REPLAYED_HEADER = "Idempotent-Replayed"
+
 router = APIRouter(tags=["resets"])
 
 
 @router.post("/v1/resets", status_code=201, response_model=ResetRequestOut,
              summary="Step 1: validate a reset and get a summary and a one-time confirmation token",
-             responses=problem_responses(*COMMON_ERRORS, 403, 409),
+             responses={**problem_responses(*COMMON_ERRORS, 403, 409), 201: {"headers": {REPLAYED_HEADER: {
+                 "description": "`true` on the answer to a repeated Idempotency-Key (absent otherwise)",
+                 "schema": {"type": "string", "enum": ["true"]}}}}},
              dependencies=[JsonBody])
 def request_reset(
     caller: Caller,
     body: ResetRequestIn,
-    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", min_length=1,
-                                                  max_length=resets.MAX_IDEMPOTENCY_KEY)] = None,
+    response: Response,
+    idempotency_key: Annotated[str | None, Header(
+        alias="Idempotency-Key", min_length=1, max_length=resets.MAX_IDEMPOTENCY_KEY,
+        description="Repeat the request with the same key and body to get the same answer (token included), "
+                    "marked `Idempotent-Replayed: true`; the same key with another body is a 422, and while "
+                    "the first request is in progress a 409. Use a random key (a UUID): who holds it can "
+                    "read the token.")] = None,
 ) -> dict:
     with session_as(caller, body.actor_id) as session:
         result = resets.request(session, body.actor_id, body.course_id, learner_id=body.learner_id,
                                 reason=body.reason, idempotency_key=idempotency_key, origin=caller.origin)
+    if result.replayed:
+        response.headers[REPLAYED_HEADER] = "true"
     return result.as_json()
 
 
@@ -60,12 +82,11 @@ def confirm_reset(caller: Caller, request_id: str, body: ConfirmIn) -> dict:
             responses=problem_responses(*COMMON_ERRORS))
 def list_resets(
     caller: Caller,
-    course_id: Annotated[int | None, Query(ge=1, le=MAX_ID)] = None,
-    learner_id: Annotated[int | None, Query(ge=1, le=MAX_ID)] = None,
-    state: Annotated[str | None, Query(max_length=32, description="e.g. queued, running, succeeded")] = None,
-    origin: Annotated[str | None, Query(min_length=1, max_length=64,
-                                        description="cli, campaign, http:<key name>, ...")] = None,
-    campaign_id: Annotated[int | None, Query(ge=1, le=MAX_ID)] = None,
+    course_id: CourseIds = None,
+    learner_id: LearnerIds = None,
+    state: States = None,
+    origin: Origins = None,
+    campaign_id: CampaignIds = None,
     created_after: Annotated[str | None, Query(max_length=64, description="ISO-8601, inclusive")] = None,
     created_before: Annotated[str | None, Query(max_length=64, description="ISO-8601, exclusive")] = None,
     limit: PageLimit = 50,

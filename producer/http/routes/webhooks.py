@@ -10,12 +10,13 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Query
+from fastapi import APIRouter, Path
+from pydantic import Field
 
 from models.db import session_scope
-from models.webhooks import EVENT_TYPES
+from models.job_events import EVENT_TYPES
 from producer import webhooks
-from producer.http.deps import Caller, PageLimit
+from producer.http.deps import Caller, PageCursor, PageLimit, several
 from producer.http.problems import COMMON_ERRORS, problem_responses
 from producer.http.schemas import (
     MAX_ID,
@@ -31,6 +32,8 @@ from producer.http.schemas import (
 
 EndpointId = Annotated[int, Path(ge=1, le=MAX_ID)]
 DeliveryId = Annotated[int, Path(ge=1, le=2**63 - 1)]
+Statuses = several(Annotated[str, Field(max_length=16)],
+                   "Deliveries in this status: pending, sending, delivered, failed, cancelled.")
 
 router = APIRouter(tags=["webhooks"])
 
@@ -82,9 +85,9 @@ def rotate_webhook_secret(caller: Caller, endpoint_id: EndpointId, body: RotateS
             responses=problem_responses(*COMMON_ERRORS))
 def list_webhook_deliveries(
     caller: Caller, endpoint_id: EndpointId,
-    status: Annotated[str | None, Query(max_length=16)] = None,
+    status: Statuses = None,
     limit: PageLimit = 50,
-    cursor: Annotated[str | None, Query(max_length=400)] = None,
+    cursor: PageCursor = None,
 ) -> dict:
     with session_scope() as session:
         return webhooks.list_deliveries(session, caller.organization_id, endpoint_id, status=status,
