@@ -1,11 +1,13 @@
 """The benchmark: a course-wide reset against the SQL floor, fairness, scale, memory, notifications.
 
     python -m bench [--sizes 10000,100000] [--runs 3] [--large] [--skip-fairness] [--burst | --skip-burst]
-                    [--tracing off|on]
+                    [--tracing off|on] [--outbound inline]
+    python -m bench --history [--history-scale 1] [--runs 3]
 
 ``--burst`` runs only the many-jobs scenario of :mod:`bench.burst` (a campaign-day burst of
 one organization while another works, on two worker topologies, and small courses on an
-idle system); the default run includes it after the course sizes.
+idle system); the default run includes it after the course sizes. ``--history`` runs only
+:mod:`bench.history`: a year of history against empty tables, and after one retention pass.
 
 On PostgreSQL + Redis with real worker processes (2 for ``reset_batches``, 1
 for ``resets``, 1 for ``notifications``; console notifications to a file).
@@ -20,6 +22,10 @@ quoted. Prints a table, writes ``bench/results/<date>.json`` and ends with one
 ``--tracing on`` runs the workers with tracing on (OpenTelemetry, every span exported over
 OTLP/HTTP to a sink on loopback, :mod:`bench.trace_sink`); ``--tracing off`` makes sure it is off.
 Either writes ``bench/results/<date>-tracing-<off|on>.json``, so the two runs sit side by side.
+
+``--outbound inline`` runs the workers with ``OUTBOUND_CONCURRENCY=0``: every call out inside the
+task that claimed it, bounded by its deadline only (the alternative decision record 0009 measured
+the courier against); writes ``bench/results/<date>-outbound-inline.json``.
 """
 
 from __future__ import annotations
@@ -291,8 +297,16 @@ def run(argv: list[str] | None = None) -> int:
     burst = parser.add_mutually_exclusive_group()
     burst.add_argument("--burst", action="store_true", help="only the many-jobs scenario (bench/burst.py)")
     burst.add_argument("--skip-burst", action="store_true")
+    burst.add_argument("--history", action="store_true",
+                       help="only a year of history against empty tables, and after retention (bench/history.py)")
+    parser.add_argument("--history-scale", type=float, default=1.0,
+                        help="with --history: the size of the history (1: a million finished jobs)")
     parser.add_argument("--tracing", choices=("off", "on"), help="run the workers with tracing off or on")
+    parser.add_argument("--outbound", choices=("inline",),
+                        help="calls out inside their tasks (OUTBOUND_CONCURRENCY=0), to compare with the courier")
     args = parser.parse_args(argv)
+    if args.outbound == "inline":
+        os.environ["OUTBOUND_CONCURRENCY"] = "0"
     sink = None
     if args.tracing == "on":
         from bench.trace_sink import TraceSink
@@ -309,6 +323,8 @@ def run(argv: list[str] | None = None) -> int:
     from models.logs import configure_logging
 
     configure_logging(level=40)
+    if args.history:
+        return run_history(args.runs, log_dir, args.history_scale)
     results: dict = {"started_at": datetime.now(timezone.utc).isoformat(), "runs": args.runs, "sizes": {}}
     for n in sizes:
         base, info = seed_base(n)
@@ -385,14 +401,29 @@ def run(argv: list[str] | None = None) -> int:
     if args.tracing:
         summary["tracing"] = args.tracing
         results["tracing"] = {"state": args.tracing, **(sink.stop() if sink else {})}
+    if args.outbound:
+        summary["outbound"] = results["outbound"] = args.outbound
+    suffix = (f"-tracing-{args.tracing}" if args.tracing else "") + (f"-outbound-{args.outbound}" if args.outbound else "")
+    return write_results(results, summary, suffix)
+
+
+def write_results(results: dict, summary: dict, suffix: str = "") -> int:
+    """``bench/results/<date><suffix>.json`` with the summary in it, and the ``RESULT {json}`` line."""
     results["summary"] = summary
     RESULTS.mkdir(exist_ok=True)
-    suffix = f"-tracing-{args.tracing}" if args.tracing else ""
     out = RESULTS / f"{datetime.now().strftime('%Y-%m-%d')}{suffix}.json"
     out.write_text(json.dumps(results, indent=2, default=str))
     log(f"figures written to {out}")
     print("RESULT " + json.dumps(summary))
     return 0
+
+
+def run_history(runs: int, log_dir: Path, scale: float) -> int:
+    from bench import history
+
+    result = history.run(runs, log_dir, scale)
+    history.print_table(result)
+    return write_results(result, history.summary(result), "-history" + ("" if scale == 1 else f"-{scale:g}"))
 
 
 if __name__ == "__main__":

@@ -43,7 +43,14 @@ def db_url(name: str) -> str:
 
 def copy_db(template: str, name: str) -> str:
     drop_db(name)
-    admin(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+    # A large template (a year of history) is copied file by file: WAL_LOG, the default since
+    # PostgreSQL 15, would write every page of it to the WAL.
+    engine = create_engine(ADMIN_URL, poolclass=NullPool)
+    with engine.connect() as conn:
+        large = conn.execute(text("SELECT pg_database_size(:t) > 1073741824 AND current_setting('server_version_num')"
+                                  "::int >= 150000"), {"t": template}).scalar()
+    engine.dispose()
+    admin(f'CREATE DATABASE "{name}" TEMPLATE "{template}"' + (" STRATEGY FILE_COPY" if large else ""))
     return db_url(name)
 
 

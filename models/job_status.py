@@ -8,6 +8,7 @@ from __future__ import annotations
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from models.retention import pruned_notification_counts
 from models.schema import Notification, ResetBatch, ResetJob
 from models.states import BatchKind, BatchState, NotificationStatus
 from models.times import iso
@@ -26,6 +27,7 @@ def describe_status(session: Session, job: ResetJob) -> dict:
     counts = dict(session.execute(
         select(n.status, func.count()).where(n.reset_job_id == job.id).group_by(n.status)
     ).all())
+    pruned = pruned_notification_counts(session, job.id)  # rows retention removed, still counted
     return job_identity(job) | {
         "learners_total": job.learners_total,
         "learners_done": job.learners_done,
@@ -38,8 +40,8 @@ def describe_status(session: Session, job: ResetJob) -> dict:
         "cleared": dict(job.cleared or {}),
         "notifications": {
             "pending": int(counts.get(NotificationStatus.PENDING, 0) + counts.get(NotificationStatus.SENDING, 0)),
-            "sent": int(counts.get(NotificationStatus.SENT, 0)),
-            "failed": int(counts.get(NotificationStatus.FAILED, 0)),
+            "sent": int(counts.get(NotificationStatus.SENT, 0)) + pruned[NotificationStatus.SENT],
+            "failed": int(counts.get(NotificationStatus.FAILED, 0)) + pruned[NotificationStatus.FAILED],
         },
         "created_at": iso(job.created_at),
         "confirmed_at": iso(job.confirmed_at),

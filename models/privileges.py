@@ -52,6 +52,10 @@ APP_PRIVILEGES: dict[str, tuple[str, ...]] = {
     "webhook_endpoints": ("SELECT", "INSERT", "UPDATE"),
     "webhook_events": ("SELECT", "INSERT", "DELETE"),
     "webhook_deliveries": ("SELECT", "INSERT", "UPDATE", "DELETE"),
+    # What retention removed: a job's pruned notification counts (gone with the job) and the
+    # metrics' running totals (only ever added to).
+    "pruned_notifications": ("SELECT", "INSERT", "UPDATE", "DELETE"),
+    "retention_totals": ("SELECT", "INSERT", "UPDATE"),
     # The schema revision, compared with the code's by health checks and /readyz.
     "alembic_version": READ,
 }

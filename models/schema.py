@@ -307,6 +307,10 @@ class ResetJob(Base):
               postgresql_where=text("learner_id IS NOT NULL"), sqlite_where=text("learner_id IS NOT NULL")),
         Index("ix_reset_jobs_campaign_created", "campaign_id", "created_at", "id",
               postgresql_where=text("campaign_id IS NOT NULL"), sqlite_where=text("campaign_id IS NOT NULL")),
+        # Retention: finished jobs, oldest first.
+        Index("ix_reset_jobs_finished_created", "created_at",
+              postgresql_where=text("state IN ('succeeded', 'failed', 'cancelled', 'expired')"),
+              sqlite_where=text("state IN ('succeeded', 'failed', 'cancelled', 'expired')")),
         UniqueConstraint("campaign_id", "occurrence_at", name="uq_reset_jobs_campaign_occurrence"),
     )
 
@@ -359,7 +363,12 @@ class ResetBatch(Base):
     cleared: Mapped[dict] = mapped_column(JSON, default=dict)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
 
-    __table_args__ = (Index("ix_reset_batches_state", "state", "lease_expires_at"),)
+    __table_args__ = (
+        Index("ix_reset_batches_state", "state", "lease_expires_at"),
+        # Retention: finished batches, oldest first.
+        Index("ix_reset_batches_finished", "finished_at", postgresql_where=text("state IN ('done', 'cancelled')"),
+              sqlite_where=text("state IN ('done', 'cancelled')")),
+    )
 
 
 class Notification(Base):
@@ -390,6 +399,9 @@ class Notification(Base):
         # index, so a claim never walks past the rows already sent.
         Index("ix_notifications_pending_job", "reset_job_id", "id",
               postgresql_where=text("status = 'pending'"), sqlite_where=text("status = 'pending'")),
+        # Retention: sent and failed rows, oldest first.
+        Index("ix_notifications_finished_created", "created_at",
+              postgresql_where=text("status IN ('sent', 'failed')"), sqlite_where=text("status IN ('sent', 'failed')")),
         # Claims whose lease ran out are taken back per job: only rows being sent are in this index.
         Index("ix_notifications_sending_job", "reset_job_id", "claimed_at",
               postgresql_where=text("status = 'sending'"), sqlite_where=text("status = 'sending'")),
@@ -560,4 +572,36 @@ class WebhookDelivery(Base):
         Index("ix_webhook_deliveries_open_due", "next_attempt_at",
               postgresql_where=text("status IN ('pending', 'sending')"),
               sqlite_where=text("status IN ('pending', 'sending')")),
+        # Retention: finished deliveries, oldest first.
+        Index("ix_webhook_deliveries_finished_created", "created_at",
+              postgresql_where=text("status IN ('delivered', 'failed', 'cancelled')"),
+              sqlite_where=text("status IN ('delivered', 'failed', 'cancelled')")),
     )
+
+
+class PrunedNotifications(Base):
+    """How many of a job's notification rows retention removed, by status: its status still counts them.
+
+    A narrow table of its own rather than columns of ``reset_jobs``: a one-learner job's single
+    row is pruned on its own, and rewriting the wide job row and its many index entries for each
+    would cost more than the row removed.
+    """
+
+    __tablename__ = "pruned_notifications"
+
+    reset_job_id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
+    sent: Mapped[int] = mapped_column(Integer, default=0)
+    failed: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class RetentionTotal(Base):
+    """How many rows of one kind retention removed, ever (``notifications_sent``, ``batches_done``, ...).
+
+    The metrics' counters are rows that only move forward; retention removes rows, so each
+    counter is read as the rows still there plus these totals and never goes down.
+    """
+
+    __tablename__ = "retention_totals"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    rows: Mapped[int] = mapped_column(BigInteger)

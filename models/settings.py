@@ -140,7 +140,8 @@ class Settings(BaseSettings):
         10.0, ge=0.1, validation_alias=AliasChoices("NOTIFY_WEBHOOK_TIMEOUT_SECONDS", "WEBHOOK_TIMEOUT_SECONDS"))
     # Calls out of the system (webhook deliveries, notification sends) run on background threads
     # of the worker process that claimed them, never in a pool slot (decision record 0009).
-    outbound_concurrency: int = Field(8, ge=1, validation_alias="OUTBOUND_CONCURRENCY")
+    # 0: each call inside the task that claimed it (for comparison only; decision record 0009).
+    outbound_concurrency: int = Field(8, ge=0, validation_alias="OUTBOUND_CONCURRENCY")
     webhooks_per_organization: int = Field(2, ge=1, validation_alias="WEBHOOKS_PER_ORGANIZATION")
     # Job events for subscribing services (webhook endpoints, queue ``webhooks``)
     webhooks_allow_http_loopback: bool = Field(False, validation_alias="WEBHOOKS_ALLOW_HTTP_LOOPBACK")
@@ -148,6 +149,13 @@ class Settings(BaseSettings):
     webhooks_max_attempts: int = Field(10, ge=1, validation_alias="WEBHOOKS_MAX_ATTEMPTS")
     webhooks_retry_base_seconds: float = Field(10.0, ge=0.01, validation_alias="WEBHOOKS_RETRY_BASE_SECONDS")
     webhooks_retry_max_seconds: float = Field(21600.0, ge=1.0, validation_alias="WEBHOOKS_RETRY_MAX_SECONDS")
+    # Retention (models/retention.py): finished rows are removed after this many days.
+    retention_notifications_days: int = Field(30, ge=1, validation_alias="RETENTION_NOTIFICATIONS_DAYS")
+    retention_webhooks_days: int = Field(30, ge=1, validation_alias="RETENTION_WEBHOOKS_DAYS")
+    retention_batches_days: int = Field(30, ge=1, validation_alias="RETENTION_BATCHES_DAYS")
+    # A finished job leaves once its notifications and batches are past their own windows.
+    retention_jobs_days: int = Field(365, ge=1, validation_alias="RETENTION_JOBS_DAYS")
+    retention_chunk_rows: int = Field(5000, ge=1, validation_alias="RETENTION_CHUNK_ROWS")
     # Operations. Empty redis_url: the broker's, when the broker is Redis.
     redis_url: str = Field("", validation_alias="REDIS_URL")
     flower_user: str = Field("", validation_alias="FLOWER_USER")

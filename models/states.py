@@ -24,6 +24,8 @@ class JobState(StrEnum):
 
 
 ACTIVE_JOB_STATES = (JobState.QUEUED, JobState.RUNNING, JobState.CANCELLING)
+# A job in one of these will never change again (what retention may remove once it is old).
+FINISHED_JOB_STATES = (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED, JobState.EXPIRED)
 
 
 class BatchState(StrEnum):

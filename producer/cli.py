@@ -17,7 +17,7 @@ from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
 from models.errors import ProgressResetError
 from models.settings import SettingsError
-from producer import cli_audit, cli_campaigns, cli_ops, cli_resets, cli_webhooks
+from producer import cli_audit, cli_campaigns, cli_ops, cli_resets, cli_retention, cli_webhooks
 from producer.output import EXIT_CLOSED_PIPE, discard_stdout, flush_stdout
 from producer.cli_parameters import (
     COUNT,
@@ -35,7 +35,7 @@ from producer.cli_parameters import (
 )
 
 # The subjects' commands, in the order ``--help`` lists them.
-COMMAND_MODULES = (cli_resets, cli_campaigns, cli_ops, cli_audit, cli_webhooks)
+COMMAND_MODULES = (cli_resets, cli_campaigns, cli_ops, cli_audit, cli_webhooks, cli_retention)
 
 
 class _Root(Group):

@@ -29,6 +29,7 @@ from models.dialect import is_postgres
 from models.lag_metrics import HistogramValues, read_all
 from models.logs import log_event
 from models.queues import QUEUES
+from models.retention import retention_totals
 from models.schema import Notification, ResetBatch, ResetJob, RetrainingCampaign, WebhookDelivery
 from models.settings import get_settings
 from models.states import BatchState, CampaignState, DeliveryStatus, JobState, NotificationStatus
@@ -52,6 +53,8 @@ class Snapshot:
     oldest_queued_job_age: float = 0.0
     oldest_running_heartbeat_age: float = 0.0
     oldest_pending_notification_age: float = 0.0
+    # Rows retention removed, ever, by kind: added to the counters, so they never go down.
+    removed: dict[str, int] = field(default_factory=dict)
 
 
 def _age(now: datetime, then: datetime | None) -> float:
@@ -75,6 +78,7 @@ def read_snapshot(session: Session, now: datetime | None = None) -> Snapshot:
     snap.learners_reset = int(session.scalar(select(func.coalesce(func.sum(j.learners_done), 0))) or 0)
     snap.notifications = _counts(session, n.status, tuple(NotificationStatus))
     snap.campaigns = _counts(session, RetrainingCampaign.__table__.c.state, tuple(CampaignState))
+    snap.removed = retention_totals(session)
     snap.webhook_deliveries = _counts(session, WebhookDelivery.__table__.c.status, tuple(DeliveryStatus))
     snap.oldest_queued_job_age = _age(now, session.scalar(
         select(func.min(func.coalesce(j.confirmed_at, j.created_at))).where(j.state == JobState.QUEUED)))
@@ -102,18 +106,21 @@ def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
 
 def snapshot_metrics(snap: Snapshot) -> list:
     """The metric families of a database snapshot."""
+    removed = snap.removed
     return [
         _gauge_by("jobs", "Reset jobs (and unconfirmed requests) by state.", "state", snap.jobs),
         _gauge_by("batches", "Reset batches by state.", "state", snap.batches),
         _counter("batches_done", "Batches that finished (learners reset and committed).",
-                 snap.batches.get(BatchState.DONE, 0)),
+                 snap.batches.get(BatchState.DONE, 0) + removed.get("batches_done", 0)),
         _counter("batches_dead", "Batches dead-lettered after using up their attempts.",
-                 snap.batches.get(BatchState.DEAD, 0)),
-        _counter("learners_reset", "Learner resets applied by all jobs.", snap.learners_reset),
+                 snap.batches.get(BatchState.DEAD, 0) + removed.get("batches_dead", 0)),
+        _counter("learners_reset", "Learner resets applied by all jobs.",
+                 snap.learners_reset + removed.get("learners_reset", 0)),
         _gauge_by("notifications", "Notification outbox rows by status.", "status", snap.notifications),
-        _counter("notifications_sent", "Notifications sent.", snap.notifications.get(NotificationStatus.SENT, 0)),
+        _counter("notifications_sent", "Notifications sent.",
+                 snap.notifications.get(NotificationStatus.SENT, 0) + removed.get("notifications_sent", 0)),
         _counter("notifications_failed", "Notifications given up after their attempts.",
-                 snap.notifications.get(NotificationStatus.FAILED, 0)),
+                 snap.notifications.get(NotificationStatus.FAILED, 0) + removed.get("notifications_failed", 0)),
         _gauge("notifications_pending", "Notifications not sent yet (pending or being sent).",
                snap.notifications.get(NotificationStatus.PENDING, 0) + snap.notifications.get(NotificationStatus.SENDING, 0)),
         _gauge_by("campaigns", "Retraining campaigns by state.", "state", snap.campaigns),

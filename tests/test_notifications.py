@@ -246,6 +246,23 @@ def test_sweep_publishes_one_send_per_job_left_behind_and_none_for_a_live_chain(
     assert all(again[c.id].attempts == 2 for c in claims)
 
 
+def test_sweep_restarts_a_chain_whose_dispatch_is_a_lease_late_even_for_fresh_rows(db_session, pending_rows):
+    """A killed worker takes the chain's prefetched message along: once the job's dispatch is more
+    than a claim's lease overdue, its due rows are left behind, however young they are."""
+    _org, job_id, users = pending_rows
+    settings = settings_for(publish_stale_seconds=60)
+    t0 = utcnow()
+    assert outbox.claim_wake(db_session, job_id, t0, t0)  # the chain's next dispatch, due at t0
+    # Due less than a lease ago: the message may just be late; the chain is left to it.
+    assert outbox.sweep_notifications(db_session, LEASE, t0 + timedelta(seconds=LEASE - 1), settings) == 0
+    assert not pending_publishes(db_session)
+    # A lease overdue, rows still younger than PUBLISH_STALE_SECONDS: the sweep starts the chain again.
+    late = t0 + timedelta(seconds=LEASE + 1)
+    assert outbox.sweep_notifications(db_session, LEASE, late, settings) == len(users)
+    assert pending_publishes(db_session) == [("notifications.send", [str(job_id)], {})]
+    assert outbox.wake_due_at(db_session, job_id) == late
+
+
 # --- backends ---------------------------------------------------------------------------------
 
 def outgoing(nid: int = 7, email: str = "ada@example.com", name: str = "Ada Lovelace") -> OutgoingMessage:

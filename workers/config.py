@@ -13,7 +13,7 @@ from models.settings import Settings
 from workers.rabbitmq import rabbitmq_config
 
 TASK_MODULES = ("tasks.resets.tasks", "tasks.notifications.tasks", "tasks.maintenance", "tasks.campaigns",
-                "tasks.health", "tasks.webhooks.tasks")
+                "tasks.health", "tasks.webhooks.tasks", "tasks.retention")
 
 # Routing by configuration (task_routes + worker -Q), never at call sites.
 TASK_ROUTES = {
@@ -24,6 +24,7 @@ TASK_ROUTES = {
     "notifications.send": {"queue": queues.NOTIFICATIONS},
     "webhooks.deliver": {"queue": queues.WEBHOOKS},
     "maintenance.sweep": {"queue": queues.MAINTENANCE},
+    "maintenance.retention": {"queue": queues.MAINTENANCE},
     "campaigns.dispatch_due": {"queue": queues.MAINTENANCE},
 } | {queues.canary_task_name(queue): {"queue": queue} for queue in queues.QUEUES}
 
@@ -98,6 +99,7 @@ def _common_config(settings: Settings) -> dict:
         "beat_schedule": {
             "maintenance-sweep": {"task": "maintenance.sweep", "schedule": settings.sweep_interval_seconds},
             "campaigns-dispatch-due": {"task": "campaigns.dispatch_due", "schedule": 60.0},
+            "maintenance-retention": {"task": "maintenance.retention", "schedule": 60.0},
         },
         "timezone": "UTC",
         "enable_utc": True,

@@ -311,21 +311,28 @@ def sweep_notifications(session: Session, lease_seconds: float, now: datetime | 
                         settings: Settings | None = None) -> int:
     """Publish a send for every job whose notifications were left behind; returns how many rows wait.
 
-    Left behind: ``pending`` rows due and never published, or whose publish was lost (created
-    more than ``PUBLISH_STALE_SECONDS`` ago without a retry time, or past their retry time), and
-    ``sending`` rows whose claim's lease ran out (their worker was lost), of a job with no
-    dispatch due since ``PUBLISH_STALE_SECONDS`` (``notify_wake_at``; a job with one has a chain
-    of sends working through it). At most ``SWEEP_MAX_JOBS`` jobs a tick, the longest waiting
-    first. Safe to run twice: the sends claim rows conditionally.
+    Left behind, of a job whose chain is not alive: ``pending`` rows due and never published, or
+    whose publish was lost (created more than ``PUBLISH_STALE_SECONDS`` ago without a retry time,
+    or past their retry time), ``pending`` rows due of a job whose chain stopped, and ``sending``
+    rows whose claim's lease ran out (their worker was lost). A chain is alive while its next
+    dispatch (``notify_wake_at``) is due in the future or less than a claim's lease ago; a
+    dispatch that late was lost with its worker (a killed worker takes the messages it had
+    prefetched along, and Redis gives them back only after the visibility timeout), and a
+    dispatch published in its stead is harmless (the job's chains collapse into one). At most
+    ``SWEEP_MAX_JOBS`` jobs a tick, the longest waiting first. Safe to run twice: the sends claim
+    rows conditionally.
     """
     settings = settings or get_settings()
     now = now or utcnow()
     n, j = Notification, ResetJob.__table__
     unpublished_before = now - timedelta(seconds=settings.publish_stale_seconds)
+    chain_lost_before = now - timedelta(seconds=lease_seconds)
+    stopped = exists().where(j.c.id == n.reset_job_id, j.c.notify_wake_at < chain_lost_before)
     left = or_(and_(n.status == NotificationStatus.PENDING,
-                    or_(and_(n.next_attempt_at.is_(None), n.created_at < unpublished_before), n.next_attempt_at <= now)),
+                    or_(and_(n.next_attempt_at.is_(None), or_(n.created_at < unpublished_before, stopped)),
+                        n.next_attempt_at <= now)),
                _lost(now, lease_seconds))
-    chain_alive = and_(j.c.id == n.reset_job_id, j.c.notify_wake_at > unpublished_before)
+    chain_alive = and_(j.c.id == n.reset_job_id, j.c.notify_wake_at >= chain_lost_before)
     rows = session.execute(
         select(n.reset_job_id, func.count(), func.min(n.id)).where(left, ~exists().where(chain_alive))
         .group_by(n.reset_job_id).order_by(func.min(n.id)).limit(SWEEP_MAX_JOBS)

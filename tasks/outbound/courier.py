@@ -151,15 +151,58 @@ class Courier:
                     self._idle.notify_all()
 
 
-_couriers: dict[tuple, Courier] = {}
+class InlineCourier:
+    """``OUTBOUND_CONCURRENCY=0``: each call runs inside the task that claimed it, bounded by its
+    deadline only, with no threads and no lanes; a job that asks to go :meth:`again` runs again at
+    once, until it has nothing left. The shape the courier replaced, kept to measure it against
+    (decision record 0009): a slow receiver holds the pool slot for its deadline, every attempt."""
+
+    threads = 0
+
+    def __init__(self) -> None:
+        self._again: dict[Hashable, tuple[str, Job]] = {}
+
+    def offer(self, key: Hashable, lane: str, job: Job) -> bool:
+        self._run(key, lane, job)
+        return True
+
+    def again(self, key: Hashable, lane: str, job: Job) -> None:
+        self._again[key] = (lane, job)
+
+    def hold(self, lane: str) -> bool:
+        return True
+
+    def run_held(self, key: Hashable, lane: str, job: Job) -> None:
+        self._run(key, lane, job)
+
+    def release(self, lane: str) -> None:
+        pass
+
+    def busy(self, key: Hashable) -> bool:
+        return False
+
+    def wait_idle(self, timeout: float) -> bool:
+        return True
+
+    def _run(self, key: Hashable, lane: str, job: Job | None) -> None:
+        while job is not None:
+            try:
+                job()
+            except Exception as exc:  # noqa: BLE001 - as on the courier's threads
+                log_event("outbound.job.failed", logging.ERROR, exc_info=True, lane=lane, job=str(key),
+                          error=type(exc).__name__)
+            lane, job = self._again.pop(key, (lane, None))
+
+
+_couriers: dict[tuple, Courier | InlineCourier] = {}
 _couriers_lock = threading.Lock()
 
 
-def courier_for(settings: Settings) -> Courier:
+def courier_for(settings: Settings) -> Courier | InlineCourier:
     """This process's courier, made on first use (after the pool's fork: threads do not survive one).
 
     Notifications, one shared provider, may use half the threads; an organization's endpoints
-    ``WEBHOOKS_PER_ORGANIZATION`` of them.
+    ``WEBHOOKS_PER_ORGANIZATION`` of them. ``OUTBOUND_CONCURRENCY=0``: the :class:`InlineCourier`.
     """
     threads, per_organization = settings.outbound_concurrency, settings.webhooks_per_organization
 
@@ -171,5 +214,5 @@ def courier_for(settings: Settings) -> Courier:
         courier = _couriers.get(key)
         if courier is None:
             _couriers.clear()
-            courier = _couriers[key] = Courier(threads, lane_cap)
+            courier = _couriers[key] = Courier(threads, lane_cap) if threads else InlineCourier()
         return courier
