@@ -280,9 +280,10 @@ def test_item8_readme_by_hand_starts_beat_which_schedules_the_sweep():
     assert consumed == set(QUEUES)
     # What beat schedules is consumed by that worker, and the text says what is lost without it.
     scheduled = {entry["task"] for entry in celery_config(get_settings())["beat_schedule"].values()}
-    assert scheduled == {"maintenance.sweep", "campaigns.dispatch_due"}
+    assert scheduled == {"maintenance.sweep", "campaigns.dispatch_due", "maintenance.retention"}
     assert {TASK_ROUTES[name]["queue"] for name in scheduled} <= consumed
-    assert "maintenance.sweep" in section and "stays `queued`" in section
+    assert all(f"`{name}`" in section for name in scheduled)
+    assert "stays `queued`" in section and "never removed" in section
 
 
 def test_item8_limit_help_shows_the_range_the_command_accepts(tenant, use_env):
