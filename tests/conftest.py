@@ -47,15 +47,10 @@ _session_data_dir: str | None = None
 
 # -- pytest hooks -------------------------------------------------------------------------------
 
-def pytest_addoption(parser: pytest.Parser) -> None:
-    parser.addoption("--run-slow", action="store_true", default=False,
-                     help="also run tests marked slow (or set RUN_SLOW=1)")
-
-
 def pytest_configure(config: pytest.Config) -> None:
     global _session_data_dir
     config.addinivalue_line("markers", "e2e: runs real worker processes against PostgreSQL and Redis")
-    config.addinivalue_line("markers", "slow: larger variants, not part of the default run")
+    config.addinivalue_line("markers", "slow: larger variants (part of every run; -m 'not slow' leaves them out)")
     if _session_data_dir is None:
         _session_data_dir = tempfile.mkdtemp(prefix="progress-reset-tests-")
         os.environ["PROGRESS_RESET_DATA_DIR"] = _session_data_dir
@@ -75,15 +70,6 @@ def pytest_runtest_makereport(item: pytest.Item, call):
     report = yield
     setattr(item, f"report_{report.when}", report)
     return report
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if config.getoption("--run-slow") or os.environ.get("RUN_SLOW") == "1":
-        return
-    skip_slow = pytest.mark.skip(reason="slow: run with --run-slow or RUN_SLOW=1")
-    for item in items:
-        if "slow" in item.keywords:
-            item.add_marker(skip_slow)
 
 
 # -- PostgreSQL ---------------------------------------------------------------------------------

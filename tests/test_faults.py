@@ -14,8 +14,8 @@ Every scenario runs twice, once per broker (issue 20): on a Redis server of the 
 and on RabbitMQ with quorum queues, in a virtual host of its own on the shared server or, for
 the scenarios that stop, kill or wipe the broker, on a RabbitMQ node of its own. Each test gets
 its own database; the PostgreSQL restart runs on a cluster of the test's own. Run with
-``pytest tests/test_faults.py -s`` to see the recovery table; ``--run-slow``
-adds larger variants. ``FAULT_SEED`` replays the random kill points of a run.
+``pytest tests/test_faults.py -s`` to see the recovery table; the ``large``
+variants (marked ``slow``) run too; ``-m 'not slow'`` leaves them out. ``FAULT_SEED`` replays the random kill points of a run.
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ def recovery_report():
 
 @dataclass(frozen=True)
 class Scale:
-    """Course size and the settings that go with it; ``large`` runs only with ``--run-slow``."""
+    """Course size and the settings that go with it; ``large`` is marked ``slow``."""
 
     name: str
     learners: int

@@ -322,7 +322,7 @@ def test_rate_limit_holds_across_worker_processes(setup_env, celery_worker_proc)
 def test_console_throughput_with_one_worker_process(setup_env, celery_worker_proc, tmp_path):
     """Notifications/s through the console backend, one worker process (``-c 1``), no rate limit.
 
-    Run: ``.venv/bin/python -m pytest tests/test_notifications_e2e.py -k throughput --run-slow -s``
+    Run: ``.venv/bin/python -m pytest tests/test_notifications_e2e.py -k throughput -s``
     """
     out = tmp_path / "notifications.jsonl"
     env = setup_env(NOTIFY_BACKEND="console", NOTIFY_CONSOLE_PATH=str(out), NOTIFY_RATE_PER_SECOND="1000000")
