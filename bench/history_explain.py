@@ -42,10 +42,15 @@ def scenarios(session: Session, organization_id: int, endpoint_id: int) -> list[
     from producer.metrics import read_snapshot
     from tasks import maintenance
     from tasks.notifications import outbox
-    from tasks.reset_steps import turns
-    from tasks.webhooks import claim_next_delivery, next_wake, sweep_webhooks
+    from tasks.notifications.sending import claim_lease_seconds
+    from tasks.resets import turns
+    from tasks.webhooks.deliveries import claim_next_delivery
+    from tasks.webhooks.sweep import sweep_webhooks
+    from tasks.webhooks.wakeups import next_wake
 
     now = datetime.now(timezone.utc)
+    settings = get_settings()
+    lease = claim_lease_seconds(settings)
     live = session.scalar(text("SELECT id FROM reset_jobs WHERE state = 'running' ORDER BY created_at LIMIT 1"))
     live = live or uuid.uuid4()
     latest = session.scalar(text("SELECT id FROM reset_jobs WHERE organization_id = :o ORDER BY created_at DESC "
@@ -55,7 +60,7 @@ def scenarios(session: Session, organization_id: int, endpoint_id: int) -> list[
 
     def chunk(step: str) -> Callable:
         def remove(s: Session):
-            sweep = Sweep(Policy.at(now, get_settings()), get_settings().retention_chunk_rows)
+            sweep = Sweep(Policy.at(now, settings), settings.retention_chunk_rows)
             sweep.finished = set(STEPS) - {step}
             return remove_chunk(s, sweep)
         return remove
@@ -63,10 +68,10 @@ def scenarios(session: Session, organization_id: int, endpoint_id: int) -> list[
     return [
         ("fair pick: the queued job to start", lambda s: turns.next_queued_job(s)),
         ("fair pick: the unit to run", lambda s: turns.claim_next_unit(s, 5, 60, now)),
-        ("notification claim, one job", lambda s: outbox.claim_notifications(s, live, 50, now)),
-        ("notification claim, any job", lambda s: outbox.claim_notifications(s, None, 50, now)),
-        ("notification next due", lambda s: outbox.next_due_at(s, None)),
-        ("notification sweep", lambda s: outbox.sweep_notifications(s, now)),
+        ("notification claim, one job", lambda s: outbox.claim_notifications(s, live, 50, lease, settings.notify_max_attempts, now)),
+        ("notification claim, any job", lambda s: outbox.claim_notifications(s, None, 50, lease, settings.notify_max_attempts, now)),
+        ("notification next due", lambda s: outbox.next_due_at(s, None, lease)),
+        ("notification sweep", lambda s: outbox.sweep_notifications(s, lease, now, settings)),
         ("webhook claim, busiest endpoint", lambda s: claim_next_delivery(s, endpoint_id, now)),
         ("webhook next wake, busiest endpoint", lambda s: next_wake(s, endpoint_id, now)),
         ("webhook sweep", lambda s: sweep_webhooks(s, now)),
