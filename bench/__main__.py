@@ -2,7 +2,7 @@
 
     python -m bench [--sizes 10000,100000] [--runs 3] [--large] [--skip-fairness] [--burst | --skip-burst]
                     [--tracing off|on] [--outbound inline]
-    python -m bench --history [--history-scale 1] [--runs 3]
+    python -m bench --history [--history-scale 1] [--runs 3]   (an even --runs measures each side second as often)
 
 ``--burst`` runs only the many-jobs scenario of :mod:`bench.burst` (a campaign-day burst of
 one organization while another works, on two worker topologies, and small courses on an
